@@ -1,0 +1,3 @@
+from lsvcr.cli import main
+
+raise SystemExit(main())

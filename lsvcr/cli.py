@@ -1,0 +1,70 @@
+"""`lsvcr` command line. Each sub-command lives in its own module, imported only when used.
+
+A command module defines `add_cli_arguments(parser)` and `cli_main(args) -> int`.
+Every command takes `--config FILE` and repeated `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lsvcr.errors import LSVCRError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("lsvcr.data.synth", "write a synthetic dataset in the KuaiComt layout"),
+    "prepare": ("lsvcr.data.prepare", "raw tables (KuaiComt, RecBole, CSV) -> LSVCR samples in Parquet"),
+    "encode": ("lsvcr.llm.encode", "vLLM on Ray actors: item texts and user histories -> LLM vectors"),
+    "align": ("lsvcr.llm.align", "stage 1: personalized preference alignment on Ray Train"),
+    "finetune": ("lsvcr.finetune", "stage 2: recommendation-oriented fine-tuning on Ray Train"),
+    "evaluate": ("lsvcr.evaluate", "ranking metrics of a fine-tuned model with the protocol beside them"),
+    "tune": ("lsvcr.tune", "Ray Tune sweep over fine-tuning / alignment hyper-parameters"),
+    "serve": ("lsvcr.serving", "Ray Serve HTTP endpoints for video and comment recommendation"),
+    "demo": ("lsvcr.pipeline", "raw tables -> prepare -> encode -> align -> finetune -> evaluate -> serve"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file (see docs/config.md)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set finetune.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsvcr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, summary) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_cli_arguments(sub_parser)
+            _add_common(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from lsvcr.runtime import setup_logging
+
+    setup_logging(args.verbose)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.cli_main(args) or 0)
+    except LSVCRError as error:
+        print(f"lsvcr {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lsvcr {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,308 @@
+"""One configuration system for the CLI, Ray jobs, Tune and Serve.
+
+A config is a tree of dataclasses. YAML files hold any subset of it, section by section
+(`data:`, `model:`, `finetune:`, ...); unknown keys are errors that name the key.
+Overrides from the command line use dotted paths: `--set finetune.lr=3e-4`.
+Defaults are the paper's (../shared/LSVCR_METHOD.md), with the section cited beside each group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lsvcr.errors import ConfigError
+
+
+@dataclass
+class PrepareConfig:
+    """How raw KuaiComt-style tables become LSVCR samples (METHOD 1, 7.2, 8)."""
+
+    video_signal: str = "like"  # like | long_view | click: which user_video_inter flag is a positive
+    # Fall back to the next denser signal (like -> long_view -> click) when the median user has fewer.
+    min_median_positives: int = 5
+    min_targets_per_user: int = 3  # users with fewer video targets go to train only
+    max_history: int = 50  # most recent items kept per history (stage 2 uses 50)
+    max_comments_per_record: int = 8  # user comments kept per comment-history record
+    comment_pool_size: int = 100  # candidate comments per video (top by likes), METHOD 1.5
+    hot_comments: int = 3  # top comments per video used as "hot comments"
+    video_negatives: int = 99  # frozen sampled candidates per valid/test sample (+1 positive)
+    seed: int = 2024
+
+
+@dataclass
+class ModelConfig:
+    """The SR backbone (METHOD 2.1)."""
+
+    mode: str = "id+text"  # id+text | text | id
+    hidden_size: int = 64
+    num_heads: int = 2
+    inner_size: int = 256
+    num_layers: int = 2
+    num_mix_layers: int = 1
+    hidden_dropout: float = 0.3
+    attn_dropout: float = 0.3
+    max_position: int = 50
+    temperature: float = 0.07
+    layer_norm_eps: float = 1e-8
+    # "faithful": every layer attends to the input embeddings (METHOD 2.3 quirk); "standard": SASRec stacking.
+    stacking: str = "faithful"
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: recommendation-oriented fine-tuning (METHOD 6.2)."""
+
+    task: str = "video"  # video | comment
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 512
+    max_epochs: int = 50
+    patience: int = 5  # validations without NDCG@5 improvement before stopping
+    history_length: int = 50
+    comment_negatives: int = 19  # same-video negatives per positive comment (20-way softmax)
+    id_text_loss_weight: float = 0.1
+    contrast_negatives: int = 99
+    num_workers: int = 1  # Ray Train workers
+    threads_per_worker: int = 1
+    use_gpu: str = "auto"  # auto | true | false
+    seed: int = 2024
+    eval_batch_size: int = 1024
+    full_ranking: bool = False  # also report full ranking over all videos
+    exclude_seen: bool = True  # in full ranking, drop videos already in the history
+
+
+@dataclass
+class EncodeConfig:
+    """LLM encoding with vLLM on Ray actors (METHOD 4.4, 5.4)."""
+
+    model: str = "smollm2-135m"  # registry name or a local Hugging Face folder
+    dtype: str = "auto"  # auto picks bf16 where supported, else float32
+    max_model_len: int = 1024
+    max_prompt_tokens: int = 768  # history prompts are truncated oldest-first to fit
+    num_actors: int = 1
+    batch_size: int = 64
+    gpus_per_actor: float = 0.0
+    kv_cache_gib: int = 1
+    shard_size: int = 4096  # rows per output Parquet shard
+    prompt_template: int = 0  # index of the paper's templates (0 or 1)
+    language: str = "en"  # en | zh
+    history_length: int = 20  # stage-1 history length in prompts
+
+
+@dataclass
+class AlignConfig:
+    """Stage 1: personalized preference alignment (METHOD 5)."""
+
+    mode: str = "frozen"  # frozen (precomputed LLM vectors) | lora (LLM trained with a LoRA adapter)
+    lr: float = 3e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 128
+    history_length: int = 20
+    rec_loss_weight: float = 1.0
+    contrast_loss_weight: float = 0.5
+    text_dim: int = 256  # output of the item-text MLP (llm_emb_mlp)
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    # None: every linear layer of each block of the chosen LLM (METHOD 4.1 for ChatGLM3).
+    lora_target_modules: list[str] | None = None
+    gradient_checkpointing: bool = False
+    num_workers: int = 1
+    threads_per_worker: int = 1
+    use_gpu: str = "auto"
+    checkpoint_every: int = 200  # steps
+    max_steps: int = -1  # -1: run the epochs
+    seed: int = 2024
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweeps."""
+
+    num_samples: int = 8
+    scheduler: str = "asha"  # asha | none
+    max_concurrent: int = 2
+    max_epochs: int = 10
+    grace_period: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 2024
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve deployment of the SR backbone."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    num_cpus_per_replica: float = 0.5
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    max_k: int = 200
+    max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
+class LSVCRConfig:
+    data: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # Where checkpoints and vectors go: a local path or a pyarrow-filesystem URI (s3://, gs://).
+    storage: str = "runs"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check and convert one YAML value against its dataclass field type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _update(instance: Any, values: dict[str, Any], where: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            _update(current, value, path)
+        else:
+            setattr(instance, key, _coerce(value, fields[key].type, path))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LSVCRConfig:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+    config = LSVCRConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        _update(config, values, "")
+    for override in overrides or []:
+        apply_override(config, override)
+    validate_config(config)
+    return config
+
+
+def apply_override(config: LSVCRConfig, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    cursor = nested
+    keys = dotted.strip().split(".")
+    for key in keys[:-1]:
+        cursor = cursor.setdefault(key, {})
+    cursor[keys[-1]] = value
+    _update(config, nested, "")
+
+
+def validate_config(config: LSVCRConfig) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    choices = {
+        "data.video_signal": (config.data.video_signal, ("like", "long_view", "click")),
+        "model.mode": (config.model.mode, ("id+text", "text", "id")),
+        "model.stacking": (config.model.stacking, ("faithful", "standard")),
+        "finetune.task": (config.finetune.task, ("video", "comment")),
+        "finetune.use_gpu": (config.finetune.use_gpu, ("auto", "true", "false")),
+        "align.mode": (config.align.mode, ("frozen", "lora")),
+        "align.use_gpu": (config.align.use_gpu, ("auto", "true", "false")),
+        "encode.language": (config.encode.language, ("en", "zh")),
+        "tune.scheduler": (config.tune.scheduler, ("asha", "none")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if config.model.hidden_size % config.model.num_heads:
+        raise ConfigError("model.hidden_size must be divisible by model.num_heads")
+    if config.finetune.history_length > config.model.max_position:
+        raise ConfigError("finetune.history_length must not exceed model.max_position")
+    if config.align.history_length > config.model.max_position:
+        raise ConfigError("align.history_length must not exceed model.max_position")
+    positive = {
+        "finetune.lr": config.finetune.lr,
+        "finetune.batch_size": config.finetune.batch_size,
+        "finetune.num_workers": config.finetune.num_workers,
+        "model.temperature": config.model.temperature,
+        "align.batch_size": config.align.batch_size,
+        "encode.batch_size": config.encode.batch_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive; got {value}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: LSVCRConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
