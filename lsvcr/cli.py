@@ -35,7 +35,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsvcr", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lsvcr",
+        description="LSVCR on Ray: LLM-enhanced sequential recommendation of short videos and comments.",
+        epilog="Run `lsvcr COMMAND --help` for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=summary, description=summary)

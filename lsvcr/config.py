@@ -156,6 +156,17 @@ class ServeConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where a pipeline run reads raw tables and keeps everything it writes."""
+
+    raw: str = ""  # KuaiComt / RecBole / CSV tables; empty: generate the embedded synthetic data set
+    synth_preset: str = "demo"  # preset used when `raw` is empty
+    # Root of every stage output (prepared/, vectors/, aligned/, models/, report/): a local path or a
+    # pyarrow-filesystem URI (s3://bucket/run, gs://..., file:///...). Never a node-local assumption.
+    storage: str = "runs/demo"
+
+
+@dataclass
 class LSVCRConfig:
     data: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,8 +175,7 @@ class LSVCRConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    # Where checkpoints and vectors go: a local path or a pyarrow-filesystem URI (s3://, gs://).
-    storage: str = "runs"
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

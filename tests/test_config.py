@@ -1,0 +1,57 @@
+"""The one config system: YAML sections, dotted overrides, clear errors."""
+
+import pytest
+
+from lsvcr.config import LSVCRConfig, load_config, save_config
+from lsvcr.errors import ConfigError
+
+
+def test_defaults_are_the_papers():
+    config = LSVCRConfig()
+    assert (config.model.hidden_size, config.model.num_heads, config.model.inner_size) == (64, 2, 256)
+    assert config.model.temperature == 0.07 and config.model.hidden_dropout == 0.3
+    assert (config.finetune.lr, config.finetune.weight_decay, config.finetune.batch_size) == (1e-3, 1e-5, 512)
+    assert (config.finetune.comment_negatives, config.finetune.id_text_loss_weight) == (19, 0.1)
+    assert (config.align.lora_r, config.align.lora_alpha, config.align.lora_dropout) == (8, 32, 0.1)
+    assert (config.align.rec_loss_weight, config.align.contrast_loss_weight) == (1.0, 0.5)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  lr: 0.0005\n  task: comment\nmodel:\n  mode: text\n")
+    config = load_config(path, ["finetune.lr=2e-3", "align.lora_target_modules=[q_proj, v_proj]"])
+    assert config.finetune.lr == 2e-3 and config.finetune.task == "comment"
+    assert config.model.mode == "text"
+    assert config.align.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_round_trip(tmp_path):
+    config = load_config(overrides=["model.stacking=standard", "tune.num_samples=3"])
+    save_config(config, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.lrr=1", "unknown config key 'finetune.lrr'"),
+        ("nosection.x=1", "unknown config key 'nosection'"),
+        ("finetune.batch_size=abc", "finetune.batch_size: expected an integer"),
+        ("model.mode=gru", "model.mode must be one of"),
+        ("finetune.history_length=80", "must not exceed model.max_position"),
+        ("finetune.lr=-1", "finetune.lr must be positive"),
+        ("finetune.lr", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
