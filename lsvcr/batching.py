@@ -1,0 +1,289 @@
+"""PREPARED sample tables → padded NumPy arrays → model batches (METHOD 1.5, 2.2), vectorised.
+
+Everything per sample is computed once from Arrow list offsets (no per-sample Python loop); an epoch
+is a shuffled index permutation whose slices index the precomputed arrays. The per-batch work that
+must be random every time (the hot comment shown with each history video, the comment-task
+negatives) is a handful of NumPy gathers over the batch.
+
+Conventions: index 0 is padding; histories are right-padded and keep the most recent
+`history_length` items in chronological order (position 0 = oldest kept item).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from lsvcr.errors import DataError
+from lsvcr.model import HistoryBatch
+
+HOT_COMMENTS = 3  # "hot comment" = random pick among the top 3 by likes in training (METHOD 2.2)
+
+
+# ----------------------------------------------------------------------------- Arrow list → padded
+
+
+def _flat(list_array: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [N+1], values) of a list column, with chunks combined and slices honoured."""
+    if isinstance(list_array, pa.ChunkedArray):
+        list_array = list_array.combine_chunks() if list_array.num_chunks != 1 else list_array.chunk(0)
+    if list_array.null_count:
+        list_array = pc.fill_null(list_array, pa.scalar([], list_array.type))
+    offsets = list_array.offsets.to_numpy()
+    values = list_array.values
+    start, end = offsets[0], offsets[-1]
+    return offsets - start, values.slice(start, end - start)
+
+
+def _gather_padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Row r gets values[starts[r] : starts[r]+lengths[r]] left-aligned in `width` columns, 0 after."""
+    columns = np.arange(width)
+    valid = columns[None, :] < lengths[:, None]
+    index = np.where(valid, starts[:, None] + columns[None, :], 0)
+    if len(values) == 0:
+        return np.zeros((len(starts), width), dtype=np.int64)
+    return np.where(valid, values[index], 0).astype(np.int64)
+
+
+def last_items_padded(list_array, max_length: int) -> np.ndarray:
+    """The most recent `max_length` items of each list, oldest first, right-padded with 0.
+    Width = min(max_length, longest list) (at least 1): padding width never changes the model's output."""
+    offsets, values = _flat(list_array)
+    lengths = np.diff(offsets)
+    width = max(1, min(max_length, int(lengths.max(initial=0))))
+    kept = np.minimum(lengths, width)
+    return _gather_padded(values.to_numpy(zero_copy_only=False), offsets[1:] - kept, kept, width)
+
+
+def first_items_padded(list_array, max_width: int | None = None) -> np.ndarray:
+    """Each list left-aligned and right-padded with 0 to the longest (or `max_width`)."""
+    offsets, values = _flat(list_array)
+    lengths = np.diff(offsets)
+    width = max(1, int(lengths.max(initial=0)))
+    if max_width is not None:
+        width = min(width, max_width)
+    return _gather_padded(values.to_numpy(zero_copy_only=False), offsets[:-1], np.minimum(lengths, width), width)
+
+
+def last_records_padded(nested: pa.ChunkedArray, max_records: int, max_comments: int) -> np.ndarray:
+    """list<list<int>> → [N, Lc, K]: the last `max_records` records, each record's first
+    `max_comments` comments, zero-padded on both axes."""
+    outer_offsets, records = _flat(nested)
+    record_lengths = np.diff(outer_offsets)
+    width = max(1, min(max_records, int(record_lengths.max(initial=0))))
+    kept = np.minimum(record_lengths, width)
+    # Global record index of every (sample, slot), -1 for padding slots.
+    slots = np.arange(width)
+    valid = slots[None, :] < kept[:, None]
+    record_index = np.where(valid, (outer_offsets[1:] - kept)[:, None] + slots[None, :], -1)
+    inner_offsets, comments = _flat(records)
+    inner_lengths = np.diff(inner_offsets)
+    k = max(1, min(max_comments, int(inner_lengths.max(initial=0))))
+    per_record = _gather_padded(
+        comments.to_numpy(zero_copy_only=False), inner_offsets[:-1], np.minimum(inner_lengths, k), k
+    )  # [R, K]
+    if len(per_record) == 0:
+        return np.zeros((len(kept), width, k), dtype=np.int64)
+    out = per_record[np.maximum(record_index, 0)]
+    out[~valid] = 0
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass
+class ItemTables:
+    """Per-video lookup tables used while batching (row 0 = padding video)."""
+
+    num_videos: int
+    num_comments: int
+    comment_pool: np.ndarray  # [V+1, P] the video's comment pool (by likes desc), 0-padded
+    comment_pool_size: np.ndarray  # [V+1]
+    comment_likes: np.ndarray  # [C+1] like counts (popularity baseline)
+
+    @property
+    def hot_count(self) -> np.ndarray:
+        return np.minimum(self.comment_pool_size, HOT_COMMENTS)
+
+
+def load_item_tables(prepared_dir: str | Path) -> ItemTables:
+    prepared_dir = Path(prepared_dir)
+    videos_path = prepared_dir / "videos.parquet"
+    if not videos_path.is_file():
+        raise DataError(f"PREPARED table videos.parquet not found in {prepared_dir}")
+    videos = pq.read_table(videos_path, columns=["video_idx", "hot_comments"])
+    video_idx = videos["video_idx"].to_numpy()
+    if not np.array_equal(video_idx, np.arange(1, len(video_idx) + 1)):
+        raise DataError("videos.parquet: video_idx must be 1..V in row order")
+    pool = first_items_padded(videos["hot_comments"])
+    comment_pool = np.zeros((len(video_idx) + 1, pool.shape[1]), dtype=np.int64)
+    comment_pool[1:] = pool
+    comments_path = prepared_dir / "comments.parquet"
+    if comments_path.is_file():
+        comments = pq.read_table(comments_path, columns=["comment_idx", "like_count"])
+        likes = np.zeros(len(comments) + 1, dtype=np.int64)
+        likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
+    else:
+        likes = np.zeros(1, dtype=np.int64)
+    return ItemTables(
+        num_videos=len(video_idx),
+        num_comments=len(likes) - 1,
+        comment_pool=comment_pool,
+        comment_pool_size=(comment_pool != 0).sum(axis=1),
+        comment_likes=likes,
+    )
+
+
+@dataclass
+class SampleArrays:
+    """One split of one task as padded arrays (one row per sample)."""
+
+    task: str
+    split: str
+    user: np.ndarray  # [N]
+    target_video: np.ndarray  # [N]
+    video_history: np.ndarray  # [N, Lv]
+    comment_history_videos: np.ndarray  # [N, Lc]
+    comment_history_comments: np.ndarray  # [N, Lc, K]
+    pos_comments: np.ndarray | None  # [N, P] comment task
+    candidates: np.ndarray | None  # [N, M] valid/test
+    labels: np.ndarray | None  # [N, M]
+
+    def __len__(self) -> int:
+        return len(self.target_video)
+
+
+def load_sample_arrays(
+    prepared_dir: str | Path, task: str, split: str, history_length: int, max_comments_per_record: int = 64
+) -> SampleArrays:
+    path = Path(prepared_dir) / f"{task}_samples.{split}.parquet"
+    if not path.is_file():
+        hint = " (the data set has no comments: the comment task is disabled)" if task == "comment" else ""
+        raise DataError(f"PREPARED table {path.name} not found in {prepared_dir}{hint}")
+    table = pq.read_table(path)
+    required = ["user_idx", "target_video", "video_history", "comment_history_videos", "comment_history_comments"]
+    if task == "comment":
+        required.append("pos_comments")
+    if split != "train":
+        required += ["candidates", "labels"]
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path.name}: missing column(s) {', '.join(missing)}")
+    if len(table) == 0:
+        raise DataError(f"{path.name} has no rows")
+    candidates = labels = pos_comments = None
+    if split != "train":
+        candidates = first_items_padded(table["candidates"])
+        labels = first_items_padded(table["labels"])
+    if task == "comment":
+        pos_comments = first_items_padded(table["pos_comments"])
+        if (pos_comments[:, 0] == 0).any():
+            row = int(np.argmax(pos_comments[:, 0] == 0))
+            raise DataError(f"{path.name}: row {row} has an empty pos_comments list")
+    return SampleArrays(
+        task=task,
+        split=split,
+        user=table["user_idx"].to_numpy().astype(np.int64),
+        target_video=table["target_video"].to_numpy().astype(np.int64),
+        video_history=last_items_padded(table["video_history"], history_length),
+        comment_history_videos=last_items_padded(table["comment_history_videos"], history_length),
+        comment_history_comments=last_records_padded(
+            table["comment_history_comments"], history_length, max_comments_per_record
+        ),
+        pos_comments=pos_comments,
+        candidates=candidates,
+        labels=labels,
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    history: HistoryBatch
+    target_video: torch.Tensor  # [B]: video task target / comment task current video
+    candidates: torch.Tensor | None  # [B, M] (comment train: positive first + negatives; eval: frozen lists)
+    labels: torch.Tensor | None  # [B, M] 1 = positive
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(self.history.to(device), move(self.target_video), move(self.candidates), move(self.labels))
+
+
+def hot_comments_for(video_history: np.ndarray, tables: ItemTables, rng: np.random.Generator | None) -> np.ndarray:
+    """The hot comment shown with each history video: a random pick among its top 3 (training,
+    `rng` given) or its top 1 (evaluation); 0 for a video without comments."""
+    if rng is None:
+        return tables.comment_pool[video_history, 0]
+    pick = (rng.random(video_history.shape) * np.maximum(tables.hot_count[video_history], 1)).astype(np.int64)
+    return tables.comment_pool[video_history, pick]
+
+
+def sample_comment_candidates(
+    current_video: np.ndarray, pos_comments: np.ndarray, tables: ItemTables, num_negatives: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training candidates of the comment task (METHOD 1.5): column 0 = one random positive, then
+    `num_negatives` comments of the same video that are not positives (shuffled, cycling when the
+    video has fewer), falling back to random global comments when it has none."""
+    batch = len(current_video)
+    positive_count = (pos_comments != 0).sum(axis=1)
+    pick = (rng.random(batch) * positive_count).astype(np.int64)
+    positive = pos_comments[np.arange(batch), pick]
+    pool = tables.comment_pool[current_video]  # [B, P]
+    allowed = (pool != 0) & ~(pool[:, :, None] == pos_comments[:, None, :]).any(axis=2)
+    keys = np.where(allowed, rng.random(pool.shape), 2.0)
+    shuffled = np.take_along_axis(pool, np.argsort(keys, axis=1), axis=1)
+    allowed_count = allowed.sum(axis=1)
+    column = np.arange(num_negatives)[None, :] % np.maximum(allowed_count, 1)[:, None]
+    negatives = np.take_along_axis(shuffled, column, axis=1)
+    no_pool = allowed_count == 0
+    if no_pool.any():
+        negatives[no_pool] = rng.integers(1, max(tables.num_comments, 1) + 1, (int(no_pool.sum()), num_negatives))
+    candidates = np.concatenate([positive[:, None], negatives], axis=1)
+    labels = np.zeros_like(candidates)
+    labels[:, 0] = 1
+    return candidates, labels
+
+
+def make_batch(
+    arrays: SampleArrays, tables: ItemTables, rows: np.ndarray, *, rng: np.random.Generator | None,
+    comment_negatives: int = 19,
+) -> Batch:
+    """Rows of `arrays` → a `Batch`. `rng` given = training (random hot comments, sampled comment
+    negatives); `rng=None` = evaluation (top-1 hot comment, the frozen candidate lists)."""
+    video_history = arrays.video_history[rows]
+    history = HistoryBatch(
+        video_history=torch.from_numpy(video_history),
+        video_history_hot_comment=torch.from_numpy(hot_comments_for(video_history, tables, rng)),
+        comment_history_videos=torch.from_numpy(arrays.comment_history_videos[rows]),
+        comment_history_comments=torch.from_numpy(arrays.comment_history_comments[rows]),
+    )
+    target_video = arrays.target_video[rows]
+    candidates = labels = None
+    if arrays.candidates is not None:
+        candidates, labels = arrays.candidates[rows], arrays.labels[rows]
+    elif arrays.task == "comment" and rng is not None:
+        candidates, labels = sample_comment_candidates(
+            target_video, arrays.pos_comments[rows], tables, comment_negatives, rng
+        )
+    as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return Batch(history, torch.from_numpy(target_video), as_tensor(candidates), as_tensor(labels))
+
+
+def epoch_rows(num_samples: int, batch_size: int, rng: np.random.Generator | None, rank: int = 0,
+               world_size: int = 1, drop_uneven: bool = True) -> list[np.ndarray]:
+    """This rank's batches of row indices for one epoch: a shuffled permutation (or the identity when
+    `rng` is None) split into equal per-rank shards, so every DDP rank runs the same number of steps."""
+    order = rng.permutation(num_samples) if rng is not None else np.arange(num_samples)
+    per_rank = num_samples // world_size if drop_uneven else -(-num_samples // world_size)
+    shard = order[rank * per_rank: (rank + 1) * per_rank]
+    return [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]

@@ -1,0 +1,482 @@
+"""The LSVCR sequential-recommendation backbone (`RecCom`, METHOD §2), in one file.
+
+Read top to bottom: building blocks (attention, Transformer layer, encoder, additive pooling), the
+batch/state containers, then `LSVCRModel`:
+
+    history items ── item representation (§2.2) ── + gate·ID + position ── LN ── dropout
+        video branch:   causal Transformer ─┐                           ┌─ p_linear ── H^v ── F_v (pool) → u_v
+                                            ├─ mix cross-attention (§2.4)┤
+        comment branch: causal Transformer ─┘                           └─ c_linear ── H^c ── F_c (target attn) → u_c
+    scores = cos(user vector, candidate vector) / τ   (§2.7)
+
+Padding (index 0) is masked with an "-inf-safe" rule: masked keys get the most negative finite
+logit and the softmax weights are multiplied by the key mask afterwards, so a row whose keys are all
+padding (e.g. a user with an empty comment history) gets exactly zero attention output, never NaN and
+never a contribution from a pad slot.
+
+Modes (`ModelConfig.mode`): `id+text` (stage 2 default), `text` (no ID embeddings, also stage 1),
+`id` (no text at all: item representation = ID embedding; a SASRec-class model for video-only data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsvcr.config import ModelConfig
+from lsvcr.errors import ConfigError, DataError
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def masked_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
+    """Softmax over the last axis where `key_mask` is False gets exactly 0 weight.
+
+    A row with no valid key returns all zeros (not NaN, not a uniform spread over padding).
+    """
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * key_mask.to(scores.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """RecBole-style attention block: `LN(Dropout(W_o·MHA(Q=h, K=V=kv)) + h)` (METHOD 2.3)."""
+
+    def __init__(self, hidden: int, heads: int, attn_dropout: float, hidden_dropout: float, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.attn_dropout = nn.Dropout(attn_dropout)
+        self.out = nn.Linear(hidden, hidden)
+        self.out_dropout = nn.Dropout(hidden_dropout)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def _split(self, x: Tensor) -> Tensor:  # [B, L, H] -> [B, heads, L, head_dim]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: Tensor, key_value: Tensor, attention_mask: Tensor) -> Tensor:
+        """hidden [B, Lq, H], key_value [B, Lk, H], attention_mask bool [B, Lq, Lk] (True = may attend)."""
+        q, k, v = self._split(self.query(hidden)), self._split(self.key(key_value)), self._split(self.value(key_value))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        weights = self.attn_dropout(masked_softmax(scores, attention_mask[:, None]))
+        context = (weights @ v).transpose(1, 2).reshape(hidden.shape)
+        return self.layer_norm(self.out_dropout(self.out(context)) + hidden)
+
+
+class FeedForward(nn.Module):
+    """`LN(Dropout(W2·GELU(W1 h)) + h)` with the erf GELU (METHOD 2.1)."""
+
+    def __init__(self, hidden: int, inner: int, hidden_dropout: float, eps: float):
+        super().__init__()
+        self.dense_in = nn.Linear(hidden, inner)
+        self.dense_out = nn.Linear(inner, hidden)
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.layer_norm(self.dropout(self.dense_out(F.gelu(self.dense_in(hidden)))) + hidden)
+
+
+class TransformerLayer(nn.Module):
+    """One post-LN layer: attention (queries `hidden`, keys/values `key_value`) then feed-forward."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = MultiHeadAttention(
+            config.hidden_size, config.num_heads, config.attn_dropout, config.hidden_dropout, config.layer_norm_eps
+        )
+        self.feed_forward = FeedForward(config.hidden_size, config.inner_size, config.hidden_dropout, config.layer_norm_eps)
+
+    def forward(self, hidden: Tensor, key_value: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.feed_forward(self.attention(hidden, key_value, attention_mask))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of layers. `stacking="faithful"` reproduces the official code's quirk (METHOD 2.3):
+    every layer's keys/values are the *input embeddings*; `"standard"` is SASRec stacking
+    (layer l attends over layer l-1's output)."""
+
+    def __init__(self, config: ModelConfig, num_layers: int):
+        super().__init__()
+        self.stacking = config.stacking
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(num_layers))
+
+    def forward(self, embeddings: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = embeddings
+        for layer in self.layers:
+            key_value = embeddings if self.stacking == "faithful" else hidden
+            hidden = layer(hidden, key_value, attention_mask)
+        return hidden
+
+
+class AdditiveAttention(nn.Module):
+    """F_v (METHOD 2.5): w_i = softmax_i(Linear(2H→1)(GELU(LN(Dropout(Linear(H→2H)(h_i)))))), u = Σ w_i h_i."""
+
+    def __init__(self, hidden: int, dropout: float, eps: float):
+        super().__init__()
+        self.project = nn.Linear(hidden, 2 * hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(2 * hidden, eps=eps)
+        self.score = nn.Linear(2 * hidden, 1)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        logits = self.score(F.gelu(self.layer_norm(self.dropout(self.project(hidden))))).squeeze(-1)
+        weights = masked_softmax(logits, mask)
+        return (weights.unsqueeze(-1) * hidden).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+@dataclass
+class HistoryBatch:
+    """Padded index tensors of both histories (0 = padding; right-padded, oldest item first)."""
+
+    video_history: Tensor  # [B, Lv] video_idx
+    video_history_hot_comment: Tensor  # [B, Lv] comment_idx of the hot comment shown with each video
+    comment_history_videos: Tensor  # [B, Lc] video_idx of each comment-interaction record
+    comment_history_comments: Tensor  # [B, Lc, K] the user's comment_idx in each record
+
+    def to(self, device: torch.device | str) -> "HistoryBatch":
+        return HistoryBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return self.video_history.shape[0]
+
+
+@dataclass
+class HistoryStates:
+    """Output of `encode_histories`: the fused H^v, H^c and their masks, plus the item text vectors
+    (pc_merge outputs before position/gate/LN) that L_IT contrasts with the ID embeddings."""
+
+    video_states: Tensor  # H^v [B, Lv, H]
+    video_mask: Tensor  # [B, Lv] bool
+    comment_states: Tensor  # H^c [B, Lc, H]
+    comment_mask: Tensor  # [B, Lc] bool
+    video_item_text: Tensor | None  # x_i [B, Lv, H] (None in `id` mode)
+    comment_item_text: Tensor | None  # y_j [B, Lc, H]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LSVCRModel(nn.Module):
+    """RecCom (METHOD §2). Text tables are frozen buffers [V+1, D] / [C+1, D] with row 0 = zeros;
+    every method that reads text accepts `video_text=` / `comment_text=` overrides so stage-1 LoRA
+    alignment can pass tables computed live by the LLM (with gradients)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_videos: int,
+        video_text: Tensor | None = None,
+        comment_text: Tensor | None = None,
+    ):
+        super().__init__()
+        if config.mode not in ("id+text", "text", "id"):
+            raise ConfigError(f"model.mode must be id+text, text or id; got {config.mode!r}")
+        self.config = config
+        self.num_videos = num_videos
+        self.use_id = config.mode in ("id+text", "id")
+        self.use_text = config.mode in ("id+text", "text")
+        hidden = config.hidden_size
+
+        text_dim = 0
+        if self.use_text:
+            if video_text is None:
+                raise ConfigError(f"model.mode={config.mode} needs video text vectors (got none)")
+            if video_text.shape[0] != num_videos + 1:
+                raise DataError(
+                    f"video text table has {video_text.shape[0]} rows; expected num_videos+1 = {num_videos + 1}"
+                )
+            text_dim = video_text.shape[1]
+            if comment_text is None:  # video-only data: every comment index is padding
+                comment_text = torch.zeros(1, text_dim)
+            if comment_text.shape[1] != text_dim:
+                raise DataError(f"comment text dim {comment_text.shape[1]} != video text dim {text_dim}")
+            self.register_buffer("video_text", video_text.float().clone(), persistent=False)
+            self.register_buffer("comment_text", comment_text.float().clone(), persistent=False)
+            self.llm_adapter = nn.Linear(text_dim, hidden, bias=False)
+            self.pc_merge = nn.Linear(2 * hidden, hidden)
+        else:
+            self.video_text = None
+            self.comment_text = None
+        self.text_dim = text_dim
+
+        if self.use_id:
+            self.video_embedding = nn.Embedding(num_videos + 1, hidden)
+            self.gate = nn.Parameter(torch.tensor(1.0))
+
+        self.video_position = nn.Embedding(config.max_position, hidden)
+        self.comment_position = nn.Embedding(config.max_position, hidden)
+        self.video_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.comment_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+        self.video_encoder = TransformerEncoder(config, config.num_layers)
+        self.comment_encoder = TransformerEncoder(config, config.num_layers)
+        self.video_mix = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_mix_layers))
+        self.comment_mix = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_mix_layers))
+        self.p_linear = nn.Linear(2 * hidden, hidden)
+        self.c_linear = nn.Linear(2 * hidden, hidden)
+
+        self.video_pooling = AdditiveAttention(hidden, config.hidden_dropout, config.layer_norm_eps)
+        self.target_attention = MultiHeadAttention(
+            hidden, config.num_heads, config.attn_dropout, config.hidden_dropout, config.layer_norm_eps
+        )
+        self.apply(self._init_weights)
+        if self.use_id:
+            with torch.no_grad():
+                self.gate.fill_(1.0)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """N(0, 0.02) for Linear/Embedding (the pad row too, as in the official code), LN = (1, 0)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    # ------------------------------------------------------------------ item representations (§2.2)
+
+    def _tables(self, video_text: Tensor | None, comment_text: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (
+            self.video_text if video_text is None else video_text,
+            self.comment_text if comment_text is None else comment_text,
+        )
+
+    def _gated_id(self, video_idx: Tensor) -> Tensor:
+        return self.gate * self.video_embedding(video_idx)
+
+    def video_item_text(self, video_idx: Tensor, hot_comment: Tensor, video_text=None, comment_text=None) -> Tensor:
+        """x_i = pc_merge([A(title(v_i)); A(hot comment of v_i)]); comment 0 gives a zero vector."""
+        video_text, comment_text = self._tables(video_text, comment_text)
+        title = self.llm_adapter(video_text[video_idx])
+        comment = self.llm_adapter(comment_text[hot_comment])
+        return self.pc_merge(torch.cat([title, comment], dim=-1))
+
+    def comment_record_text(self, video_idx: Tensor, comments: Tensor, video_text=None, comment_text=None) -> Tensor:
+        """y_j = pc_merge([A(title(v_j)); A(mean of the record's non-pad comments)]); none → zero vector."""
+        video_text, comment_text = self._tables(video_text, comment_text)
+        title = self.llm_adapter(video_text[video_idx])
+        comment_mask = (comments != 0).unsqueeze(-1).to(title.dtype)  # [B, Lc, K, 1]
+        summed = (comment_text[comments] * comment_mask).sum(dim=-2)
+        mean = summed / comment_mask.sum(dim=-2).clamp(min=1.0)
+        return self.pc_merge(torch.cat([title, self.llm_adapter(mean)], dim=-1))
+
+    def _positions(self, length: int, random_positions: bool, device: torch.device) -> Tensor:
+        """Stage 2: 0..L-1 (left-aligned). Stage 1: a random sorted subset of range(max_position) (§2.2)."""
+        if length > self.config.max_position:
+            raise DataError(
+                f"history of length {length} exceeds model.max_position={self.config.max_position}; "
+                "truncate it (finetune.history_length)"
+            )
+        if random_positions:
+            return torch.randperm(self.config.max_position, device=device)[:length].sort().values
+        return torch.arange(length, device=device)
+
+    def _branch_input(self, item_text: Tensor | None, video_idx: Tensor, position: nn.Embedding,
+                      layer_norm: nn.LayerNorm, random_positions: bool) -> Tensor:
+        if self.config.mode == "id+text":
+            item = self._gated_id(video_idx) + item_text
+        elif self.config.mode == "id":
+            item = self._gated_id(video_idx)
+        else:
+            item = item_text
+        item = item + position(self._positions(video_idx.shape[1], random_positions, video_idx.device))
+        return self.dropout(layer_norm(item))
+
+    # ------------------------------------------------------------------ history encoding (§2.3-2.4)
+
+    @staticmethod
+    def _causal_mask(mask: Tensor) -> Tensor:
+        length = mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        return causal[None] & mask[:, None, :]
+
+    def _mix(self, layers: nn.ModuleList, query: Tensor, key_value: Tensor, key_mask: Tensor) -> Tensor:
+        """Cross-attention from one branch to the other (bidirectional, padding-masked). A row whose
+        other history is empty gets a zero mix output: the other branch contributes nothing."""
+        attention_mask = key_mask[:, None, :].expand(-1, query.shape[1], -1)
+        mixed = query
+        for layer in layers:
+            mixed = layer(mixed, key_value, attention_mask)
+        has_keys = key_mask.any(dim=1).to(mixed.dtype)[:, None, None]
+        return mixed * has_keys
+
+    def encode_histories(
+        self,
+        batch: HistoryBatch,
+        *,
+        random_positions: bool = False,
+        video_text: Tensor | None = None,
+        comment_text: Tensor | None = None,
+    ) -> HistoryStates:
+        video_mask = batch.video_history != 0
+        comment_mask = batch.comment_history_videos != 0
+        video_item_text = comment_item_text = None
+        if self.use_text:
+            video_item_text = self.video_item_text(
+                batch.video_history, batch.video_history_hot_comment, video_text, comment_text
+            )
+            comment_item_text = self.comment_record_text(
+                batch.comment_history_videos, batch.comment_history_comments, video_text, comment_text
+            )
+        video_input = self._branch_input(
+            video_item_text, batch.video_history, self.video_position, self.video_layer_norm, random_positions
+        )
+        comment_input = self._branch_input(
+            comment_item_text, batch.comment_history_videos, self.comment_position, self.comment_layer_norm,
+            random_positions,
+        )
+        video_encoded = self.video_encoder(video_input, self._causal_mask(video_mask))
+        comment_encoded = self.comment_encoder(comment_input, self._causal_mask(comment_mask))
+        video_mixed = self._mix(self.video_mix, video_encoded, comment_encoded, comment_mask)
+        comment_mixed = self._mix(self.comment_mix, comment_encoded, video_encoded, video_mask)
+        return HistoryStates(
+            video_states=self.p_linear(torch.cat([video_encoded, video_mixed], dim=-1)),
+            video_mask=video_mask,
+            comment_states=self.c_linear(torch.cat([comment_encoded, comment_mixed], dim=-1)),
+            comment_mask=comment_mask,
+            video_item_text=video_item_text,
+            comment_item_text=comment_item_text,
+        )
+
+    # ------------------------------------------------------------------ user vectors (§2.5-2.6)
+
+    def pool_video(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """F_v: additive-attention pooling over all non-pad positions (zero vector if none)."""
+        return self.video_pooling(hidden, mask)
+
+    def current_video_query(self, current_video: Tensor, video_text: Tensor | None = None) -> Tensor:
+        """q = gate·E_id[v_cur] + A(title(v_cur)) (title only, no pc_merge), per mode."""
+        return self.video_candidate_raw(current_video, video_text)
+
+    def target_attend(self, hidden: Tensor, mask: Tensor, current_video: Tensor, video_text: Tensor | None = None) -> Tensor:
+        """F_c: u = LN(Dropout(W_o·MHA(Q=q, K=V=hidden)) + q) with q from the current video."""
+        query = self.current_video_query(current_video, video_text).unsqueeze(1)
+        return self.target_attention(query, hidden, mask[:, None, :]).squeeze(1)
+
+    def video_user_vector(self, states: HistoryStates) -> Tensor:
+        return self.pool_video(states.video_states, states.video_mask)
+
+    def comment_user_vector(self, states: HistoryStates, current_video: Tensor, video_text: Tensor | None = None) -> Tensor:
+        return self.target_attend(states.comment_states, states.comment_mask, current_video, video_text)
+
+    # ------------------------------------------------------------------ candidates and scores (§2.7)
+
+    def video_candidate_raw(self, video_idx: Tensor, video_text: Tensor | None = None) -> Tensor:
+        """gate·E_id[v] + A(title(v)) (`text`: A(title); `id`: gate·E_id), not normalized."""
+        vector = 0
+        if self.use_id:
+            vector = self._gated_id(video_idx)
+        if self.use_text:
+            table = self.video_text if video_text is None else video_text
+            vector = vector + self.llm_adapter(table[video_idx])
+        return vector
+
+    def video_candidate_vectors(self, video_idx: Tensor | None = None, video_text: Tensor | None = None) -> Tensor:
+        """L2-normalized candidate vectors; all rows 0..V when `video_idx` is None (row 0 is padding)."""
+        if video_idx is None:
+            video_idx = torch.arange(self.num_videos + 1, device=self.video_position.weight.device)
+        return F.normalize(self.video_candidate_raw(video_idx, video_text), dim=-1)
+
+    def comment_candidate_vectors(self, comment_idx: Tensor, comment_text: Tensor | None = None) -> Tensor:
+        if not self.use_text:
+            raise ConfigError("comment recommendation needs text vectors: model.mode=id has no comment representation")
+        table = self.comment_text if comment_text is None else comment_text
+        return F.normalize(self.llm_adapter(table[comment_idx]), dim=-1)
+
+    def _cosine_logits(self, user: Tensor, candidates: Tensor) -> Tensor:
+        """user [B, H]; candidates normalized [N, H] (shared) or [B, N, H] (per row) → [B, N]."""
+        user = F.normalize(user, dim=-1)
+        if candidates.dim() == 2:
+            logits = user @ candidates.T
+        else:
+            logits = (candidates @ user.unsqueeze(-1)).squeeze(-1)
+        return logits / self.config.temperature
+
+    def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, *, states: HistoryStates | None = None,
+                     video_text: Tensor | None = None, comment_text: Tensor | None = None) -> Tensor:
+        """Logits over `candidates` [B, N] (0 = padding → -inf), or over all videos [B, V+1] when None
+        (column 0, the pad, is -inf)."""
+        if states is None:
+            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text)
+        user = self.video_user_vector(states)
+        if candidates is None:
+            logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
+            is_pad_column = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            is_pad_column[0] = True
+            return logits.masked_fill(is_pad_column, float("-inf"))
+        logits = self._cosine_logits(user, self.video_candidate_vectors(candidates, video_text))
+        return logits.masked_fill(candidates == 0, float("-inf"))
+
+    def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, *,
+                       states: HistoryStates | None = None, video_text: Tensor | None = None,
+                       comment_text: Tensor | None = None) -> Tensor:
+        """Logits over the comment candidates [B, N] of the current video (0 = padding → -inf)."""
+        if states is None:
+            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text)
+        user = self.comment_user_vector(states, current_video, video_text)
+        logits = self._cosine_logits(user, self.comment_candidate_vectors(candidates, comment_text))
+        return logits.masked_fill(candidates == 0, float("-inf"))
+
+    # ------------------------------------------------------------------ L_IT (§2.8)
+
+    def id_text_contrastive_loss(self, batch: HistoryBatch, states: HistoryStates | None = None,
+                                 num_negatives: int = 99) -> Tensor:
+        """Symmetric InfoNCE between E_id[v] (no gate) and the pc_merge text vector of every non-pad
+        history position, per history set, summed over the two sets. Each anchor gets `num_negatives`
+        uniform in-batch negatives excluding itself (drawn with replacement; all others if fewer exist)."""
+        if not (self.use_id and self.use_text):
+            return self.video_position.weight.new_zeros(())
+        if states is None:
+            states = self.encode_histories(batch)
+        loss = self.video_position.weight.new_zeros(())
+        for video_idx, item_text, mask in (
+            (batch.video_history, states.video_item_text, states.video_mask),
+            (batch.comment_history_videos, states.comment_item_text, states.comment_mask),
+        ):
+            id_vectors = F.normalize(self.video_embedding(video_idx[mask]), dim=-1)
+            text_vectors = F.normalize(item_text[mask], dim=-1)
+            if id_vectors.shape[0] < 2:
+                continue
+            loss = loss + 0.5 * (
+                _sampled_info_nce(id_vectors, text_vectors, num_negatives, self.config.temperature)
+                + _sampled_info_nce(text_vectors, id_vectors, num_negatives, self.config.temperature)
+            )
+        return loss
+
+
+def _sampled_info_nce(anchors: Tensor, targets: Tensor, num_negatives: int, temperature: float) -> Tensor:
+    """CE over [positive, negatives]: anchor n's positive is targets[n]; negatives are other targets."""
+    count = anchors.shape[0]
+    positive = (anchors * targets).sum(-1, keepdim=True)
+    if count - 1 <= num_negatives:  # few pairs: every other pair is a negative
+        logits = anchors @ targets.T
+        eye = torch.eye(count, dtype=torch.bool, device=anchors.device)
+        negatives = logits[~eye].view(count, count - 1)
+    else:
+        offsets = torch.randint(0, count - 1, (count, num_negatives), device=anchors.device)
+        own = torch.arange(count, device=anchors.device)[:, None]
+        others = offsets + (offsets >= own).long()  # skip the anchor's own index
+        negatives = (targets[others] @ anchors.unsqueeze(-1)).squeeze(-1)
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=anchors.device))
+
+
+def count_parameters(model: nn.Module, exclude_id_table: bool = True) -> int:
+    return sum(
+        p.numel() for name, p in model.named_parameters() if not (exclude_id_table and name == "video_embedding.weight")
+    )

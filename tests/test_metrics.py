@@ -1,0 +1,84 @@
+"""Ranking metrics on hand-computed rankings (METHOD 7.1): single and multi-positive, ties, padding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lsvcr.metrics import MetricAccumulator, metric_sums, ranked_hits, single_positive_metric_sums
+
+
+def _mean(scores, labels):
+    sums = metric_sums(torch.tensor(scores, dtype=torch.float32), torch.tensor(labels))
+    return {k: v / sums["count"] for k, v in sums.items() if k != "count"}, sums["count"]
+
+
+def test_single_positive_at_rank_three():
+    metrics, count = _mean([[0.9, 0.8, 0.7, 0.1, 0.0, -1.0]], [[0, 0, 1, 0, 0, 0]])
+    assert count == 1
+    assert metrics["recall@1"] == 0.0
+    assert metrics["recall@5"] == 1.0
+    assert metrics["ndcg@5"] == pytest.approx(1 / math.log2(4))
+    assert metrics["mrr@5"] == pytest.approx(1 / 3)
+    assert metrics["mrr@10"] == pytest.approx(1 / 3)
+
+
+def test_multi_positive_recall_ndcg_mrr():
+    # ranked labels: 1 0 1 1 0 ; three positives
+    metrics, _ = _mean([[0.9, 0.8, 0.7, 0.6, 0.1]], [[1, 0, 1, 1, 0]])
+    assert metrics["recall@1"] == pytest.approx(1 / 3)
+    assert metrics["recall@5"] == pytest.approx(1.0)
+    dcg = 1 + 1 / math.log2(4) + 1 / math.log2(5)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)  # IDCG over min(#pos, K) = 3 ideal hits
+    assert metrics["ndcg@5"] == pytest.approx(dcg / idcg)
+    assert metrics["mrr@5"] == 1.0
+
+
+def test_more_positives_than_k_uses_k_ideal_hits():
+    # 12 positives in 12 candidates: a perfect ranking whatever K
+    metrics, _ = _mean([list(range(12, 0, -1))], [[1] * 12])
+    assert metrics["ndcg@5"] == pytest.approx(1.0)
+    assert metrics["ndcg@10"] == pytest.approx(1.0)
+    assert metrics["recall@5"] == pytest.approx(5 / 12)
+
+
+def test_ties_are_pessimistic():
+    # all four candidates tie: the positive goes below every negative
+    metrics, _ = _mean([[1.0, 1.0, 1.0, 1.0]], [[0, 1, 0, 0]])
+    assert metrics["recall@1"] == 0.0
+    assert metrics["mrr@5"] == pytest.approx(1 / 4)
+    # a tie with one negative only: second place
+    hits = ranked_hits(torch.tensor([[0.5, 0.5, 0.1]]), torch.tensor([[1, 0, 0]]))
+    assert hits.tolist() == [[0.0, 1.0, 0.0]]
+    # same via the full-ranking fast path
+    sums = single_positive_metric_sums(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), torch.tensor([1]))
+    assert sums["recall@1"] == 0.0
+    assert sums["mrr@5"] == pytest.approx(1 / 4)
+
+
+def test_padding_and_empty_samples():
+    scores = torch.tensor([[0.3, float("-inf"), 0.5], [0.2, 0.1, float("-inf")]])
+    labels = torch.tensor([[1, 0, 0], [0, 0, 0]])  # second sample has no positive: skipped
+    sums = metric_sums(scores, labels)
+    assert sums["count"] == 1
+    assert sums["recall@1"] == 0.0 and sums["recall@5"] == 1.0
+    assert sums["mrr@5"] == pytest.approx(0.5)
+
+
+def test_fast_path_matches_generic_and_accumulator_averages():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 30, generator=generator)
+    target = torch.randint(0, 30, (64,), generator=generator)
+    labels = torch.zeros(64, 30, dtype=torch.long)
+    labels[torch.arange(64), target] = 1
+    generic, fast = metric_sums(scores, labels), single_positive_metric_sums(scores, target)
+    for name in generic:
+        assert generic[name] == pytest.approx(fast[name], abs=1e-4), name
+    accumulator = MetricAccumulator()
+    accumulator.add(metric_sums(scores[:40], labels[:40]))
+    accumulator.add(metric_sums(scores[40:], labels[40:]))
+    result = accumulator.result()
+    assert result["samples"] == 64
+    assert result["ndcg@10"] == pytest.approx(generic["ndcg@10"] / 64, abs=1e-6)

@@ -1,0 +1,237 @@
+"""The SR backbone (METHOD §2): shapes, padding never leaking, losses checked by hand, stacking."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsvcr.config import ModelConfig
+from lsvcr.errors import ConfigError
+from lsvcr.model import HistoryBatch, LSVCRModel, masked_softmax
+
+NUM_VIDEOS, NUM_COMMENTS, TEXT_DIM = 30, 60, 16
+
+
+def _tables(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    video_text = torch.randn(NUM_VIDEOS + 1, TEXT_DIM, generator=generator)
+    comment_text = torch.randn(NUM_COMMENTS + 1, TEXT_DIM, generator=generator)
+    video_text[0] = 0
+    comment_text[0] = 0
+    return video_text, comment_text
+
+
+def _model(mode: str = "id+text", stacking: str = "faithful", seed: int = 0) -> LSVCRModel:
+    torch.manual_seed(seed)
+    video_text, comment_text = _tables()
+    config = ModelConfig(mode=mode, stacking=stacking, max_position=10)
+    return LSVCRModel(config, NUM_VIDEOS, video_text, comment_text).eval()
+
+
+def _batch() -> HistoryBatch:
+    """Three users: full histories, a short one, and one with an EMPTY comment history."""
+    return HistoryBatch(
+        video_history=torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0], [7, 0, 0, 0]]),
+        video_history_hot_comment=torch.tensor([[1, 0, 3, 4], [5, 6, 0, 0], [7, 0, 0, 0]]),
+        comment_history_videos=torch.tensor([[8, 9, 10], [11, 0, 0], [0, 0, 0]]),
+        comment_history_comments=torch.tensor([
+            [[1, 2], [3, 0], [4, 5]],
+            [[6, 0], [0, 0], [0, 0]],
+            [[0, 0], [0, 0], [0, 0]],
+        ]),
+    )
+
+
+CURRENT = torch.tensor([12, 13, 14])
+COMMENT_CANDIDATES = torch.tensor([[20, 21, 22, 0], [23, 24, 0, 0], [25, 26, 27, 28]])
+
+
+def test_shapes_and_pad_column():
+    model = _model()
+    batch = _batch()
+    all_scores = model.score_videos(batch)
+    assert all_scores.shape == (3, NUM_VIDEOS + 1)
+    assert torch.isneginf(all_scores[:, 0]).all() and torch.isfinite(all_scores[:, 1:]).all()
+    sampled = model.score_videos(batch, torch.tensor([[1, 2, 0], [3, 4, 5], [6, 0, 0]]))
+    assert sampled.shape == (3, 3) and torch.isneginf(sampled[0, 2]) and torch.isfinite(sampled[1]).all()
+    comments = model.score_comments(batch, CURRENT, COMMENT_CANDIDATES)
+    assert comments.shape == (3, 4)
+    assert torch.isfinite(comments[2]).all(), "a user with an empty comment history must get finite scores"
+    assert torch.isneginf(comments[0, 3]) and torch.isneginf(comments[1, 2:]).all()
+    # scores are cosine / tau
+    assert all_scores[:, 1:].abs().max() <= 1 / model.config.temperature + 1e-4
+    assert model.video_candidate_vectors().shape == (NUM_VIDEOS + 1, 64)
+    assert torch.allclose(model.video_candidate_vectors(torch.tensor([3])).norm(dim=-1), torch.ones(1))
+
+
+def test_masked_softmax_all_pad_row_is_zero_not_nan():
+    weights = masked_softmax(torch.randn(2, 3), torch.tensor([[True, False, True], [False, False, False]]))
+    assert torch.equal(weights[1], torch.zeros(3))
+    assert weights[0, 1] == 0 and torch.isclose(weights[0].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("mode", ["id+text", "text"])
+def test_padding_content_and_extra_padding_never_change_scores(mode):
+    model = _model(mode)
+    batch = _batch()
+    video_scores = model.score_videos(batch)
+    comment_scores = model.score_comments(batch, CURRENT, COMMENT_CANDIDATES)
+
+    # Garbage in pad slots: hot comments of pad videos, comments of pad records.
+    noisy = dataclasses.replace(batch)
+    noisy.video_history_hot_comment = torch.where(batch.video_history == 0, torch.tensor(33), batch.video_history_hot_comment)
+    pad_records = (batch.comment_history_videos == 0).unsqueeze(-1)
+    noisy.comment_history_comments = torch.where(pad_records, torch.tensor(44), batch.comment_history_comments)
+    assert torch.allclose(model.score_videos(noisy), video_scores, atol=1e-5)
+    assert torch.allclose(model.score_comments(noisy, CURRENT, COMMENT_CANDIDATES), comment_scores, atol=1e-5)
+
+    # Appending padding on every axis (history slots, comment slots, candidate slots).
+    widened = HistoryBatch(
+        video_history=F.pad(batch.video_history, (0, 3)),
+        video_history_hot_comment=F.pad(batch.video_history_hot_comment, (0, 3)),
+        comment_history_videos=F.pad(batch.comment_history_videos, (0, 2)),
+        comment_history_comments=F.pad(batch.comment_history_comments, (0, 2, 0, 2)),
+    )
+    assert torch.allclose(model.score_videos(widened), video_scores, atol=1e-5)
+    widened_comments = model.score_comments(widened, CURRENT, F.pad(COMMENT_CANDIDATES, (0, 2)))
+    assert torch.allclose(widened_comments[:, :4], comment_scores, atol=1e-5)
+    assert torch.isneginf(widened_comments[:, 4:]).all()
+
+
+def test_empty_histories_are_finite_and_other_branch_contributes_nothing():
+    model = _model()
+    batch = _batch()
+    states = model.encode_histories(batch)
+    assert torch.isfinite(states.video_states).all() and torch.isfinite(states.comment_states).all()
+    # user 2 has no comment history: the video branch's mix output must be exactly zero, so changing
+    # nothing but the (absent) comment history of user 2 cannot matter: compare with a batch where
+    # user 2's comment tensor shape differs only by padding.
+    only_user2 = HistoryBatch(
+        batch.video_history[2:], batch.video_history_hot_comment[2:],
+        batch.comment_history_videos[2:, :1], batch.comment_history_comments[2:, :1, :1],
+    )
+    assert torch.allclose(model.score_videos(only_user2), model.score_videos(batch)[2:], atol=1e-5)
+    # a user with no video history at all still gets finite scores
+    empty_video = dataclasses.replace(batch, video_history=torch.zeros_like(batch.video_history))
+    assert torch.isfinite(model.score_videos(empty_video)[:, 1:]).all()
+    assert torch.isfinite(model.score_comments(empty_video, CURRENT, COMMENT_CANDIDATES)[:, :2]).all()
+
+
+def test_video_cross_entropy_by_hand():
+    """CE over all videos recomputed from the raw parameters: cos(u, gate·E + A(title)) / τ, pad masked."""
+    model = _model()
+    batch = _batch()
+    target = torch.tensor([5, 9, 2])
+    states = model.encode_histories(batch)
+    user = F.normalize(model.video_user_vector(states), dim=-1)
+    items = model.gate * model.video_embedding.weight + model.video_text @ model.llm_adapter.weight.T
+    items = F.normalize(items, dim=-1)
+    logits = user @ items.T / 0.07
+    manual = []
+    for row in range(3):
+        real = logits[row, 1:]  # the pad column never takes part
+        manual.append(-(logits[row, target[row]] - torch.logsumexp(real, dim=0)))
+    manual_loss = torch.stack(manual).mean()
+    model_loss = F.cross_entropy(model.score_videos(batch, states=states), target)
+    assert torch.isclose(model_loss, manual_loss, atol=1e-5)
+
+
+def test_comment_cross_entropy_by_hand():
+    model = _model()
+    batch = _batch()
+    candidates = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28]])
+    states = model.encode_histories(batch)
+    # F_c by hand: single-query attention over H^c with the current video as query, residual + LN.
+    attention = model.target_attention
+    query = (model.gate * model.video_embedding(CURRENT) + model.llm_adapter(model.video_text[CURRENT]))
+    losses = []
+    for row in range(3):
+        mask = states.comment_mask[row]
+        hidden = states.comment_states[row][mask]
+        q = attention.query(query[row]).view(2, 32)
+        k = attention.key(hidden).view(-1, 2, 32)
+        v = attention.value(hidden).view(-1, 2, 32)
+        if hidden.shape[0]:
+            weights = torch.softmax((k * q).sum(-1) / 32 ** 0.5, dim=0)  # [L, heads]
+            context = (weights.unsqueeze(-1) * v).sum(0).reshape(64)
+        else:
+            context = torch.zeros(64)  # empty history: no attention at all
+        user = attention.layer_norm(attention.out(context) + query[row])
+        comment_vectors = F.normalize(model.llm_adapter(model.comment_text[candidates[row]]), dim=-1)
+        logits = comment_vectors @ F.normalize(user, dim=0) / 0.07
+        losses.append(-torch.log_softmax(logits, dim=0)[0])
+    manual_loss = torch.stack(losses).mean()
+    model_logits = model.score_comments(batch, CURRENT, candidates, states=states)
+    assert torch.isclose(F.cross_entropy(model_logits, torch.zeros(3, dtype=torch.long)), manual_loss, atol=1e-5)
+
+
+def test_id_text_contrastive_loss_by_hand():
+    """Fewer than 100 pairs: every other pair is a negative; symmetric; both history sets summed."""
+    model = _model()
+    batch = _batch()
+    states = model.encode_histories(batch)
+    expected = 0.0
+    for videos, text, mask in (
+        (batch.video_history, states.video_item_text, states.video_mask),
+        (batch.comment_history_videos, states.comment_item_text, states.comment_mask),
+    ):
+        ids = F.normalize(model.video_embedding.weight[videos[mask]], dim=-1)  # no gate
+        texts = F.normalize(text[mask], dim=-1)
+        n = ids.shape[0]
+        similarity = ids @ texts.T / 0.07
+        id_to_text = sum(-(similarity[i, i] - torch.logsumexp(similarity[i], 0)) for i in range(n)) / n
+        text_to_id = sum(-(similarity[i, i] - torch.logsumexp(similarity[:, i], 0)) for i in range(n)) / n
+        expected = expected + 0.5 * (id_to_text + text_to_id)
+    assert torch.isclose(model.id_text_contrastive_loss(batch, states), expected, atol=1e-5)
+    assert model.id_text_contrastive_loss(batch).requires_grad
+
+
+def test_faithful_and_standard_stacking_differ():
+    faithful = _model(stacking="faithful")
+    standard = _model(stacking="standard")
+    standard.load_state_dict(faithful.state_dict())
+    batch = _batch()
+    assert not torch.allclose(faithful.score_videos(batch), standard.score_videos(batch), atol=1e-4)
+    single_layer = ModelConfig(num_layers=1, max_position=10)
+    torch.manual_seed(0)
+    one = LSVCRModel(single_layer, NUM_VIDEOS, *_tables()).eval()
+    other = LSVCRModel(dataclasses.replace(single_layer, stacking="standard"), NUM_VIDEOS, *_tables()).eval()
+    other.load_state_dict(one.state_dict())
+    assert torch.allclose(one.score_videos(batch), other.score_videos(batch))  # identical with one layer
+
+
+def test_modes_and_text_overrides():
+    video_text, comment_text = _tables()
+    id_only = LSVCRModel(ModelConfig(mode="id", max_position=10), NUM_VIDEOS, None, None).eval()
+    assert torch.isfinite(id_only.score_videos(_batch())[:, 1:]).all()
+    with pytest.raises(ConfigError):
+        id_only.comment_candidate_vectors(torch.tensor([1]))
+    assert id_only.id_text_contrastive_loss(_batch()) == 0
+    with pytest.raises(ConfigError):
+        LSVCRModel(ModelConfig(mode="text"), NUM_VIDEOS, None, None)
+    text_only = _model("text")
+    assert not hasattr(text_only, "video_embedding")
+    # Overrides: the same tables give the same scores; a live table receives gradients (stage 1).
+    batch = _batch()
+    live_video = video_text.clone().requires_grad_(True)
+    live_comment = comment_text.clone().requires_grad_(True)
+    scores = text_only.score_comments(batch, CURRENT, COMMENT_CANDIDATES, video_text=live_video, comment_text=live_comment)
+    assert torch.allclose(scores, text_only.score_comments(batch, CURRENT, COMMENT_CANDIDATES))
+    scores[torch.isfinite(scores)].sum().backward()
+    assert live_video.grad.abs().sum() > 0 and live_comment.grad.abs().sum() > 0
+    # stage-1 random positions: a sorted subset of range(max_position)
+    positions = text_only._positions(4, True, torch.device("cpu"))
+    assert positions.tolist() == sorted(set(positions.tolist())) and positions.max() < 10
+    text_only.train()
+    assert torch.isfinite(text_only.encode_histories(batch, random_positions=True).video_states).all()
+
+
+def test_gate_and_init():
+    model = _model()
+    assert model.gate.item() == 1.0
+    assert abs(model.video_embedding.weight.std().item() - 0.02) < 0.005
+    assert model.video_text.requires_grad is False
+    assert "video_text" not in model.state_dict()  # frozen buffers are not checkpointed
