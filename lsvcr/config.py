@@ -53,6 +53,8 @@ class ModelConfig:
     layer_norm_eps: float = 1e-8
     # "faithful": every layer attends to the input embeddings (METHOD 2.3 quirk); "standard": SASRec stacking.
     stacking: str = "faithful"
+    # "lsvcr": the paper's backbone; "sasrec": the ID-only SASRec baseline (lsvcr/baselines.py).
+    architecture: str = "lsvcr"
 
 
 @dataclass
@@ -76,6 +78,8 @@ class FinetuneConfig:
     eval_batch_size: int = 1024
     full_ranking: bool = False  # also report full ranking over all videos
     exclude_seen: bool = True  # in full ranking, drop videos already in the history
+    checkpoints_to_keep: int = 2  # Ray Train CheckpointConfig(num_to_keep)
+    max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint after a lost worker
 
 
 @dataclass
@@ -281,6 +285,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "data.video_signal": (config.data.video_signal, ("like", "long_view", "click")),
         "model.mode": (config.model.mode, ("id+text", "text", "id")),
         "model.stacking": (config.model.stacking, ("faithful", "standard")),
+        "model.architecture": (config.model.architecture, ("lsvcr", "sasrec")),
         "finetune.task": (config.finetune.task, ("video", "comment")),
         "finetune.use_gpu": (config.finetune.use_gpu, ("auto", "true", "false")),
         "align.mode": (config.align.mode, ("frozen", "lora")),
