@@ -265,6 +265,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def config_from_dict(values: dict[str, Any]) -> LSVCRConfig:
+    """The inverse of `config_to_dict` (e.g. a config shipped to Ray workers), validated."""
+    config = LSVCRConfig()
+    _update(config, values, "")
+    validate_config(config)
+    return config
+
+
 def apply_override(config: LSVCRConfig, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like section.key=value")
