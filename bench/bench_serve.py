@@ -1,0 +1,348 @@
+"""Load test of the Ray Serve deployment (video recommendation over ~10k items) vs the same model in-process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_serve.py [--videos 10000] [--duration 20] [--long 60]
+
+What it does, all on 127.0.0.1, each phase of fixed length (it stops by itself):
+1. writes a synthetic PREPARED/ + VECTORS/ + MODEL/ of `--videos` items (an untrained SR model of the
+   paper's size; the weights do not change the cost) into a temporary directory;
+2. in-process: `Recommender.recommend_videos` on batches of 1, 8 and 32 requests, with the time split
+   into history resolution, model forward (history encoder), the item matrix product + top-k, and
+   response building;
+3. starts Ray (2 CPUs) and the Serve app, then drives it with a raw-socket HTTP/1.1 keep-alive load
+   generator at 1, 8 and 32 concurrent clients (8 clients for `--long` seconds) and measures p50/p95/p99
+   latency, throughput and failed requests; also the model deployment called through a Serve handle
+   (no HTTP, no proxy, no gateway), to split the overhead;
+4. a replica-kill phase: 8 clients for `--kill-duration` s, one RecommenderModel replica is `ray.kill`ed
+   mid-run, and the failed requests are counted.
+Results: bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from lsvcr.config import LSVCRConfig, ServeConfig, save_config  # noqa: E402
+from lsvcr.data import schema  # noqa: E402
+from lsvcr.model import LSVCRModel  # noqa: E402
+from lsvcr.vectors import write_item_vectors  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic inputs of realistic size
+
+
+def write_synthetic_model(root: Path, num_videos: int, num_users: int, comments_per_video: int = 5,
+                          text_dim: int = 256, history: int = 50, seed: int = 0) -> Path:
+    """PREPARED/ (videos, comments, users, user_histories), VECTORS/ and a MODEL/ dir with an
+    untrained paper-size video model. Returns the MODEL dir."""
+    rng = np.random.default_rng(seed)
+    prepared, vectors, model_dir = root / "prepared", root / "vectors", root / "model"
+    for path in (prepared, vectors, model_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    video_ids = rng.choice(10**9, num_videos, replace=False).astype(np.int64)
+    num_comments = num_videos * comments_per_video
+    comment_ids = rng.choice(10**12, num_comments, replace=False).astype(np.int64)
+    comment_video = np.repeat(np.arange(1, num_videos + 1), comments_per_video).astype(np.int32)
+    pools = np.arange(1, num_comments + 1, dtype=np.int32).reshape(num_videos, comments_per_video)
+    pq.write_table(pa.table({
+        "video_idx": pa.array(np.arange(1, num_videos + 1, dtype=np.int32)),
+        "video_id": pa.array(video_ids),
+        "caption": pa.array([f"video {i}" for i in range(num_videos)]),
+        "category": pa.array(["synthetic"] * num_videos),
+        "hot_comments": pa.array(list(pools), type=pa.list_(pa.int32())),
+    }, schema=schema.VIDEOS), prepared / "videos.parquet")
+    pq.write_table(pa.table({
+        "comment_idx": pa.array(np.arange(1, num_comments + 1, dtype=np.int32)),
+        "comment_id": pa.array(comment_ids),
+        "video_idx": pa.array(comment_video),
+        "content": pa.array([""] * num_comments),
+        "like_count": pa.array(np.zeros(num_comments, dtype=np.int64)),
+    }, schema=schema.COMMENTS), prepared / "comments.parquet")
+    user_ids = np.arange(1, num_users + 1, dtype=np.int64) * 7
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(1, num_users + 1, dtype=np.int32)),
+                             "user_id": pa.array(user_ids)}, schema=schema.USERS), prepared / "users.parquet")
+    video_history = rng.integers(1, num_videos + 1, (num_users, history)).astype(np.int32)
+    record_videos = rng.integers(1, num_videos + 1, (num_users, history // 2)).astype(np.int32)
+    record_comments = (record_videos[..., None] - 1) * comments_per_video + 1 + rng.integers(
+        0, comments_per_video, (num_users, history // 2, 2))
+    pq.write_table(pa.table({
+        "user_idx": pa.array(np.arange(1, num_users + 1, dtype=np.int32)),
+        "user_id": pa.array(user_ids),
+        "video_history": pa.array(list(video_history), type=pa.list_(pa.int32())),
+        "comment_history_videos": pa.array(list(record_videos), type=pa.list_(pa.int32())),
+        "comment_history_comments": pa.array([[list(c) for c in user] for user in record_comments.astype(np.int32)],
+                                             type=pa.list_(pa.list_(pa.int32()))),
+    }, schema=schema.USER_HISTORIES), prepared / "user_histories.parquet")
+    (prepared / "manifest.json").write_text(json.dumps({"format_version": 1, "source": "bench", "synthetic": True,
+                                                         "has_comments": True}))
+    video_text = rng.standard_normal((num_videos, text_dim)).astype(np.float32)
+    comment_text = rng.standard_normal((num_comments, text_dim)).astype(np.float32)
+    write_item_vectors(vectors, video_ids, video_text, comment_ids, comment_text, {"model": "random"})
+
+    config = LSVCRConfig()
+    torch.manual_seed(seed)
+    model = LSVCRModel(config.model, num_videos, torch.zeros(num_videos + 1, text_dim), torch.zeros(num_comments + 1, text_dim))
+    torch.save({"model_config": asdict(config.model), "task": "video", "num_videos": num_videos, "text_dim": text_dim,
+                "state_dict": model.state_dict()}, model_dir / "model.pt")
+    (model_dir / "inputs.json").write_text(json.dumps({"prepared": str(prepared), "vectors": str(vectors)}))
+    save_config(config, model_dir / "config.yaml")
+    (model_dir / "metrics.json").write_text(json.dumps({"task": "video", "model": "untrained (benchmark)",
+                                                         "protocol": {}, "valid": {}, "test": {}}))
+    return model_dir
+
+
+def request_bodies(user_ids: np.ndarray, count: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [json.dumps({"user_id": int(rng.choice(user_ids)), "k": 10, "exclude_seen": True}).encode()
+            for _ in range(count)]
+
+
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    if not latencies_ms:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
+    values = np.asarray(latencies_ms)
+    return {"p50_ms": round(float(np.percentile(values, 50)), 2), "p95_ms": round(float(np.percentile(values, 95)), 2),
+            "p99_ms": round(float(np.percentile(values, 99)), 2), "mean_ms": round(float(values.mean()), 2)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process baseline
+
+
+def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> dict:
+    from lsvcr.serving import Recommender, VideoRequest, build_history_batch
+
+    recommender = Recommender.from_model_dirs(model_dir, None)
+    requests = [VideoRequest.model_validate_json(body) for body in bodies]
+    recommender.recommend_videos(requests[:32])  # warm-up
+    results = {}
+    for batch_size in (1, 8, 32):
+        parts = {"resolve": 0.0, "encode": 0.0, "item_product_topk": 0.0, "respond": 0.0}
+        done, start, cursor = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < duration:
+            batch = [requests[(cursor + i) % len(requests)] for i in range(batch_size)]
+            cursor += batch_size
+            t0 = time.perf_counter()
+            recommender.recommend_videos(batch)
+            done += batch_size
+            # The same work again in its stages, to attribute the time (not counted in throughput).
+            if cursor % (batch_size * 10) == 0:
+                t1 = time.perf_counter()
+                _, resolved, _ = recommender._resolve_all(batch, recommender.video, "video")
+                t2 = time.perf_counter()
+                model = recommender.video.model
+                with torch.inference_mode():
+                    states = model.encode_histories(build_history_batch(resolved, recommender.catalog.hot_comment))
+                    users = torch.nn.functional.normalize(model.video_user_vector(states), dim=-1)
+                    t3 = time.perf_counter()
+                    scores = users @ recommender.video_matrix.T
+                    torch.topk(scores, 10, dim=1)
+                t4 = time.perf_counter()
+                parts["resolve"] += t2 - t1
+                parts["encode"] += t3 - t2
+                parts["item_product_topk"] += t4 - t3
+                parts["respond"] += max(0.0, (t1 - t0) - (t4 - t1))
+        elapsed = time.perf_counter() - start
+        share_total = sum(parts.values()) or 1.0
+        results[f"batch_{batch_size}"] = {
+            "requests_per_s": round(done / elapsed, 1),
+            "ms_per_batch": round(1000 * elapsed / (done / batch_size), 2),
+            "time_share": {k: round(v / share_total, 3) for k, v in parts.items()},
+        }
+        print(f"in-process batch {batch_size}: {results[f'batch_{batch_size}']}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTTP load generator (raw sockets, keep-alive: the client must cost less CPU than the server)
+
+
+async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float, path: str, stats: dict,
+                      seed: int) -> None:
+    rng = random.Random(seed)
+    reader = writer = None
+    while time.perf_counter() < deadline:
+        body = bodies[rng.randrange(len(bodies))]
+        request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        start = time.perf_counter()
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as error:
+            stats["failed"] += 1
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s {type(error).__name__}: {error}")
+            if writer is not None:
+                writer.close()
+            reader = writer = None
+            await asyncio.sleep(0.05)
+            continue
+        latency = (time.perf_counter() - start) * 1000
+        if status == 200:
+            stats["latencies"].append(latency)
+        else:
+            stats["failed"] += 1
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s HTTP {status}")
+    if writer is not None:
+        writer.close()
+
+
+async def _load(host: str, port: int, bodies: list[bytes], clients: int, duration: float,
+                path: str = "/v1/recommend/videos", during=None) -> dict:
+    stats = {"latencies": [], "failed": 0, "errors": [], "t0": time.perf_counter()}
+    deadline = time.perf_counter() + duration
+    tasks = [asyncio.create_task(_one_client(host, port, bodies, deadline, path, stats, seed)) for seed in range(clients)]
+    if during is not None:
+        await during(stats)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - stats["t0"]
+    return {"clients": clients, "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
+            "failed": stats["failed"], "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
+            **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _replica_actor_names() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "RecommenderModel" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+
+
+def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
+                kill_duration: float) -> dict:
+    import ray
+    from ray import serve
+
+    from lsvcr.serving import APP_NAME, VideoRequest, start_serving, stop_serving
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = ServeConfig(port=_free_port())
+    results: dict = {"serve_config": asdict(config)}
+    try:
+        t0 = time.perf_counter()
+        base_url = start_serving(model_dir, None, config)
+        results["startup_s"] = round(time.perf_counter() - t0, 1)
+        print(f"serving at {base_url} after {results['startup_s']} s", flush=True)
+        host, port = config.host, config.port
+        asyncio.run(_load(host, port, bodies, 4, 5))  # warm-up
+
+        handle = serve.get_deployment_handle("RecommenderModel", app_name=APP_NAME)
+        requests = [VideoRequest.model_validate_json(body) for body in bodies]
+        latencies = []
+        end = time.perf_counter() + min(duration, 10)
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            handle.recommend_videos.remote(requests[len(latencies) % len(requests)]).result()
+            latencies.append((time.perf_counter() - start) * 1000)
+        results["handle_1_client"] = {"requests": len(latencies), **percentiles(latencies)}
+        print(f"handle, 1 client: {results['handle_1_client']}", flush=True)
+
+        for clients, seconds in ((1, duration), (8, long_duration), (32, duration)):
+            phase = asyncio.run(_load(host, port, bodies, clients, seconds))
+            results[f"http_{clients}_clients"] = phase
+            print(f"HTTP, {clients} clients: {phase}", flush=True)
+
+        async def kill_one_replica(stats: dict) -> None:
+            await asyncio.sleep(kill_duration / 3)
+            names = _replica_actor_names()
+            victim = names[0]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            stats["killed"] = victim
+            stats["killed_at_s"] = round(time.perf_counter() - stats["t0"], 2)
+            stats["replicas_before"] = len(names)
+            print(f"killed {victim} at {stats['killed_at_s']} s ({len(names)} replicas)", flush=True)
+
+        holder: dict = {}
+
+        async def during(stats: dict) -> None:
+            await kill_one_replica(stats)
+            holder.update({k: stats[k] for k in ("killed", "killed_at_s", "replicas_before")})
+
+        phase = asyncio.run(_load(host, port, bodies, 8, kill_duration, during=during))
+        phase.update(holder)
+        phase["replicas_after"] = len(_replica_actor_names())
+        results["http_8_clients_replica_killed"] = phase
+        print(f"HTTP, 8 clients, replica killed: {phase}", flush=True)
+    finally:
+        stop_serving()
+        ray.shutdown()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=10_000)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
+    parser.add_argument("--long", type=float, default=60.0, help="seconds of the 8-client phase")
+    parser.add_argument("--kill-duration", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
+        model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)
+        user_ids = pq.read_table(Path(tmp) / "prepared" / "users.parquet")["user_id"].to_numpy()
+        bodies = request_bodies(user_ids, 2000)
+        report = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+            "videos": args.videos,
+            "users": args.users,
+            "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),
+        }
+        report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration)
+    in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
+    serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
+    eight = report["serve"]["http_8_clients"]
+    report["summary"] = {
+        "serve_vs_in_process_throughput": round(serve_best / in_process_best, 3),
+        "targets": {"p50_under_20ms_at_8": eight["p50_ms"] is not None and eight["p50_ms"] < 20,
+                    "p99_under_100ms_at_8": eight["p99_ms"] is not None and eight["p99_ms"] < 100,
+                    "no_failed_request_in_long_run": eight["failed"] == 0},
+        "failed_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["failed"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
