@@ -21,3 +21,39 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+# --- data layer (lsvcr.data): tiny synthetic KuaiComt data set, prepared, and a video-only variant ---
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_dir(tmp_path_factory):
+    """`lsvcr synth --preset tiny` (KuaiComt layout, Parquet): ~120 users, 150 videos, 8 comments/video."""
+    from lsvcr.data.synth import PRESETS, write_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "tiny_raw"
+    write_synthetic(out, PRESETS["tiny"], "parquet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared_dir(tiny_raw_dir, tmp_path_factory):
+    """PREPARED/ of `tiny_raw_dir` with the default data config (both tasks)."""
+    from lsvcr.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny_prepared"
+    prepare(tiny_raw_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_video_only_prepared_dir(tmp_path_factory):
+    """PREPARED/ of a RecBole export (NAME.inter with string tokens + NAME.item): comment task disabled."""
+    from lsvcr.data.prepare import prepare
+    from lsvcr.data.synth import PRESETS, write_synthetic
+
+    raw = tmp_path_factory.mktemp("data") / "tiny_recbole"
+    write_synthetic(raw, PRESETS["tiny"], "recbole")
+    out = tmp_path_factory.mktemp("data") / "tiny_video_only_prepared"
+    prepare(raw, out)
+    return out

@@ -1,0 +1,1 @@
+"""Data layer: raw tables (KuaiComt, RecBole, CSV) → validated → PREPARED/ samples (docs/formats.md)."""

@@ -1,0 +1,87 @@
+"""Reading raw tables (CSV or Parquet) and writing stage outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from lsvcr.data.schema import RawTableSpec
+from lsvcr.errors import DataError
+
+RAW_SUFFIXES = (".parquet", ".csv")
+
+
+def find_table(raw_dir: Path, name: str) -> Path | None:
+    """`raw_dir/name.parquet` or `raw_dir/name.csv` (Parquet wins when both exist)."""
+    for suffix in RAW_SUFFIXES:
+        path = Path(raw_dir) / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_table(path: Path, spec: RawTableSpec | None = None) -> pa.Table:
+    """Read one CSV or Parquet table. Columns the spec declares as strings are read as strings
+    (a caption like "2023" must not become an integer); other types are checked by validation."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        column_types = {}
+        if spec is not None:
+            column_types = {f.name: f.type for f in spec.schema if pa.types.is_string(f.type)}
+        return pa_csv.read_csv(
+            path,
+            convert_options=pa_csv.ConvertOptions(column_types=column_types, strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, OSError) as error:
+        name = spec.name if spec else path.stem
+        raise DataError(f"table {name}: cannot read {path}: {error}") from None
+
+
+def write_parquet(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> None:
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    pq.write_table(table, path, compression="zstd")
+
+
+def write_json(data: Any, path: Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `path`; on success it replaces `path`, on error it is removed.
+
+    A killed or failed job therefore never leaves a half-written `path` behind. The finished directory
+    carries the `_SUCCESS` marker of `lsvcr.storage`, written last.
+    """
+    from lsvcr.storage import mark_finished
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        mark_finished(temporary)
+        if path.exists():
+            retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(retired)
+            temporary.rename(path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            temporary.rename(path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

@@ -1,0 +1,563 @@
+"""`lsvcr prepare`: raw tables → the PREPARED/ format of docs/formats.md (METHOD 1, 7.2, 8, 9.5-9.6).
+
+What becomes what:
+- Video positives: user_video_inter rows whose `data.video_signal` flag is set (like by default,
+  METHOD 1.1). If the median user has fewer than `data.min_median_positives` positives, the next denser
+  signal is used (like → long_view → click) with a warning. A (user, video) pair counts once, at its
+  first positive time. Video-only imports (RecBole, CSV) treat every interaction as a positive.
+- Comment records: user_comment_inter grouped by (user, video); a record's time is its first
+  interaction; a (user, comment) pair counts once, at its first interaction.
+- Video samples: one per positive (target = the liked video). Comment samples: one per record
+  (target = the record's video, pos_comments = all of the user's comments on it).
+- Histories strictly precede the target time: liked videos with time < target, records whose first
+  interaction < target, and inside each record only the comments interacted with before the target
+  (the earliest `max_comments_per_record`). The last `max_history` items are kept.
+- Samples whose two histories are both empty are dropped and counted (METHOD 9.5); a sample with one
+  empty history is kept (the model handles an empty branch).
+- Split, per user and task: leave-last-out by time (last → test, second-to-last → valid, the rest →
+  train) for users with at least `min_targets_per_user` samples; other users' samples go to train.
+  Ties in time are broken by the raw video id.
+- Candidates for valid/test are frozen with `data.seed` (METHOD 9.6): video task = target + 99 uniform
+  negatives ≠ target; comment task = every positive + non-positive comments of the target video's
+  pool (`hot_comments`, top `comment_pool_size` by likes), at most `comment_pool_size` in total when
+  positives allow, random (seeded) among the non-positives. Both shuffled.
+- Comments kept in comments.parquet: each video's pool plus every comment some user interacted with.
+
+Everything is vectorised: sort + offsets + searchsorted, lists built with `ListArray.from_arrays`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from lsvcr.config import PrepareConfig, load_config
+from lsvcr.data import schema
+from lsvcr.data.importers import RawTables, load_raw
+from lsvcr.data.io import atomic_output_dir, write_json, write_parquet
+from lsvcr.errors import DataError
+
+log = logging.getLogger("lsvcr.data")
+
+SIGNAL_COLUMNS = {"like": "is_like", "long_view": "long_view", "click": "is_click"}
+SIGNAL_ORDER = ("like", "long_view", "click")  # sparse → dense
+SAMPLES_PER_CHUNK = 200_000
+SPLIT_TEXT = (
+    "leave-last-out by time per user and task: last target -> test, second-to-last -> valid, earlier -> "
+    "train (users with fewer than {min_targets} targets: all train); ties broken by raw video id; "
+    "histories strictly precede the target time"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small vectorised helpers
+
+
+def expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + count) for every pair, without a Python loop."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum(counts) - counts
+    return np.arange(total, dtype=np.int64) - np.repeat(offsets - starts.astype(np.int64), counts)
+
+
+def offsets_from_counts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+
+def list_array(counts: np.ndarray, values: pa.Array | np.ndarray, value_type: pa.DataType = pa.int32()) -> pa.Array:
+    if isinstance(values, np.ndarray):
+        values = pa.array(values.astype(value_type.to_pandas_dtype()), value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets_from_counts(counts).astype(np.int32)), values)
+
+
+def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Start index of every run of equal values in a sorted array."""
+    if len(sorted_keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+
+
+@dataclass
+class TimeKey:
+    """Composite (group, time) keys, so one searchsorted finds "items of this group before time t"."""
+
+    time_min: int
+    stride: int
+
+    @classmethod
+    def covering(cls, *times: np.ndarray, num_groups: int) -> TimeKey:
+        finite = [t for t in times if len(t)]
+        time_min = int(min(t.min() for t in finite)) if finite else 0
+        time_max = int(max(t.max() for t in finite)) if finite else 0
+        stride = time_max - time_min + 2
+        if (num_groups + 1) * stride >= 2**62:
+            raise DataError("timestamps span too long a range to index (more than ~10^5 years x users)")
+        return cls(time_min, stride)
+
+    def __call__(self, group: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
+        return group.astype(np.int64) * self.stride + (time_ms.astype(np.int64) - self.time_min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entities and events
+
+
+@dataclass
+class Positives:
+    """Video positives sorted by (user, time, raw video id); one per (user, video)."""
+
+    user: np.ndarray  # user_idx
+    video: np.ndarray  # video_idx
+    time_ms: np.ndarray
+    video_raw: np.ndarray
+
+
+@dataclass
+class Records:
+    """Comment-interaction records sorted by (user, first time, raw video id); their comments flat."""
+
+    user: np.ndarray
+    video: np.ndarray
+    first_time_ms: np.ndarray
+    video_raw: np.ndarray
+    comment_offsets: np.ndarray  # record r owns comments [offsets[r], offsets[r+1])
+    comment: np.ndarray  # comment_idx, sorted by time inside each record
+    comment_time_ms: np.ndarray
+
+
+def choose_signal(raw: RawTables, user_index: np.ndarray, num_users: int, config: PrepareConfig) -> tuple[str, list[str]]:
+    """The requested signal, or the next denser one while the median user has too few positives."""
+    if raw.fixed_signal:
+        return raw.fixed_signal, []
+    notes = []
+    candidates = SIGNAL_ORDER[SIGNAL_ORDER.index(config.video_signal):]
+    for signal in candidates:
+        flags = raw.interactions.column(SIGNAL_COLUMNS[signal]).to_numpy() > 0
+        median = float(np.median(np.bincount(user_index[flags], minlength=num_users + 1)[1:]))
+        if median >= config.min_median_positives:
+            return signal, notes
+        last = signal == candidates[-1]
+        message = (f"video signal {signal}: the median user has {median:g} positives (< data.min_median_positives="
+                   f"{config.min_median_positives}); " + ("no denser signal left, using it" if last
+                                                          else "falling back to the next denser signal"))
+        log.warning(message)
+        notes.append(message)
+        if last:
+            return signal, notes
+    raise AssertionError("unreachable")
+
+
+def build_positives(raw: RawTables, signal: str, user_index: np.ndarray, video_index: np.ndarray) -> tuple[Positives, int]:
+    interactions = raw.interactions
+    flags = np.ones(interactions.num_rows, bool) if raw.fixed_signal else (
+        interactions.column(SIGNAL_COLUMNS[signal]).to_numpy() > 0)
+    user = user_index[flags]
+    video = video_index[flags]
+    time_ms = interactions.column("time_ms").to_numpy()[flags]
+    video_raw = interactions.column("video_id").to_numpy()[flags]
+    order = np.lexsort((video_raw, time_ms, user))
+    user, video, time_ms, video_raw = user[order], video[order], time_ms[order], video_raw[order]
+    # Keep the first positive of each (user, video): a stable sort by (user, video) keeps time order.
+    by_pair = np.lexsort((np.arange(len(user)), video, user))
+    pair_key = user[by_pair].astype(np.int64) * (int(video.max(initial=0)) + 1) + video[by_pair]
+    first = np.zeros(len(user), bool)
+    first[by_pair[group_starts(pair_key)]] = True
+    duplicates = int(len(user) - first.sum())
+    return Positives(user[first], video[first], time_ms[first], video_raw[first]), duplicates
+
+
+def build_records(
+    raw: RawTables, user_index: np.ndarray, video_index: np.ndarray, comment_index: np.ndarray
+) -> tuple[Records, int]:
+    interactions = raw.comment_interactions
+    user = user_index
+    video = video_index
+    comment = comment_index
+    time_ms = interactions.column("time_ms").to_numpy()
+    comment_raw = interactions.column("comment_id").to_numpy()
+    video_raw = interactions.column("video_id").to_numpy()
+    # One interaction per (user, comment): the first one.
+    order = np.lexsort((comment_raw, time_ms, comment, user))
+    pair_key = user[order].astype(np.int64) * (int(comment.max(initial=0)) + 1) + comment[order]
+    keep = order[group_starts(pair_key)]
+    duplicates = int(len(user) - len(keep))
+    user, video, comment, time_ms, comment_raw, video_raw = (
+        a[keep] for a in (user, video, comment, time_ms, comment_raw, video_raw))
+    # Group by (user, video); inside a group, by time.
+    order = np.lexsort((comment_raw, time_ms, video, user))
+    user, video, comment, time_ms, video_raw = (a[order] for a in (user, video, comment, time_ms, video_raw))
+    group_key = user.astype(np.int64) * (int(video.max(initial=0)) + 1) + video
+    starts = group_starts(group_key)
+    sizes = np.diff(np.append(starts, len(user)))
+    first_time = time_ms[starts]
+    # Records in (user, first time, raw video id) order; move their comment runs along.
+    record_order = np.lexsort((video_raw[starts], first_time, user[starts]))
+    gather = expand_ranges(starts[record_order], sizes[record_order])
+    return Records(
+        user=user[starts][record_order],
+        video=video[starts][record_order],
+        first_time_ms=first_time[record_order],
+        video_raw=video_raw[starts][record_order],
+        comment_offsets=offsets_from_counts(sizes[record_order]),
+        comment=comment[gather],
+        comment_time_ms=time_ms[gather],
+    ), duplicates
+
+
+# ---------------------------------------------------------------------------------------------
+# Histories
+
+
+def history_slices(
+    item_user: np.ndarray, item_time: np.ndarray, query_user: np.ndarray, query_time: np.ndarray,
+    max_length: int, time_key: TimeKey,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query: the (start, count) of the user's items strictly before the query time, the last
+    `max_length` of them. Items must be sorted by (user, time)."""
+    item_keys = time_key(item_user, item_time)
+    end = np.searchsorted(item_keys, time_key(query_user, query_time), side="left")
+    user_start = np.searchsorted(item_user, query_user, side="left")
+    start = np.maximum(user_start, end - max_length)
+    return start, end - start
+
+
+@dataclass
+class HistoryBuilder:
+    positives: Positives
+    records: Records | None
+    config: PrepareConfig
+    time_key: TimeKey
+
+    def __post_init__(self) -> None:
+        if self.records is not None:
+            comment_record = np.repeat(np.arange(len(self.records.user)), np.diff(self.records.comment_offsets))
+            self.comment_keys = self.time_key(comment_record, self.records.comment_time_ms)
+
+    def video_slices(self, user: np.ndarray, time_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return history_slices(self.positives.user, self.positives.time_ms, user, time_ms,
+                              self.config.max_history, self.time_key)
+
+    def record_slices(self, user: np.ndarray, time_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.records is None:
+            return np.zeros(len(user), np.int64), np.zeros(len(user), np.int64)
+        return history_slices(self.records.user, self.records.first_time_ms, user, time_ms,
+                              self.config.max_history, self.time_key)
+
+    def columns(self, user: np.ndarray, time_ms: np.ndarray) -> dict[str, pa.Array]:
+        """video_history, comment_history_videos, comment_history_comments for the queries."""
+        start, count = self.video_slices(user, time_ms)
+        video_history = list_array(count, self.positives.video[expand_ranges(start, count)])
+        record_start, record_count = self.record_slices(user, time_ms)
+        record = expand_ranges(record_start, record_count)
+        if self.records is None:
+            record_videos = list_array(record_count, np.zeros(0, np.int32))
+            record_comments = pa.ListArray.from_arrays(
+                pa.array(np.zeros(len(user) + 1, np.int32)), list_array(np.zeros(0, np.int64), np.zeros(0, np.int32)))
+        else:
+            records = self.records
+            record_videos = list_array(record_count, records.video[record])
+            # Inside record r, the comments before the query time: a prefix of the record's run.
+            pair_time = np.repeat(time_ms, record_count)
+            end = np.searchsorted(self.comment_keys, self.time_key(record, pair_time), side="left")
+            before = end - records.comment_offsets[record]
+            kept = np.minimum(before, self.config.max_comments_per_record)
+            comments = list_array(kept, records.comment[expand_ranges(records.comment_offsets[record], kept)])
+            record_comments = pa.ListArray.from_arrays(pa.array(offsets_from_counts(record_count).astype(np.int32)), comments)
+        return {
+            "video_history": video_history,
+            "comment_history_videos": record_videos,
+            "comment_history_comments": record_comments,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and candidates
+
+
+def assign_splits(user: np.ndarray, min_targets: int) -> np.ndarray:
+    """0 train, 1 valid, 2 test. Samples must be sorted by (user, time, tie-break)."""
+    starts = group_starts(user)
+    sizes = np.diff(np.append(starts, len(user)))
+    group = np.repeat(np.arange(len(starts)), sizes)
+    rank_from_end = np.repeat(starts + sizes - 1, sizes) - np.arange(len(user))
+    eligible = sizes[group] >= min_targets
+    split = np.zeros(len(user), np.int8)
+    split[eligible & (rank_from_end == 1)] = 1
+    split[eligible & (rank_from_end == 0)] = 2
+    return split
+
+
+def candidate_rng(seed: int, task: str, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, schema.TASKS.index(task), schema.SPLITS.index(split)])
+
+
+def video_candidates(target: np.ndarray, num_videos: int, num_negatives: int, rng: np.random.Generator
+                     ) -> tuple[pa.Array, pa.Array]:
+    """Target + distinct uniform negatives ≠ target, shuffled per row; labels 1 on the target."""
+    rows = len(target)
+    num_negatives = min(num_negatives, num_videos - 1)
+    if num_videos - 1 <= 4 * num_negatives:
+        # Few videos: an exact random subset from a per-row permutation of the other videos.
+        others = np.argsort(rng.random((rows, num_videos - 1)), axis=1)[:, :num_negatives] + 1
+    else:
+        others = rng.integers(1, num_videos, size=(rows, num_negatives))  # 1..V-1, shifted past target
+        while True:
+            others.sort(axis=1)
+            duplicate = np.zeros_like(others, dtype=bool)
+            duplicate[:, 1:] = others[:, 1:] == others[:, :-1]
+            if not duplicate.any():
+                break
+            others[duplicate] = rng.integers(1, num_videos, size=int(duplicate.sum()))
+    negatives = others + (others >= target[:, None])
+    candidates = np.concatenate([target[:, None], negatives], axis=1)
+    shuffle = np.argsort(rng.random(candidates.shape), axis=1)
+    candidates = np.take_along_axis(candidates, shuffle, axis=1)
+    counts = np.full(rows, candidates.shape[1])
+    return (list_array(counts, candidates.ravel()),
+            list_array(counts, (candidates == target[:, None]).ravel(), pa.int8()))
+
+
+def comment_candidates(
+    positive_counts: np.ndarray, positives: np.ndarray, pool_counts: np.ndarray, pool: np.ndarray,
+    cap: int, num_comments: int, rng: np.random.Generator,
+) -> tuple[pa.Array, pa.Array]:
+    """Per row: all positives + seeded random non-positives of the pool up to `cap` in total, shuffled."""
+    rows = len(positive_counts)
+    positive_row = np.repeat(np.arange(rows), positive_counts)
+    pool_row = np.repeat(np.arange(rows), pool_counts)
+    stride = num_comments + 1
+    is_positive = np.isin(pool_row.astype(np.int64) * stride + pool, positive_row.astype(np.int64) * stride + positives)
+    negative_row, negative = pool_row[~is_positive], pool[~is_positive]
+    order = np.lexsort((rng.random(len(negative)), negative_row))
+    negative_row, negative = negative_row[order], negative[order]
+    negative_rank = np.arange(len(negative)) - np.repeat(
+        offsets_from_counts(np.bincount(negative_row, minlength=rows))[:-1], np.bincount(negative_row, minlength=rows))
+    keep = negative_rank < np.maximum(0, cap - positive_counts)[negative_row]
+    row = np.concatenate([positive_row, negative_row[keep]])
+    comment = np.concatenate([positives, negative[keep]])
+    label = np.concatenate([np.ones(len(positives), np.int8), np.zeros(int(keep.sum()), np.int8)])
+    order = np.lexsort((rng.random(len(row)), row))
+    counts = np.bincount(row, minlength=rows)
+    return list_array(counts, comment[order]), list_array(counts, label[order], pa.int8())
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole preparation
+
+
+def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """1-based index of each id in `sorted_ids` (ids are known to be present)."""
+    return (np.searchsorted(sorted_ids, ids) + 1).astype(np.int32)
+
+
+def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | None = None) -> dict:
+    """Read, validate and convert `raw_dir`; write PREPARED/ atomically to `out_dir`. Returns the manifest."""
+    config = config or PrepareConfig()
+    started = time.perf_counter()
+    raw = load_raw(raw_dir)
+    filters: list[str] = []
+
+    # Entities: dense 1-based indices in raw-id order; 0 is padding.
+    videos = raw.videos.take(pc.sort_indices(raw.videos, [("video_id", "ascending")]))
+    video_ids = videos.column("video_id").to_numpy()
+    num_videos = len(video_ids)
+    if num_videos < 2:
+        raise DataError("table video_features: at least 2 videos are needed")
+    user_sources = [raw.interactions.column("user_id").to_numpy()]
+    if raw.has_comments:
+        user_sources.append(raw.comment_interactions.column("user_id").to_numpy())
+    user_ids = np.unique(np.concatenate(user_sources))
+    num_users = len(user_ids)
+    interaction_user = _index_of(user_ids, raw.interactions.column("user_id").to_numpy())
+    interaction_video = _index_of(video_ids, raw.interactions.column("video_id").to_numpy())
+
+    signal, notes = choose_signal(raw, interaction_user, num_users, config)
+    filters.extend(notes)
+    positives, duplicate_positives = build_positives(raw, signal, interaction_user, interaction_video)
+    filters.append(f"video positives: rows with {signal}; {duplicate_positives} repeated (user, video) positives "
+                   "dropped (first kept)")
+
+    comments_table = records = None
+    hot_counts = np.zeros(num_videos, np.int64)
+    hot_values = np.zeros(0, np.int32)
+    duplicate_comment_interactions = 0
+    if raw.has_comments:
+        comments = raw.comments
+        comment_video = _index_of(video_ids, comments.column("video_id").to_numpy())
+        like_count = comments.column("like_count").to_numpy()
+        comment_raw = comments.column("comment_id").to_numpy()
+        order = np.lexsort((comment_raw, -like_count, comment_video))
+        rank_in_video = np.arange(len(order)) - np.repeat(
+            group_starts(comment_video[order]), np.diff(np.append(group_starts(comment_video[order]), len(order))))
+        interacted = np.isin(comment_raw[order], raw.comment_interactions.column("comment_id").to_numpy())
+        in_pool = rank_in_video < config.comment_pool_size
+        keep = order[in_pool | interacted]
+        filters.append(f"comments: kept each video's top {config.comment_pool_size} by likes plus every interacted "
+                       f"comment ({len(keep)} of {len(order)})")
+        comments_table = pa.table({
+            "comment_idx": np.arange(1, len(keep) + 1, dtype=np.int32),
+            "comment_id": comment_raw[keep],
+            "video_idx": comment_video[keep],
+            "content": comments.column("content").take(pa.array(keep)),
+            "like_count": like_count[keep],
+        })
+        pool_index = np.flatnonzero(in_pool[in_pool | interacted])  # kept comments that are in the pool
+        hot_values = (pool_index + 1).astype(np.int32)
+        hot_counts = np.bincount(comment_video[keep][pool_index] - 1, minlength=num_videos)
+        sorted_comment_raw = np.sort(comment_raw[keep])
+        comment_idx_by_raw = np.argsort(comment_raw[keep], kind="stable") + 1
+        interaction_comment = comment_idx_by_raw[np.searchsorted(sorted_comment_raw, raw.comment_interactions.column("comment_id").to_numpy())]
+        records, duplicate_comment_interactions = build_records(
+            raw,
+            _index_of(user_ids, raw.comment_interactions.column("user_id").to_numpy()),
+            _index_of(video_ids, raw.comment_interactions.column("video_id").to_numpy()),
+            interaction_comment.astype(np.int32),
+        )
+        filters.append(f"comment interactions: {duplicate_comment_interactions} repeated (user, comment) "
+                       "interactions dropped (first kept)")
+
+    all_times = [positives.time_ms] + ([records.first_time_ms, records.comment_time_ms] if records else [])
+    time_key = TimeKey.covering(*all_times, num_groups=max(num_users, len(records.user) if records else 0) + 1)
+    builder = HistoryBuilder(positives, records, config, time_key)
+    end_of_data = time_key.time_min + time_key.stride - 1
+
+    tasks = {"video": (positives.user, positives.video, positives.time_ms)}
+    if records is not None:
+        tasks["comment"] = (records.user, records.video, records.first_time_ms)
+
+    counts: dict = {
+        "users": num_users, "videos": num_videos,
+        "comments": comments_table.num_rows if comments_table is not None else 0,
+        "interactions": raw.interactions.num_rows,
+        "video_positives": len(positives.user),
+        "comment_interactions": raw.comment_interactions.num_rows if raw.has_comments else 0,
+        "comment_records": len(records.user) if records is not None else 0,
+        "dropped_both_histories_empty": {},
+    }
+    with atomic_output_dir(out_dir) as temporary:
+        for task, (user, video, target_time) in tasks.items():
+            # Samples are already sorted by (user, time, raw video id): positives and records are.
+            _, video_count = builder.video_slices(user, target_time)
+            _, record_count = builder.record_slices(user, target_time)
+            keep = (video_count > 0) | (record_count > 0)
+            counts["dropped_both_histories_empty"][task] = int((~keep).sum())
+            sample_index = np.flatnonzero(keep)
+            split = assign_splits(user[sample_index], config.min_targets_per_user)
+            counts[f"{task}_samples"] = {}
+            for split_id, split_name in enumerate(schema.SPLITS):
+                rows = sample_index[split == split_id]
+                counts[f"{task}_samples"][split_name] = len(rows)
+                _write_samples(temporary / f"{task}_samples.{split_name}.parquet", task, split_name, rows,
+                               user, video, target_time, records, builder, config, num_videos,
+                               hot_counts, hot_values, counts["comments"])
+
+        hot_comments = list_array(hot_counts, hot_values)
+        write_parquet(pa.table({
+            "video_idx": np.arange(1, num_videos + 1, dtype=np.int32),
+            "video_id": video_ids,
+            "caption": videos.column("caption"),
+            "category": videos.column("category"),
+            "hot_comments": hot_comments,
+        }), temporary / "videos.parquet", schema.VIDEOS)
+        if comments_table is not None:
+            write_parquet(comments_table, temporary / "comments.parquet", schema.COMMENTS)
+        user_idx = np.arange(1, num_users + 1, dtype=np.int32)
+        write_parquet(pa.table({"user_idx": user_idx, "user_id": user_ids}), temporary / "users.parquet", schema.USERS)
+        histories = builder.columns(user_idx, np.full(num_users, end_of_data, np.int64))
+        write_parquet(pa.table({"user_idx": user_idx, "user_id": user_ids, **histories}),
+                      temporary / "user_histories.parquet", schema.USER_HISTORIES)
+        for name, mapping in raw.id_maps.items():
+            write_parquet(mapping, temporary / f"id_map.{name}.parquet", schema.ID_MAP)
+
+        manifest = {
+            "format_version": schema.FORMAT_VERSION,
+            "source": raw.source,
+            "raw_dir": str(Path(raw_dir).resolve()),
+            "synthetic": raw.synthetic,
+            "has_comments": raw.has_comments,
+            "video_signal": signal,
+            "counts": counts,
+            "filters": filters + [
+                "samples whose video history and comment history are both empty are dropped (METHOD 9.5)"],
+            "split": SPLIT_TEXT.format(min_targets=config.min_targets_per_user),
+            "protocol": {
+                "video": f"1 positive + {min(config.video_negatives, num_videos - 1)} uniform random negatives "
+                         "(distinct, != target, history items not excluded), frozen by data.seed, shuffled",
+                "comment": f"all positives + random non-positive comments of the target video's pool (top "
+                           f"{config.comment_pool_size} by likes), at most {config.comment_pool_size} candidates "
+                           "unless positives exceed it, frozen by data.seed, shuffled",
+                "seed": config.seed,
+            },
+            "id_maps": {name: f"id_map.{name}.parquet" for name in raw.id_maps},
+            "config": dataclasses.asdict(config),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if not raw.has_comments:
+            manifest["filters"].append("no comment tables: comment task disabled")
+            del manifest["protocol"]["comment"]
+        write_json(manifest, temporary / "manifest.json")
+    log.info("prepared %s → %s in %.1f s: %s", raw_dir, out_dir, time.perf_counter() - started,
+             json.dumps({k: v for k, v in counts.items() if k.endswith("samples")}))
+    return manifest
+
+
+def _write_samples(
+    path: Path, task: str, split: str, rows: np.ndarray, user: np.ndarray, video: np.ndarray,
+    target_time: np.ndarray, records: Records | None, builder: HistoryBuilder, config: PrepareConfig,
+    num_videos: int, hot_counts: np.ndarray, hot_values: np.ndarray, num_comments: int,
+) -> None:
+    """Build and write one samples file in chunks (bounded memory, 32-bit list offsets)."""
+    target_schema = schema.sample_schema(task, split)
+    rng = candidate_rng(config.seed, task, split)
+    hot_offsets = offsets_from_counts(hot_counts)
+    chunks = [rows[i:i + SAMPLES_PER_CHUNK] for i in range(0, len(rows), SAMPLES_PER_CHUNK)] or [rows]
+    with pq.ParquetWriter(path, target_schema, compression="zstd") as writer:
+        for chunk in tqdm(chunks, desc=f"{task}/{split}", disable=len(chunks) < 3, unit="chunk"):
+            columns = {
+                "user_idx": pa.array(user[chunk].astype(np.int32)),
+                "target_video": pa.array(video[chunk].astype(np.int32)),
+                "target_time_ms": pa.array(target_time[chunk].astype(np.int64)),
+                **builder.columns(user[chunk], target_time[chunk]),
+            }
+            if task == "comment":
+                positive_counts = np.diff(records.comment_offsets)[chunk]
+                positives = records.comment[expand_ranges(records.comment_offsets[chunk], positive_counts)]
+                columns["pos_comments"] = list_array(positive_counts, positives)
+            if split != "train":
+                if task == "video":
+                    candidates, labels = video_candidates(video[chunk], num_videos, config.video_negatives, rng)
+                else:
+                    target = video[chunk] - 1
+                    pool_counts = hot_counts[target]
+                    pool = hot_values[expand_ranges(hot_offsets[target], pool_counts)]
+                    candidates, labels = comment_candidates(
+                        positive_counts, positives, pool_counts, pool, config.comment_pool_size, num_comments, rng)
+                columns["candidates"], columns["labels"] = candidates, labels
+            writer.write_table(pa.table(columns, schema=target_schema))
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", required=True, help="raw data directory (KuaiComt layout, RecBole, or CSV)")
+    parser.add_argument("--out", required=True, help="PREPARED output directory (replaced atomically)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    manifest = prepare(args.raw, args.out, config.data)
+    print(json.dumps({"out": str(args.out), "video_signal": manifest["video_signal"],
+                      "has_comments": manifest["has_comments"], "counts": manifest["counts"]}))
+    return 0
