@@ -1,0 +1,125 @@
+"""Reference baselines under the same data and evaluation protocol as LSVCR (METHOD 9.10).
+
+- `SASRec`: ID-only self-attentive sequential recommender (Kang & McAuley 2018, RecBole's sasrec.py
+  flavour): item + position embeddings, LN, dropout, standard-stacked causal Transformer, the
+  **last** non-pad position as the user vector, dot-product scores, CE over all items. It uses the
+  video history only. Trained by the same `lsvcr finetune` loop (`--set model.architecture=sasrec`).
+- `Popularity`: videos by their number of training-target interactions, comments by like count.
+
+Both expose the scoring API of `LSVCRModel` (`score_videos`, `score_comments`,
+`video_candidate_vectors`) so evaluation code does not care which model it ranks with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor, nn
+
+from lsvcr.config import ModelConfig
+from lsvcr.errors import ConfigError
+from lsvcr.model import HistoryBatch, HistoryStates, LSVCRModel, TransformerEncoder
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: ModelConfig, num_videos: int):
+        super().__init__()
+        self.config = config
+        self.num_videos = num_videos
+        hidden = config.hidden_size
+        self.item_embedding = nn.Embedding(num_videos + 1, hidden, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_position, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        standard = ModelConfig(**{**config.__dict__, "stacking": "standard"})
+        self.encoder = TransformerEncoder(standard, config.num_layers)
+        self.apply(LSVCRModel._init_weights)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def user_vector(self, video_history: Tensor) -> Tensor:
+        mask = video_history != 0
+        length = video_history.shape[1]
+        if length > self.config.max_position:
+            raise ConfigError(f"history length {length} exceeds model.max_position={self.config.max_position}")
+        positions = torch.arange(length, device=video_history.device)
+        hidden = self.dropout(self.layer_norm(self.item_embedding(video_history) + self.position_embedding(positions)))
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        hidden = self.encoder(hidden, causal[None] & mask[:, None, :])
+        last = (mask.sum(dim=1) - 1).clamp(min=0)  # right-padded: the last real item
+        user = hidden[torch.arange(len(last), device=last.device), last]
+        return user * mask.any(dim=1, keepdim=True).to(user.dtype)  # empty history → zero vector
+
+    def encode_histories(self, batch: HistoryBatch, **_) -> HistoryStates:
+        user = self.user_vector(batch.video_history)
+        mask = batch.video_history != 0
+        return HistoryStates(user.unsqueeze(1), mask.any(dim=1, keepdim=True), user.unsqueeze(1), mask[:, :1], None, None)
+
+    def video_candidate_vectors(self, video_idx: Tensor | None = None) -> Tensor:
+        if video_idx is None:
+            return self.item_embedding.weight
+        return self.item_embedding(video_idx)
+
+    def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, *, states=None, **_) -> Tensor:
+        user = self.user_vector(batch.video_history) if states is None else states.video_states[:, 0]
+        if candidates is None:
+            logits = user @ self.item_embedding.weight.T
+            pad = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            pad[0] = True
+            return logits.masked_fill(pad, float("-inf"))
+        logits = (self.item_embedding(candidates) @ user.unsqueeze(-1)).squeeze(-1)
+        return logits.masked_fill(candidates == 0, float("-inf"))
+
+    def score_comments(self, *args, **kwargs) -> Tensor:
+        raise ConfigError("SASRec is a video recommender (ID only): it cannot rank comments")
+
+    def id_text_contrastive_loss(self, batch: HistoryBatch, states=None, num_negatives: int = 99) -> Tensor:
+        return self.item_embedding.weight.new_zeros(())
+
+
+class Popularity(nn.Module):
+    """Scores = log(1 + count); ties are many, and the evaluation breaks them pessimistically."""
+
+    def __init__(self, video_counts: np.ndarray, comment_likes: np.ndarray):
+        super().__init__()
+        self.num_videos = len(video_counts) - 1
+        self.register_buffer("video_score", torch.log1p(torch.as_tensor(video_counts, dtype=torch.float32)))
+        self.register_buffer("comment_score", torch.log1p(torch.as_tensor(comment_likes, dtype=torch.float32).clamp(min=0)))
+
+    def _scores(self, table: Tensor, candidates: Tensor, batch_size: int) -> Tensor:
+        if candidates is None:
+            scores = table.expand(batch_size, -1).clone()
+            scores[:, 0] = float("-inf")
+            return scores
+        return table[candidates].masked_fill(candidates == 0, float("-inf"))
+
+    def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, **_) -> Tensor:
+        return self._scores(self.video_score, candidates, batch.batch_size)
+
+    def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, **_) -> Tensor:
+        return self._scores(self.comment_score, candidates, batch.batch_size)
+
+
+def fit_popularity(prepared_dir: str | Path) -> Popularity:
+    """Video popularity = how often a video is a target in the video task's training split."""
+    prepared_dir = Path(prepared_dir)
+    videos = pq.read_metadata(prepared_dir / "videos.parquet").num_rows
+    targets = pq.read_table(prepared_dir / "video_samples.train.parquet", columns=["target_video"])["target_video"]
+    counts = np.bincount(targets.to_numpy(), minlength=videos + 1)
+    likes = np.zeros(1)
+    if (prepared_dir / "comments.parquet").is_file():
+        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_idx", "like_count"])
+        likes = np.zeros(len(comments) + 1)
+        likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
+    return Popularity(counts, likes)
+
+
+def build_model(config: ModelConfig, num_videos: int, video_text: Tensor | None, comment_text: Tensor | None) -> nn.Module:
+    """`model.architecture`: lsvcr (the paper's backbone) or sasrec (the ID-only baseline)."""
+    if config.architecture == "sasrec":
+        return SASRec(config, num_videos)
+    return LSVCRModel(config, num_videos, video_text if config.mode != "id" else None,
+                      comment_text if config.mode != "id" else None)

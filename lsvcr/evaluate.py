@@ -1,0 +1,231 @@
+"""Ranking evaluation of a fine-tuned model, with the protocol written beside the numbers (METHOD 7).
+
+Protocols:
+- `sampled` (default, the official code's): video task = the frozen 100 candidates of each sample
+  (target + 99 seeded uniform negatives); comment task = the current video's comment pool (≤100, all
+  positives kept). Both come from PREPARED, so every run ranks the same lists.
+- `full` (video task, `--full-ranking`): the target against every video; `exclude_seen` drops the
+  videos already in the (truncated) history from the ranking.
+Ties count against the positive (see lsvcr/metrics.py).
+
+`lsvcr evaluate --model DIR` writes DIR/metrics.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lsvcr.batching import ItemTables, SampleArrays, epoch_rows, load_item_tables, load_sample_arrays, make_batch
+from lsvcr.config import LSVCRConfig, load_config
+from lsvcr.errors import DataError, ModelNotFoundError
+from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
+
+log = logging.getLogger("lsvcr.evaluate")
+
+
+# ----------------------------------------------------------------------------- loading a MODEL/ dir
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    task: str
+    config: LSVCRConfig
+    data_dir: Path
+    vectors_dir: Path | None
+
+
+def load_text_tables(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The frozen text tables the model needs (None, None for ID-only models)."""
+    if config.model.architecture == "sasrec" or config.model.mode == "id":
+        return None, None
+    if vectors_dir is None:
+        raise DataError(f"model.mode={config.model.mode} needs item text vectors: pass --vectors VECTORS")
+    from lsvcr.vectors import load_item_vectors
+
+    video_text, comment_text = load_item_vectors(vectors_dir, data_dir)
+    return torch.from_numpy(video_text), None if comment_text is None else torch.from_numpy(comment_text)
+
+
+def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = None,
+                       vectors_dir: str | Path | None = None, device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the best model of a MODEL/ directory (model.pt + config.yaml + inputs.json), in eval mode.
+    The text tables come from the VECTORS used in training unless `vectors_dir` overrides them."""
+    from lsvcr.baselines import build_model
+
+    model_dir = Path(model_dir)
+    checkpoint_path = model_dir / "model.pt"
+    if not checkpoint_path.is_file():
+        raise ModelNotFoundError(f"no model.pt in {model_dir} (is it the --out of a finished `lsvcr finetune`?)")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    config = load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else LSVCRConfig()
+    inputs = json.loads((model_dir / "inputs.json").read_text()) if (model_dir / "inputs.json").is_file() else {}
+    data_dir = Path(data_dir or inputs.get("data") or "")
+    if not (data_dir / "videos.parquet").is_file():
+        raise DataError(f"PREPARED directory not found for {model_dir}: pass --data (tried {data_dir})")
+    vectors = vectors_dir or inputs.get("vectors")
+    vectors_dir = Path(vectors) if vectors else None
+    for key, value in checkpoint["model_config"].items():
+        setattr(config.model, key, value)
+    video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
+    model = build_model(config.model, checkpoint["num_videos"], video_text, comment_text)
+    model.load_state_dict(checkpoint["state_dict"])
+    return TrainedModel(model.to(device).eval(), checkpoint["task"], config, data_dir, vectors_dir)
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+def protocol_description(task: str, full_ranking: bool, exclude_seen: bool, history_length: int) -> dict:
+    if full_ranking:
+        candidates = "all videos" + (" minus those in the user's history" if exclude_seen else "")
+    elif task == "video":
+        candidates = "100 frozen candidates per sample: target + 99 seeded uniform negatives"
+    else:
+        candidates = "the current video's comment pool (<=100, all positives kept), frozen"
+    return {
+        "name": "full" if full_ranking else "sampled",
+        "task": task,
+        "candidates": candidates,
+        "ties": "pessimistic (a positive tied with a negative ranks below it)",
+        "multi_positive": "recall=hits/#pos, IDCG over min(#pos,K), MRR of the first hit",
+        "split": "leave-last-out per user: valid = second-to-last target, test = last",
+        "history_length": history_length,
+    }
+
+
+@torch.no_grad()
+def evaluate_arrays(
+    model: nn.Module, arrays: SampleArrays, tables: ItemTables, *, device: torch.device | str = "cpu",
+    batch_size: int = 1024, full_ranking: bool = False, exclude_seen: bool = True, rank: int = 0, world_size: int = 1,
+    progress: bool = False,
+) -> MetricAccumulator:
+    """Metric sums over this rank's share of `arrays` (all-reduce `as_tensor()` across ranks)."""
+    accumulator = MetricAccumulator(METRIC_NAMES)
+    was_training = model.training
+    model.eval()
+    batches = epoch_rows(len(arrays), batch_size, None, rank, world_size, drop_uneven=False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"eval {arrays.split}", leave=False)
+    for rows in batches:
+        batch = make_batch(arrays, tables, rows, rng=None).to(device)
+        if arrays.task == "comment":
+            scores = model.score_comments(batch.history, batch.target_video, batch.candidates)
+            accumulator.add(metric_sums(scores, batch.labels))
+        elif full_ranking:
+            scores = model.score_videos(batch.history, None)
+            if exclude_seen:
+                seen = batch.history.video_history
+                scores = scores.scatter(1, seen, torch.full(seen.shape, float("-inf"), device=scores.device))
+            accumulator.add(single_positive_metric_sums(scores, batch.target_video))
+        else:
+            scores = model.score_videos(batch.history, batch.candidates)
+            accumulator.add(metric_sums(scores, batch.labels))
+    model.train(was_training)
+    return accumulator
+
+
+def evaluate_model(
+    model: nn.Module, task: str, data_dir: str | Path, config: LSVCRConfig, *, device: str | torch.device = "cpu",
+    full_ranking: bool = False, exclude_seen: bool = True, splits: tuple[str, ...] = ("valid", "test"),
+    progress: bool = True,
+) -> dict:
+    """{"protocol": ..., split: metrics} for one model on one PREPARED directory."""
+    tables = load_item_tables(data_dir)
+    out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
+    for split in splits:
+        arrays = load_sample_arrays(data_dir, task, split, config.finetune.history_length,
+                                    config.data.max_comments_per_record)
+        accumulator = evaluate_arrays(model, arrays, tables, device=device, batch_size=config.finetune.eval_batch_size,
+                                      full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress)
+        out[split] = accumulator.result()
+    return out
+
+
+def model_summary(model: nn.Module, config: LSVCRConfig) -> dict:
+    from lsvcr.model import count_parameters
+
+    return {
+        "architecture": config.model.architecture,
+        "mode": config.model.mode if config.model.architecture == "lsvcr" else "id",
+        "stacking": config.model.stacking if config.model.architecture == "lsvcr" else "standard",
+        "parameters_without_id_table": count_parameters(model),
+    }
+
+
+def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = None, vectors_dir: str | Path | None = None,
+                       full_ranking: bool | None = None, exclude_seen: bool | None = None, write: bool = True,
+                       device: str = "cpu") -> dict:
+    """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json."""
+    trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
+    config = trained.config
+    sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device)
+    metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
+    full = config.finetune.full_ranking if full_ranking is None else full_ranking
+    exclude_seen = config.finetune.exclude_seen if exclude_seen is None else exclude_seen
+    if full and trained.task == "video":
+        metrics["full_ranking"] = evaluate_model(trained.model, "video", trained.data_dir, config, device=device,
+                                                 full_ranking=True, exclude_seen=exclude_seen)
+    if write:
+        (Path(model_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text table: one row per protocol × split, the protocol spelled out above it."""
+    lines = []
+    sections = [("sampled", metrics)] + ([("full", metrics["full_ranking"])] if "full_ranking" in metrics else [])
+    header = f"{'protocol':<9}{'split':<7}" + "".join(f"{name:>11}" for name in METRIC_NAMES) + f"{'samples':>9}"
+    for label, section in sections:
+        protocol = section["protocol"]
+        lines.append(f"[{label}] task={protocol['task']}  candidates: {protocol['candidates']}; ties: {protocol['ties']}")
+    lines.append(header)
+    for label, section in sections:
+        for split in ("valid", "test"):
+            if split in section:
+                values = section[split]
+                lines.append(f"{label:<9}{split:<7}" + "".join(f"{values[name]:>11.4f}" for name in METRIC_NAMES)
+                             + f"{values['samples']:>9}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="MODEL directory written by `lsvcr finetune`")
+    parser.add_argument("--data", default=None, help="PREPARED directory (default: the one the model was trained on)")
+    parser.add_argument("--vectors", default=None, help="VECTORS directory (default: the one used in training)")
+    parser.add_argument("--full-ranking", action="store_true", help="also rank the target against all videos")
+    parser.add_argument("--include-seen", action="store_true", help="full ranking: keep history videos as candidates")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from lsvcr.runtime import choose_device, set_threads
+
+    config = load_config(args.config, args.overrides)
+    set_threads(config.finetune.threads_per_worker)
+    metrics = evaluate_model_dir(args.model, data_dir=args.data, vectors_dir=args.vectors,
+                                 full_ranking=args.full_ranking or None,
+                                 exclude_seen=False if args.include_seen else None,
+                                 device=str(choose_device(config.finetune.use_gpu)))
+    print(format_table(metrics))
+    return 0
+
+
+def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, full_ranking: bool = False) -> dict:
+    """The popularity baseline under the same protocol (videos: training-target counts; comments: likes)."""
+    from lsvcr.baselines import fit_popularity
+
+    model = fit_popularity(data_dir)
+    metrics = evaluate_model(model, task, data_dir, config, full_ranking=full_ranking, progress=False)
+    return {"task": task, "model": {"architecture": "popularity"}, **metrics}

@@ -1,0 +1,451 @@
+"""Stage 2: recommendation-oriented fine-tuning on Ray Train (METHOD §6).
+
+    lsvcr finetune --data PREPARED --vectors VECTORS --task video|comment [--init ALIGNED] --out MODEL
+
+One model per task. Loss = CE (full softmax over all videos, pad masked | 20-way softmax over 1
+positive + 19 same-video comments) + id_text_loss_weight · L_IT. AdamW, constant lr. Validation
+every epoch on the frozen candidate lists; early stop after `patience` epochs without a better
+valid NDCG@5; the best epoch's weights are tested and saved.
+
+Ray Train (`TorchTrainer`, DDP, gloo on CPU / nccl on GPU): every worker reads PREPARED itself,
+trains on its shard of each epoch's permutation, validates its shard; metric sums are all-reduced,
+so all ranks take the same early-stopping decision. Rank 0 checkpoints every epoch through
+`ray.train.report`; re-running with the same `--out` resumes from the latest checkpoint (Ray Train
+restores a run whose name and storage path already hold one), and a lost worker restarts the group
+from it (`FailureConfig`). The same loop runs as a Ray Tune trainable with `report_to="tune"`.
+
+Output (docs/formats.md MODEL/): model.pt, inputs.json, config.yaml, metrics.json, train_log.jsonl,
+curves.png, built in the sibling `.NAME.partial/` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsvcr import storage
+from lsvcr.batching import Batch, epoch_rows, load_item_tables, load_sample_arrays, make_batch
+from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
+from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
+from lsvcr.metrics import METRIC_NAMES
+
+log = logging.getLogger("lsvcr.finetune")
+
+SELECTION_METRIC = "ndcg@5"
+STATE_FILE = "state.pt"
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+class FinetuneObjective(nn.Module):
+    """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
+
+    def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.id_text_weight = id_text_weight
+        self.contrast_negatives = contrast_negatives
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        states = self.model.encode_histories(batch.history)
+        if self.task == "video":
+            logits = self.model.score_videos(batch.history, None, states=states)  # all videos, pad = -inf
+            ce = F.cross_entropy(logits, batch.target_video)
+        else:
+            logits = self.model.score_comments(batch.history, batch.target_video, batch.candidates, states=states)
+            ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        id_text = torch.zeros((), device=ce.device)
+        if self.id_text_weight > 0:
+            id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives)
+        return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
+
+
+def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
+    return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
+                             config.finetune.contrast_negatives)
+
+
+# ----------------------------------------------------------------------------- stage-1 weights (METHOD 6.1)
+
+
+def load_stage1_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load aligned SR weights into a stage-2 model: strip leading key components until a key matches
+    (e.g. `base_model.model.reccom.`), cast to fp32, pad position tables of another length with their
+    mean row, and load non-strictly. Returns (and logs) which keys were loaded / missing / skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ModelNotFoundError(f"--init checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    source = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(source, dict):
+        raise ModelNotFoundError(f"{path}: expected a dict with 'state_dict' (ALIGNED/checkpoint.pt)")
+    target = model.state_dict()
+    renamed: dict[str, Tensor] = {}
+    skipped: list[str] = []
+    for key, value in source.items():
+        parts = key.split(".")
+        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in target), None)
+        if match is None or not torch.is_tensor(value):
+            skipped.append(key)
+            continue
+        value = value.float() if value.is_floating_point() else value
+        wanted = target[match].shape
+        if value.shape != wanted and match.endswith("_position.weight") and value.shape[1:] == wanted[1:]:
+            if value.shape[0] < wanted[0]:
+                padding = value.mean(dim=0, keepdim=True).expand(wanted[0] - value.shape[0], -1)
+                value = torch.cat([value, padding], dim=0)
+            else:
+                value = value[: wanted[0]]
+        if value.shape != wanted:
+            skipped.append(f"{key} (shape {tuple(value.shape)} != {tuple(wanted)})")
+            continue
+        renamed[match] = value
+    result = model.load_state_dict(renamed, strict=False)
+    report = {"loaded": sorted(renamed), "missing": sorted(result.missing_keys), "skipped": skipped}
+    log.info("--init %s: loaded %d tensors; missing (trained from scratch): %s; skipped: %s",
+             path, len(renamed), report["missing"] or "none", skipped or "none")
+    if not renamed:
+        raise ModelNotFoundError(f"--init {path}: no key matches the SR model (is it an ALIGNED checkpoint?)")
+    return report
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[..., None]  # report(metrics, checkpoint=None)
+    get_checkpoint: Callable[[], Any]
+    keeps_checkpoints: bool = True
+
+
+def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
+    from lsvcr.runtime import choose_device
+
+    if report_to == "train":
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        return WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                             ray.train.report, ray.train.get_checkpoint)
+    if report_to == "tune":
+        import ray.tune
+
+        return WorkerContext(0, 1, choose_device(use_gpu), ray.tune.report, ray.tune.get_checkpoint)
+    # "local": no Ray at all (debugging, benchmarks): keep checkpoints in memory only.
+    return WorkerContext(0, 1, choose_device(use_gpu), lambda metrics, checkpoint=None: None, lambda: None,
+                         keeps_checkpoints=False)
+
+
+def _all_reduce_sum(values: Tensor, context: WorkerContext) -> Tensor:
+    if context.world_size > 1:
+        import torch.distributed as dist
+
+        values = values.to(context.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def _load_text(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None):
+    from lsvcr.evaluate import load_text_tables
+
+    return load_text_tables(config, data_dir, vectors_dir)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker (or a Tune trial with `report_to="tune"`). Keys of `loop_config`: config
+    (dict of LSVCRConfig), data_dir, vectors_dir, init, log_path (rank 0 appends train_log.jsonl
+    there if set), report_to ("train" | "tune" | "local")."""
+    from lsvcr.baselines import build_model
+    from lsvcr.evaluate import evaluate_arrays
+    from lsvcr.runtime import set_threads
+
+    config = config_from_dict(loop_config["config"])
+    settings = config.finetune
+    set_threads(settings.threads_per_worker)
+    context = _worker_context(loop_config.get("report_to", "train"), settings.use_gpu)
+    torch.manual_seed(settings.seed)
+    data_dir = Path(loop_config["data_dir"])
+    vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
+
+    tables = load_item_tables(data_dir)
+    train = load_sample_arrays(data_dir, settings.task, "train", settings.history_length,
+                               config.data.max_comments_per_record)
+    valid = load_sample_arrays(data_dir, settings.task, "valid", settings.history_length,
+                               config.data.max_comments_per_record)
+    video_text, comment_text = _load_text(config, data_dir, vectors_dir)
+    model = build_model(config.model, tables.num_videos, video_text, comment_text)
+
+    checkpoint = context.get_checkpoint()
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
+                             "history": [], "init_report": None}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.pop("model"))
+        log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], SELECTION_METRIC,
+                 state["best"], state["best_epoch"])
+    elif loop_config.get("init"):
+        state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
+
+    objective = build_objective(config, model)
+    if context.world_size > 1:
+        import ray.train.torch
+
+        objective = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        objective = objective.to(context.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state.pop("optimizer"))
+
+    log_path = Path(loop_config["log_path"]) if loop_config.get("log_path") and context.rank == 0 else None
+    from tqdm.auto import tqdm
+
+    for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
+        if state["bad_epochs"] >= settings.patience:
+            break
+        started = time.perf_counter()
+        objective.train()
+        shuffle_rng = np.random.default_rng([settings.seed, epoch])  # same permutation on every rank
+        batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
+        batches = epoch_rows(len(train), settings.batch_size, shuffle_rng, context.rank, context.world_size)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
+        progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
+        for rows in progress:
+            batch = make_batch(train, tables, rows, rng=batch_rng,
+                               comment_negatives=settings.comment_negatives).to(context.device)
+            loss, ce, id_text = objective(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.tensor([loss.item() * len(rows), ce.item() * len(rows), id_text.item() * len(rows), len(rows)],
+                                 dtype=torch.float64)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        train_seconds = time.perf_counter() - started
+        sums = _all_reduce_sum(sums, context)
+        accumulator = evaluate_arrays(model, valid, tables, device=context.device, batch_size=settings.eval_batch_size,
+                                      rank=context.rank, world_size=context.world_size)
+        accumulator.load_tensor(_all_reduce_sum(accumulator.as_tensor(), context))
+        valid_metrics = accumulator.result()
+        samples = max(sums[3].item(), 1.0)
+        row = {
+            "epoch": epoch,
+            "train_loss": sums[0].item() / samples, "train_ce": sums[1].item() / samples,
+            "train_id_text": sums[2].item() / samples,
+            **{f"valid_{name}": valid_metrics[name] for name in METRIC_NAMES},
+            "train_seconds": train_seconds, "seconds": time.perf_counter() - started,
+            "samples_per_second": samples / train_seconds,
+        }
+        if valid_metrics[SELECTION_METRIC] > state["best"]:
+            state.update(best=valid_metrics[SELECTION_METRIC], best_epoch=epoch, bad_epochs=0,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        row[f"best_valid_{SELECTION_METRIC}"] = state["best"]
+        state["epoch"] = epoch
+        state["history"].append(row)
+        if log_path is not None:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if context.rank == 0:
+            log.info("epoch %d: loss %.4f  valid %s %.4f (best %.4f @ %d)  %.1f samples/s", epoch, row["train_loss"],
+                     SELECTION_METRIC, valid_metrics[SELECTION_METRIC], state["best"], state["best_epoch"],
+                     row["samples_per_second"])
+        _report_epoch(context, row, state, model, optimizer)
+
+
+def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:
+    """Every rank reports the metrics; rank 0 attaches a checkpoint holding everything needed to resume."""
+    if context.rank != 0 or not context.keeps_checkpoints:
+        context.report(row)
+        return
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="lsvcr-ckpt-") as directory:
+        payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
+        torch.save(payload, Path(directory) / STATE_FILE)
+        context.report(row, checkpoint=Checkpoint.from_directory(directory))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def make_loop_config(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None,
+                     init: str | Path | None = None, log_path: str | Path | None = None,
+                     report_to: str = "train") -> dict:
+    """The `train_loop_config` of `train_loop_per_worker` (also usable by Ray Tune)."""
+    return {
+        "config": config_to_dict(config),
+        "data_dir": str(Path(data_dir).resolve()),
+        "vectors_dir": str(Path(vectors_dir).resolve()) if vectors_dir else None,
+        "init": str(Path(init).resolve()) if init else None,
+        "log_path": str(log_path) if log_path else None,
+        "report_to": report_to,
+    }
+
+
+def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) -> dict:
+    """Fail early, with one clear line, on combinations that cannot train."""
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{data_dir} is not a PREPARED directory (no manifest.json); run `lsvcr prepare` first")
+    manifest = json.loads(manifest_path.read_text())
+    task, model = config.finetune.task, config.model
+    if task == "comment" and not manifest.get("has_comments", True):
+        raise DataError(f"{data_dir} has no comments (video-only data set): the comment task is disabled")
+    if task == "comment" and (model.architecture == "sasrec" or model.mode == "id"):
+        raise ConfigError("the comment task needs text (model.mode id+text or text); "
+                          f"got architecture={model.architecture} mode={model.mode}")
+    needs_text = model.architecture == "lsvcr" and model.mode != "id"
+    if needs_text and vectors_dir is None:
+        raise ConfigError(f"model.mode={model.mode} needs --vectors VECTORS (or --set model.mode=id)")
+    return manifest
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    metrics: dict
+    history: list[dict]
+    best_epoch: int
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,
+                 init: str | Path | None = None) -> FinetuneResult:
+    """Train with Ray Train, then write MODEL/ (best weights, metrics on valid/test, logs, curves)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr.evaluate import evaluate_model_dir, format_table
+    from lsvcr.report import plot_curves, write_jsonl
+    from lsvcr.runtime import ensure_ray, wants_gpu
+
+    out_uri = str(out_dir)
+    out = storage.local_dir(out_uri).resolve()
+    if storage.is_finished(out_uri):
+        log.info("%s is already finished; delete it to train again", out_uri)
+        local = storage.pull(out_uri)
+        metrics = json.loads((local / "metrics.json").read_text())
+        from lsvcr.report import read_jsonl
+
+        return FinetuneResult(local, metrics, read_jsonl(local / "train_log.jsonl"), metrics.get("best_epoch", 0))
+    data_dir = storage.pull(str(data_dir)).resolve()
+    vectors_dir = storage.pull(str(vectors_dir)).resolve() if vectors_dir else None
+    check_inputs(config, data_dir, vectors_dir)
+
+    staging = _partial_dir(out)
+    staging.mkdir(parents=True, exist_ok=True)
+    config_yaml = staging / "config.yaml"
+    if config_yaml.is_file() and load_config(config_yaml) != config:
+        raise ConfigError(f"{staging} holds a partial run with a different config; delete it or rerun with the same one")
+    save_config(config, config_yaml)
+    inputs = {"data": str(data_dir), "vectors": str(vectors_dir) if vectors_dir else None,
+              "init": str(Path(init).resolve()) if init else None}
+    (staging / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
+
+    ensure_ray()
+    use_gpu = wants_gpu(config.finetune.use_gpu)
+    threads = config.finetune.threads_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.finetune.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": threads}),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=str(staging),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.finetune.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.finetune.max_failures),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise DataError("fine-tuning produced no checkpoint (max_epochs = 0?)")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    text_dim = 0
+    if config.model.architecture == "lsvcr" and config.model.mode != "id":
+        text_dim = int(state["model"]["llm_adapter.weight"].shape[1])
+    torch.save({
+        "model_config": asdict(config.model), "task": config.finetune.task,
+        "num_videos": _num_videos(data_dir), "text_dim": text_dim,
+        "state_dict": state["best_state"], "best_epoch": state["best_epoch"],
+        "best_valid": {SELECTION_METRIC: state["best"]}, "init_report": state.get("init_report"),
+    }, staging / "model.pt")
+    write_jsonl(state["history"], staging / "train_log.jsonl")  # the checkpoint's log is the truth after resumes
+    plot_curves(state["history"], staging / "curves.png",
+                title=f"{config.finetune.task} task, {config.model.architecture}/{config.model.mode}")
+    metrics = evaluate_model_dir(staging, device="cpu")
+    metrics["best_epoch"] = state["best_epoch"]
+    metrics["epochs_run"] = state["epoch"]
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(format_table(metrics))
+
+    if out.exists():
+        shutil.rmtree(out)
+    storage.mark_finished(staging)
+    staging.rename(out)
+    storage.push(out, out_uri)
+    return FinetuneResult(out, metrics, state["history"], state["best_epoch"])
+
+
+def _num_videos(data_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(data_dir / "videos.parquet").num_rows
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="PREPARED directory (or URI)")
+    parser.add_argument("--vectors", default=None, help="VECTORS directory of item text vectors (not needed for model.mode=id)")
+    parser.add_argument("--task", choices=("video", "comment"), default=None, help="default: finetune.task")
+    parser.add_argument("--init", default=None, help="ALIGNED directory or checkpoint.pt from `lsvcr align`")
+    parser.add_argument("--out", required=True, help="MODEL output directory; re-run the same command to resume")
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: finetune.num_workers)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"finetune.task={args.task}")
+    if args.workers:
+        overrides.append(f"finetune.num_workers={args.workers}")
+    config = load_config(args.config, overrides)
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.finetune.threads_per_worker))
+    result = run_finetune(config, args.data, args.vectors, args.out, args.init)
+    print(f"model written to {result.out_dir} (best epoch {result.best_epoch})")
+    return 0
