@@ -1,0 +1,37 @@
+"""Shared entry point of the `ray_jobs/*.py` scripts (`ray job submit ... -- python ray_jobs/X.py --config F`).
+
+Each job reads one YAML config (the same `LSVCRConfig` the CLI, Tune and Serve use), joins the cluster
+(`RAY_ADDRESS`, set by `ray job submit`) and runs its pipeline stages; finished stage outputs are skipped,
+so a re-submitted job resumes. Use absolute paths or URIs in `paths.storage`: a job's working directory is
+a temporary copy on the head node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lsvcr.config import load_config
+from lsvcr.errors import LSVCRError
+from lsvcr.runtime import setup_logging
+
+
+def job_main(stages: tuple[str, ...], description: str, argv: list[str] | None = None,
+             compare_no_alignment: bool = True) -> int:
+    from lsvcr.pipeline import run_pipeline
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="job YAML (sections of LSVCRConfig, see docs/config.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        run = run_pipeline(config, stages, compare_no_alignment=compare_no_alignment)
+    except LSVCRError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"stages": list(stages), "timings_s": run.timings, "skipped": run.skipped,
+                      "storage": run.layout.root}, indent=2), flush=True)
+    return 0

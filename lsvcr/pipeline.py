@@ -1,0 +1,268 @@
+"""The end-to-end pipeline: raw tables -> prepare -> encode -> align -> finetune (both tasks) -> evaluate ->
+report (-> a short serve check in the demo).
+
+Every stage writes below `paths.storage` (a local path or a URI) and is skipped when its finished output
+(`_SUCCESS` marker, written last) already exists, so a re-submitted job resumes where it stopped.
+`ray_jobs/*.py` and `lsvcr demo` are thin wrappers over `run_pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lsvcr import storage
+from lsvcr.config import LSVCRConfig, load_config
+from lsvcr.errors import ConfigError
+
+log = logging.getLogger("lsvcr.pipeline")
+
+TASKS = ("video", "comment")
+STAGES = ("prepare", "encode", "align", "finetune", "evaluate", "report")
+
+
+@dataclass
+class StageLayout:
+    """Where each stage's output lives below the storage root."""
+
+    root: str
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def raw(self) -> str:
+        return self.uri("raw")
+
+    @property
+    def prepared(self) -> str:
+        return self.uri("prepared")
+
+    @property
+    def vectors(self) -> str:
+        return self.uri("vectors")
+
+    @property
+    def aligned(self) -> str:
+        return self.uri("aligned")
+
+    def model(self, task: str, aligned: bool = True) -> str:
+        return self.uri("models", task if aligned else f"{task}-noalign")
+
+    @property
+    def report(self) -> str:
+        return self.uri("report")
+
+
+@dataclass
+class PipelineRun:
+    layout: StageLayout
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    has_comments: bool = True
+
+
+def _timed(run: PipelineRun, name: str, done: bool, work: Callable[[], object]) -> None:
+    if done:
+        log.info("stage %s: finished output exists, skipped", name)
+        run.skipped.append(name)
+        run.timings.setdefault(name, 0.0)
+        return
+    print(f"==> stage {name}", flush=True)
+    started = time.perf_counter()
+    work()
+    run.timings[name] = round(time.perf_counter() - started, 1)
+    print(f"<== stage {name}: {run.timings[name]:.1f} s", flush=True)
+
+
+def stage_prepare(config: LSVCRConfig, run: PipelineRun) -> None:
+    from lsvcr.data.prepare import prepare
+    from lsvcr.data.synth import PRESETS, write_synthetic
+
+    layout = run.layout
+    raw = config.paths.raw
+    if not raw:
+        if config.paths.synth_preset not in PRESETS:
+            raise ConfigError(f"paths.synth_preset must be one of {sorted(PRESETS)}")
+        raw = str(storage.local_dir(layout.raw))
+        _timed(run, "synth", storage.is_finished(layout.raw),
+               lambda: (write_synthetic(raw, PRESETS[config.paths.synth_preset]),
+                        storage.push(Path(raw), layout.raw)))
+    else:
+        raw = str(storage.pull(raw)) if storage.is_remote(raw) else raw
+
+    def work() -> None:
+        local = storage.local_dir(layout.prepared)
+        prepare(raw, local, config.data)
+        storage.push(local, layout.prepared)
+
+    _timed(run, "prepare", storage.is_finished(layout.prepared), work)
+    manifest = json.loads((storage.pull(layout.prepared) / "manifest.json").read_text())
+    run.has_comments = bool(manifest.get("has_comments"))
+
+
+def stage_encode(config: LSVCRConfig, run: PipelineRun) -> None:
+    from lsvcr.llm.encode import run_encode
+
+    layout = run.layout
+
+    def work() -> None:
+        local = storage.local_dir(layout.vectors)
+        run_encode(config, storage.pull(layout.prepared), local, what="all")
+        storage.push(local, layout.vectors)
+
+    _timed(run, "encode", storage.is_finished(layout.vectors), work)
+
+
+def stage_align(config: LSVCRConfig, run: PipelineRun) -> None:
+    from lsvcr.llm.align import run_align
+
+    layout = run.layout
+
+    def work() -> None:
+        local = storage.local_dir(layout.aligned)
+        run_align(config, storage.pull(layout.prepared), storage.pull(layout.vectors), local)
+        storage.push(local, layout.aligned)
+
+    _timed(run, "align", storage.is_finished(layout.aligned), work)
+
+
+def _task_config(config: LSVCRConfig, task: str) -> LSVCRConfig:
+    import copy
+
+    task_config = copy.deepcopy(config)
+    task_config.finetune.task = task
+    return task_config
+
+
+def stage_finetune(config: LSVCRConfig, run: PipelineRun, compare_no_alignment: bool = True) -> None:
+    """Both tasks from the aligned checkpoint; optionally also from scratch on the raw LLM vectors."""
+    from lsvcr.finetune import run_finetune
+
+    layout = run.layout
+    tasks = TASKS if run.has_comments else ("video",)
+    if not run.has_comments:
+        print("comment task disabled: the data set has no comment tables", flush=True)
+    aligned = storage.pull(layout.aligned)
+    for task in tasks:
+        uri = layout.model(task)
+        _timed(run, f"finetune-{task}", storage.is_finished(uri),
+               lambda: run_finetune(_task_config(config, task), layout.prepared, storage.join(layout.aligned, "vectors"),
+                                    uri, init=aligned / "checkpoint.pt"))
+        if compare_no_alignment:
+            uri = layout.model(task, aligned=False)
+            _timed(run, f"finetune-{task}-noalign", storage.is_finished(uri),
+                   lambda: run_finetune(_task_config(config, task), layout.prepared, layout.vectors, uri))
+
+
+def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
+    """Collect every model's metrics plus the popularity baseline under the same protocol."""
+    from lsvcr.evaluate import popularity_metrics
+
+    layout = run.layout
+    results: dict = {}
+    for task in TASKS if run.has_comments else ("video",):
+        rows = {}
+        for label, uri in (("LSVCR (aligned)", layout.model(task)),
+                           ("LSVCR (no alignment)", layout.model(task, aligned=False))):
+            if storage.is_finished(uri):
+                rows[label] = json.loads((storage.pull(uri) / "metrics.json").read_text())
+        rows["popularity"] = popularity_metrics(storage.pull(layout.prepared), task, _task_config(config, task))
+        results[task] = rows
+    return results
+
+
+def stage_report(config: LSVCRConfig, run: PipelineRun, results: dict) -> Path:
+    from lsvcr.pipeline_report import write_pipeline_report
+
+    local = storage.local_dir(run.layout.report)
+    path = write_pipeline_report(local, run.layout, results, run.timings, synthetic=not config.paths.raw)
+    storage.mark_finished(local)
+    storage.push(local, run.layout.report)
+    return path
+
+
+def run_pipeline(config: LSVCRConfig, stages: tuple[str, ...] = STAGES,
+                 compare_no_alignment: bool = True) -> PipelineRun:
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+    from lsvcr.runtime import ensure_ray
+
+    ensure_ray()
+    run = PipelineRun(StageLayout(config.paths.storage))
+    started = time.perf_counter()
+    stage_prepare(config, run)  # always: later stages need the manifest (skipped when finished)
+    if "encode" in stages:
+        stage_encode(config, run)
+    if "align" in stages:
+        stage_align(config, run)
+    if "finetune" in stages:
+        stage_finetune(config, run, compare_no_alignment)
+    if "evaluate" in stages or "report" in stages:
+        results = stage_evaluate(config, run)
+        if "report" in stages:
+            report = stage_report(config, run, results)
+            print(f"report: {report}", flush=True)
+    run.timings["total"] = round(time.perf_counter() - started, 1)
+    return run
+
+
+def serve_check(config: LSVCRConfig, run: PipelineRun, seconds: float = 0.0) -> dict:
+    """Serve the fine-tuned models briefly, send one sample request per endpoint, print and return the answers."""
+    import urllib.request
+
+    from lsvcr.serving import start_serving, stop_serving
+
+    layout = run.layout
+    video_model = storage.pull(layout.model("video"))
+    comment_model = storage.pull(layout.model("comment")) if run.has_comments else None
+    base_url = start_serving(video_model, comment_model, config)
+    answers = {}
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/model", timeout=60) as response:
+            catalog = json.loads(response.read())["catalog"]
+        requests = {"videos": {"user_id": catalog["example_user_id"], "k": 5}}
+        if comment_model:
+            requests["comments"] = {"user_id": catalog["example_user_id"], "video_id": catalog["example_video_id"],
+                                    "k": 5}
+        for endpoint, body in requests.items():
+            request = urllib.request.Request(f"{base_url}/v1/recommend/{endpoint}", data=json.dumps(body).encode(),
+                                             headers={"content-type": "application/json"}, method="POST")
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answers[endpoint] = {"request": body, "response": json.loads(response.read())}
+            print(f"POST {base_url}/v1/recommend/{endpoint} {json.dumps(body)}")
+            print(json.dumps(answers[endpoint]["response"], indent=2)[:1500], flush=True)
+        time.sleep(seconds)
+    finally:
+        stop_serving()
+    return answers
+
+
+# ----------------------------------------------------------------------------- CLI: `lsvcr demo`
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="storage root for every stage output (default paths.storage)")
+    parser.add_argument("--raw", default=None, help="raw tables; default: the embedded synthetic data set")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--no-serve", action="store_true", help="skip the short serving check at the end")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.out:
+        config.paths.storage = args.out
+    if args.raw:
+        config.paths.raw = args.raw
+    run = run_pipeline(config, tuple(s for s in args.stages.split(",") if s))
+    if not args.no_serve and storage.is_finished(run.layout.model("video")):
+        serve_check(config, run)
+    print(json.dumps({"timings_s": run.timings, "skipped": run.skipped}, indent=2))
+    print(f"results: {run.layout.report}/report.md", flush=True)
+    return 0
