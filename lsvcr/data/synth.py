@@ -87,7 +87,7 @@ class SynthParams:
     users: int = 800
     videos: int = 600
     comments_per_video: int = 10
-    impressions_per_user: float = 165.0  # mean; lognormal across users
+    impressions_per_user: float = 200.0  # mean; lognormal across users
     like_rate: float = 0.28  # mean P(like | impression)
     comment_open_rate: float = 0.09  # mean P(comment interactions | impression)
     seed: int = 2024
@@ -95,7 +95,7 @@ class SynthParams:
 
 PRESETS: dict[str, SynthParams] = {
     # Unit tests: prepare in well under 2 s.
-    "tiny": SynthParams(users=120, videos=150, comments_per_video=8, impressions_per_user=85.0,
+    "tiny": SynthParams(users=120, videos=150, comments_per_video=8, impressions_per_user=100.0,
                         like_rate=0.3, comment_open_rate=0.12),
     # The demo: ~30 likes and ~8 comment records per user; the LLM can encode every text in minutes.
     "demo": SynthParams(),
@@ -156,9 +156,9 @@ def generate(params: SynthParams) -> dict[str, pa.Table]:
     # Users: sparse interests that drift, a preferred comment style, an activity level.
     num_users = params.users
     user_ids = _unique_ids(rng, num_users, 100_000_000, 400_000)
-    base_interest = rng.dirichlet(np.full(num_topics, 0.25), size=num_users)
-    drift_interest = rng.dirichlet(np.full(num_topics, 0.25), size=num_users)
-    drift_strength = rng.uniform(0.0, 0.6, size=num_users)
+    base_interest = rng.dirichlet(np.full(num_topics, 0.2), size=num_users)
+    drift_interest = rng.dirichlet(np.full(num_topics, 0.2), size=num_users)
+    drift_strength = rng.uniform(0.0, 0.4, size=num_users)
     style_preference = rng.dirichlet(np.full(num_styles, 0.4), size=num_users)
     activity = rng.lognormal(0.0, 0.5, size=num_users)
     impressions = np.maximum(5, np.round(activity / activity.mean() * params.impressions_per_user)).astype(np.int64)
@@ -227,7 +227,7 @@ def generate(params: SynthParams) -> dict[str, pa.Table]:
     target_mass = np.where(in_topic, topic_before[np.maximum(topic, 0)] + draw * topic_totals[np.maximum(topic, 0)],
                            draw * within_cumsum[-1])
     video_position = np.minimum(np.searchsorted(within_cumsum, target_mass, side="right"), num_videos - 1)
-    by_popularity = rng.random(num_impressions) < 0.25  # popularity-driven feed slots
+    by_popularity = rng.random(num_impressions) < 0.2  # popularity-driven feed slots
     global_cdf = np.cumsum(video_popularity) / video_popularity.sum()
     popular_video = np.minimum(np.searchsorted(global_cdf, rng.random(num_impressions), side="right"), num_videos - 1)
     impression_video = np.where(by_popularity | ~in_topic, popular_video, by_topic[video_position])
@@ -249,7 +249,7 @@ def generate(params: SynthParams) -> dict[str, pa.Table]:
     shown_topic = video_topic[impression_video]
     interest_now = ((1 - drift_weight) * base_interest[impression_user, shown_topic]
                     + drift_weight * drift_interest[impression_user, shown_topic])
-    affinity = 6.0 * np.sqrt(interest_now) + video_quality[impression_video] + rng.normal(0, 0.7, num_impressions)
+    affinity = 8.0 * np.sqrt(interest_now) + video_quality[impression_video] + rng.normal(0, 0.7, num_impressions)
     is_like = rng.random(num_impressions) < 1 / (1 + np.exp(-(affinity - _calibrate_bias(affinity, params.like_rate))))
     click_rate = min(0.95, params.like_rate * 2.2)
     is_click = is_like | (rng.random(num_impressions) < 1 / (1 + np.exp(-(affinity - _calibrate_bias(affinity, click_rate)))))
