@@ -34,6 +34,9 @@ class PrepareConfig:
     hot_comments: int = 3  # top comments per video used as "hot comments"
     video_negatives: int = 99  # frozen sampled candidates per valid/test sample (+1 positive)
     seed: int = 2024
+    # 0: every train target. N > 0: only each user's N most recent train targets per task (histories still
+    # use all earlier interactions); bounds the cost of per-sample work such as LLM history prompts.
+    max_train_targets_per_user: int = 0
 
 
 @dataclass

@@ -228,3 +228,68 @@ def test_prepare_is_fast_and_replaces_output_atomically(tiny_raw_dir, tmp_path):
     assert time.perf_counter() - started < 2.0
     assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temporary directories left
+
+
+def _write_hand_made(directory):
+    """Two users, six videos; user 100 has a tie in time (v12, v13 at +20 s) and comments on v12 and v15."""
+    import pyarrow as pa
+
+    directory.mkdir()
+    base_s = 1_700_000_000
+    likes = [(100, 11, 10, 1), (100, 13, 20, 1), (100, 12, 20, 1), (100, 14, 30, 1), (100, 15, 40, 1),
+             (100, 16, 50, 0), (200, 11, 15, 1), (200, 12, 16, 1)]
+    pq.write_table(pa.table({
+        "user_id": [u for u, *_ in likes], "video_id": [v for _, v, *_ in likes],
+        "time_ms": [float((base_s + t) * 1000) for *_, t, _ in likes],
+        "is_click": [1] * len(likes), "is_like": [like for *_, like in likes], "long_view": [1] * len(likes),
+    }), directory / "user_video_inter.parquet")
+    pq.write_table(pa.table({"video_id": list(range(11, 17)), "caption": [f"video {v}" for v in range(11, 17)]}),
+                   directory / "video_features.parquet")
+    comments = [(121, 12, 5), (122, 12, 50), (151, 15, 1), (152, 15, 2), (153, 15, 3)]
+    pq.write_table(pa.table({
+        "comment_id": [c for c, *_ in comments], "comment_content": [f"comment {c}" for c, *_ in comments],
+        "video_id": [v for _, v, _ in comments], "comment_like_cnt": [n for *_, n in comments],
+    }), directory / "comment_features.parquet")
+    interactions = [(100, 121, 25, 12), (100, 122, 35, 12), (100, 153, 45, 15)]
+    pq.write_table(pa.table({
+        "user_id": [u for u, *_ in interactions], "comment_id": [c for _, c, *_ in interactions],
+        "time_stamp": [base_s + t for *_, t, _ in interactions], "photo_id": [v for *_, v in interactions],
+    }), directory / "user_comment_inter.parquet")
+    return directory
+
+
+def test_hand_made_ties_prefixes_and_splits(tmp_path):
+    out = tmp_path / "out"
+    manifest = prepare(_write_hand_made(tmp_path / "raw"), out, PrepareConfig(min_median_positives=1))
+    assert manifest["synthetic"] is False and manifest["video_signal"] == "like"
+    assert manifest["counts"]["dropped_both_histories_empty"] == {"video": 2, "comment": 0}
+    videos = prepared.read_videos(out).to_pandas()
+    assert [list(h) for h in videos.hot_comments] == [[], [1, 2], [], [], [3, 4, 5], []]  # by likes desc
+    assert prepared.read_comments(out).column("comment_id").to_pylist() == [122, 121, 153, 152, 151]
+    v = {raw_id: raw_id - 10 for raw_id in range(11, 17)}  # video_idx
+    train = _samples(out, "video", "train")
+    rows = {(r.user_idx, r.target_video): r for r in train.itertuples()}
+    assert list(rows[(1, v[12])].video_history) == [v[11]]
+    assert list(rows[(1, v[13])].video_history) == [v[11]]  # v12 has the same time: not strictly before
+    assert list(rows[(2, v[12])].video_history) == [v[11]]  # user 200: 1 sample < 3, train only
+    valid, test = _samples(out, "video", "valid"), _samples(out, "video", "test")
+    assert list(valid.target_video) == [v[14]] and list(test.target_video) == [v[15]]
+    assert list(valid.video_history[0]) == [v[11], v[12], v[13]]
+    assert list(valid.comment_history_videos[0]) == [v[12]]
+    assert [list(c) for c in valid.comment_history_comments[0]] == [[2]]  # c122 comes after the target
+    assert [list(c) for c in test.comment_history_comments[0]] == [[2, 1]]  # in interaction-time order
+    assert sorted(valid.candidates[0]) == [1, 2, 3, 4, 5, 6]  # only 5 other videos exist
+    comment_train = _samples(out, "comment", "train")
+    assert list(comment_train.target_video) == [v[12], v[15]]
+    assert [list(p) for p in comment_train.pos_comments] == [[2, 1], [3]]
+    assert list(comment_train.video_history[0]) == [v[11], v[12], v[13]]
+    assert len(comment_train.comment_history_videos[0]) == 0  # kept: one empty history only
+    assert [list(c) for c in comment_train.comment_history_comments[1]] == [[2, 1]]
+    history = prepared.latest_history(out, 100)
+    assert list(history["video_history"]) == [v[11], v[12], v[13], v[14], v[15]]
+    assert list(history["comment_history_videos"]) == [v[12], v[15]]
+
+    capped = prepare(tmp_path / "raw", tmp_path / "capped", PrepareConfig(min_median_positives=1, max_train_targets_per_user=1))
+    assert capped["counts"]["video_samples"] == {"train": 2, "valid": 1, "test": 1}
+    assert capped["counts"]["dropped_old_train_targets"]["video"] == 1
+    assert set(_samples(tmp_path / "capped", "video", "train").target_video) == {v[13], v[12]}

@@ -288,8 +288,9 @@ class HistoryBuilder:
 # Splits and candidates
 
 
-def assign_splits(user: np.ndarray, min_targets: int) -> np.ndarray:
-    """0 train, 1 valid, 2 test. Samples must be sorted by (user, time, tie-break)."""
+def assign_splits(user: np.ndarray, min_targets: int, max_train: int = 0) -> np.ndarray:
+    """0 train, 1 valid, 2 test, -1 dropped (older than the `max_train` most recent train targets of the
+    user, when max_train > 0). Samples must be sorted by (user, time, tie-break)."""
     starts = group_starts(user)
     sizes = np.diff(np.append(starts, len(user)))
     group = np.repeat(np.arange(len(starts)), sizes)
@@ -298,6 +299,9 @@ def assign_splits(user: np.ndarray, min_targets: int) -> np.ndarray:
     split = np.zeros(len(user), np.int8)
     split[eligible & (rank_from_end == 1)] = 1
     split[eligible & (rank_from_end == 0)] = 2
+    if max_train > 0:
+        train_rank = rank_from_end - np.where(eligible, 2, 0)
+        split[(split == 0) & (train_rank >= max_train)] = -1
     return split
 
 
@@ -359,6 +363,39 @@ def comment_candidates(
 # The whole preparation
 
 
+def index_comments(
+    raw: RawTables, video_ids: np.ndarray, pool_size: int, filters: list[str]
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """comments.parquet rows, ordered by (video, likes desc, raw id): each video's pool (top `pool_size`
+    by likes) plus every interacted comment. Returns (table, pool size per video, pool comment_idx flat in
+    video order, comment_idx of every comment interaction)."""
+    comments = raw.comments
+    comment_video = _index_of(video_ids, comments.column("video_id").to_numpy())
+    like_count = comments.column("like_count").to_numpy()
+    comment_raw = comments.column("comment_id").to_numpy()
+    order = np.lexsort((comment_raw, -like_count, comment_video))
+    starts = group_starts(comment_video[order])
+    rank_in_video = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
+    interaction_raw = raw.comment_interactions.column("comment_id").to_numpy()
+    in_pool = rank_in_video < pool_size
+    kept_mask = in_pool | np.isin(comment_raw[order], interaction_raw)
+    keep = order[kept_mask]
+    filters.append(f"comments: kept each video's top {pool_size} by likes plus every interacted comment "
+                   f"({len(keep)} of {len(order)})")
+    table = pa.table({
+        "comment_idx": np.arange(1, len(keep) + 1, dtype=np.int32),
+        "comment_id": comment_raw[keep],
+        "video_idx": comment_video[keep],
+        "content": comments.column("content").take(pa.array(keep)),
+        "like_count": like_count[keep],
+    })
+    pool_index = np.flatnonzero(in_pool[kept_mask])  # positions among kept comments
+    pool_counts = np.bincount(comment_video[keep][pool_index] - 1, minlength=len(video_ids))
+    by_raw = np.argsort(comment_raw[keep], kind="stable")
+    interaction_comment = by_raw[np.searchsorted(comment_raw[keep][by_raw], interaction_raw)] + 1
+    return table, pool_counts, (pool_index + 1).astype(np.int32), interaction_comment.astype(np.int32)
+
+
 def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """1-based index of each id in `sorted_ids` (ids are known to be present)."""
     return (np.searchsorted(sorted_ids, ids) + 1).astype(np.int32)
@@ -394,38 +431,14 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
     comments_table = records = None
     hot_counts = np.zeros(num_videos, np.int64)
     hot_values = np.zeros(0, np.int32)
-    duplicate_comment_interactions = 0
     if raw.has_comments:
-        comments = raw.comments
-        comment_video = _index_of(video_ids, comments.column("video_id").to_numpy())
-        like_count = comments.column("like_count").to_numpy()
-        comment_raw = comments.column("comment_id").to_numpy()
-        order = np.lexsort((comment_raw, -like_count, comment_video))
-        rank_in_video = np.arange(len(order)) - np.repeat(
-            group_starts(comment_video[order]), np.diff(np.append(group_starts(comment_video[order]), len(order))))
-        interacted = np.isin(comment_raw[order], raw.comment_interactions.column("comment_id").to_numpy())
-        in_pool = rank_in_video < config.comment_pool_size
-        keep = order[in_pool | interacted]
-        filters.append(f"comments: kept each video's top {config.comment_pool_size} by likes plus every interacted "
-                       f"comment ({len(keep)} of {len(order)})")
-        comments_table = pa.table({
-            "comment_idx": np.arange(1, len(keep) + 1, dtype=np.int32),
-            "comment_id": comment_raw[keep],
-            "video_idx": comment_video[keep],
-            "content": comments.column("content").take(pa.array(keep)),
-            "like_count": like_count[keep],
-        })
-        pool_index = np.flatnonzero(in_pool[in_pool | interacted])  # kept comments that are in the pool
-        hot_values = (pool_index + 1).astype(np.int32)
-        hot_counts = np.bincount(comment_video[keep][pool_index] - 1, minlength=num_videos)
-        sorted_comment_raw = np.sort(comment_raw[keep])
-        comment_idx_by_raw = np.argsort(comment_raw[keep], kind="stable") + 1
-        interaction_comment = comment_idx_by_raw[np.searchsorted(sorted_comment_raw, raw.comment_interactions.column("comment_id").to_numpy())]
+        comments_table, hot_counts, hot_values, interaction_comment = index_comments(
+            raw, video_ids, config.comment_pool_size, filters)
         records, duplicate_comment_interactions = build_records(
             raw,
             _index_of(user_ids, raw.comment_interactions.column("user_id").to_numpy()),
             _index_of(video_ids, raw.comment_interactions.column("video_id").to_numpy()),
-            interaction_comment.astype(np.int32),
+            interaction_comment,
         )
         filters.append(f"comment interactions: {duplicate_comment_interactions} repeated (user, comment) "
                        "interactions dropped (first kept)")
@@ -456,7 +469,9 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
             keep = (video_count > 0) | (record_count > 0)
             counts["dropped_both_histories_empty"][task] = int((~keep).sum())
             sample_index = np.flatnonzero(keep)
-            split = assign_splits(user[sample_index], config.min_targets_per_user)
+            split = assign_splits(user[sample_index], config.min_targets_per_user, config.max_train_targets_per_user)
+            if config.max_train_targets_per_user > 0:
+                counts.setdefault("dropped_old_train_targets", {})[task] = int((split == -1).sum())
             counts[f"{task}_samples"] = {}
             for split_id, split_name in enumerate(schema.SPLITS):
                 rows = sample_index[split == split_id]
@@ -483,6 +498,9 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
         for name, mapping in raw.id_maps.items():
             write_parquet(mapping, temporary / f"id_map.{name}.parquet", schema.ID_MAP)
 
+        if config.max_train_targets_per_user > 0:
+            filters.append(f"train: only each user's {config.max_train_targets_per_user} most recent train targets "
+                           "per task (data.max_train_targets_per_user)")
         manifest = {
             "format_version": schema.FORMAT_VERSION,
             "source": raw.source,
