@@ -495,6 +495,8 @@ class Recommender:
             if stored is None:
                 raise RequestRejected(404, "user_id", f"unknown user_id {request.user_id}")
 
+        if stored is None:  # no user_id, or both histories given: a missing one is empty
+            stored = UserHistory(np.zeros(0, np.int64), np.zeros(0, np.int64), [])
         if request.video_history is not None:
             video_history = self._lookup_videos(request.video_history, "video_history")
         else:
@@ -681,6 +683,17 @@ def _error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status)
 
 
+def _package_version() -> str:
+    # Defined before `Gateway`: `serve.ingress` pickles the FastAPI app (and the globals its routes
+    # use) when the class is defined.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lsvcr")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
@@ -742,15 +755,6 @@ class Gateway:
         info["serve"] = {k: getattr(self.config, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_k",
                                                                 "max_history_items", "max_body_bytes")}
         return JSONResponse(info)
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lsvcr")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build_application(video_model_dir: str | None, comment_model_dir: str | None, serve_config: ServeConfig):

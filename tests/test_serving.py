@@ -1,0 +1,461 @@
+"""Serving: the `Recommender` against the offline model, cold videos, input validation, and the Ray Serve
+app over real HTTP on 127.0.0.1 (docs: lsvcr/serving.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from lsvcr.batching import load_item_tables, load_sample_arrays, make_batch
+from lsvcr.config import LSVCRConfig, ServeConfig, save_config
+from lsvcr.model import LSVCRModel
+from lsvcr.serving import (
+    CommentRequest, Recommender, RequestError, RequestRejected, VideoRequest, parse_request,
+)
+from lsvcr.vectors import load_item_vectors, write_item_vectors
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_DIM = 32
+HISTORY_LENGTH = 12  # below the tiny data's longest histories, so truncation is exercised
+COLD_VIDEO_IDS = np.array([7_000_000_001, 7_000_000_002, 7_000_000_003], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fixtures: PREPARED (tiny synthetic), VECTORS (random, plus cold videos), two MODEL dirs
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory) -> Path:
+    from lsvcr.data.prepare import prepare
+    from lsvcr.data.synth import PRESETS, write_synthetic
+
+    root = tmp_path_factory.mktemp("serving-data")
+    write_synthetic(root / "raw", PRESETS["tiny"])
+    prepare(root / "raw", root / "prepared")
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def vectors_dir(prepared_dir: Path) -> Path:
+    """Random text vectors for every video and comment, plus videos unknown to PREPARED (cold)."""
+    rng = np.random.default_rng(0)
+    video_ids = pq.read_table(prepared_dir / "videos.parquet")["video_id"].to_numpy()
+    comment_ids = pq.read_table(prepared_dir / "comments.parquet")["comment_id"].to_numpy()
+    all_video_ids = np.concatenate([video_ids, COLD_VIDEO_IDS])
+    out = prepared_dir.parent / "vectors"
+    write_item_vectors(out, all_video_ids, rng.standard_normal((len(all_video_ids), TEXT_DIM)),
+                       comment_ids, rng.standard_normal((len(comment_ids), TEXT_DIM)), {"model": "random"})
+    return out
+
+
+def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path, seed: int) -> Path:
+    """A MODEL/ dir (docs/formats.md) of an SR model with random (not default-init) weights."""
+    config = LSVCRConfig()
+    config.finetune.task = task
+    config.finetune.history_length = HISTORY_LENGTH
+    config.data.max_comments_per_record = 2
+    video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
+    torch.manual_seed(seed)
+    model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    out.mkdir(parents=True)
+    torch.save({"model_config": asdict(config.model), "task": task, "num_videos": len(video_text) - 1,
+                "text_dim": TEXT_DIM, "state_dict": model.state_dict()}, out / "model.pt")
+    (out / "inputs.json").write_text(json.dumps({"prepared": str(prepared_dir), "vectors": str(vectors_dir)}))
+    save_config(config, out / "config.yaml")
+    (out / "metrics.json").write_text(json.dumps({"task": task, "model": "lsvcr", "protocol": {"candidates": 100},
+                                                  "valid": {"ndcg@5": 0.1}, "test": {"ndcg@5": 0.1}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dirs(prepared_dir: Path, vectors_dir: Path) -> dict[str, Path]:
+    root = prepared_dir.parent / "models"
+    return {task: _write_model_dir(root / task, task, prepared_dir, vectors_dir, seed)
+            for task, seed in (("video", 1), ("comment", 2))}
+
+
+@pytest.fixture(scope="module")
+def recommender(model_dirs) -> Recommender:
+    return Recommender.from_model_dirs(model_dirs["video"], model_dirs["comment"])
+
+
+def _offline_model(model_dir: Path, prepared_dir: Path, vectors_dir: Path) -> LSVCRModel:
+    """The model rebuilt independently of lsvcr.serving, straight from the MODEL files."""
+    checkpoint = torch.load(model_dir / "model.pt", weights_only=False)
+    video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
+    model = LSVCRModel(LSVCRConfig().model.__class__(**checkpoint["model_config"]), checkpoint["num_videos"],
+                       torch.from_numpy(video_text), torch.from_numpy(comment_text))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def _raw_requests(prepared_dir: Path, task: str, rows: slice) -> tuple[list[dict], np.ndarray]:
+    """Test samples as raw-id request bodies (full, untruncated histories) and their row numbers."""
+    table = pq.read_table(prepared_dir / f"{task}_samples.test.parquet").slice(rows.start, rows.stop - rows.start)
+    video_ids = np.concatenate([[0], pq.read_table(prepared_dir / "videos.parquet")["video_id"].to_numpy()])
+    comment_ids = np.concatenate([[0], pq.read_table(prepared_dir / "comments.parquet")["comment_id"].to_numpy()])
+    bodies = []
+    for sample in table.to_pylist():
+        body = {
+            "video_history": video_ids[sample["video_history"]].tolist(),
+            "comment_history": [{"video_id": int(video_ids[v]), "comment_ids": comment_ids[c].tolist()}
+                                for v, c in zip(sample["comment_history_videos"], sample["comment_history_comments"])],
+            "exclude_seen": False,
+        }
+        if task == "comment":
+            body["video_id"] = int(video_ids[sample["target_video"]])
+        bodies.append(body)
+    return bodies, np.arange(rows.start, rows.stop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recommender == offline model
+
+
+def test_video_rankings_equal_offline_model(recommender, model_dirs, prepared_dir, vectors_dir):
+    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
+    bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 12))
+    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    with torch.no_grad():
+        offline = model.score_videos(batch.history)  # [B, V+1] logits, column 0 = pad
+    num_videos = offline.shape[1] - 1
+    video_ids = recommender.catalog.video_ids
+    k = num_videos + len(COLD_VIDEO_IDS)
+    served = recommender.recommend_videos([VideoRequest(**body, k=k) for body in bodies])
+    for row, response in enumerate(served):
+        assert isinstance(response, dict), response
+        known = [item for item in response["items"] if item["video_id"] not in set(COLD_VIDEO_IDS.tolist())]
+        assert len(known) == num_videos
+        expected_order = torch.argsort(offline[row, 1:], descending=True, stable=True).numpy() + 1
+        served_scores = np.array([item["score"] for item in known])
+        expected_scores = offline[row, expected_order].numpy()
+        np.testing.assert_allclose(served_scores, expected_scores, rtol=1e-4, atol=1e-4)
+        # Same ranking (ties aside): every served video has the offline score of its position.
+        served_idx = recommender.catalog.video_index.lookup([item["video_id"] for item in known])
+        np.testing.assert_allclose(offline[row, served_idx].numpy(), expected_scores, rtol=1e-4, atol=1e-4)
+        assert set(video_ids[expected_order[:10]]) == set(video_ids[served_idx[:10]])
+        truncated = response["truncated"]
+        if len(bodies[row]["video_history"]) > HISTORY_LENGTH:
+            assert truncated["video_history"] == {"given": len(bodies[row]["video_history"]), "kept": HISTORY_LENGTH}
+
+
+def test_comment_rankings_equal_offline_model(recommender, model_dirs, prepared_dir, vectors_dir):
+    model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
+    bodies, rows = _raw_requests(prepared_dir, "comment", slice(0, 10))
+    arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    tables = load_item_tables(prepared_dir)
+    batch = make_batch(arrays, tables, rows, rng=None)
+    pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
+    with torch.no_grad():
+        offline = model.score_comments(batch.history, batch.target_video, pool)
+    served = recommender.recommend_comments([CommentRequest(**body, k=200) for body in bodies])
+    comment_ids = recommender.catalog.comment_ids
+    for row, response in enumerate(served):
+        assert isinstance(response, dict), response
+        expected = {int(comment_ids[c]): float(s) for c, s in zip(pool[row].tolist(), offline[row].tolist()) if c}
+        got = {item["comment_id"]: item["score"] for item in response["items"]}
+        assert got.keys() == expected.keys()
+        for comment_id, score in got.items():
+            assert score == pytest.approx(expected[comment_id], abs=1e-4)
+        scores = [item["score"] for item in response["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_user_id_uses_the_stored_latest_history(recommender, prepared_dir):
+    histories = pq.read_table(prepared_dir / "user_histories.parquet").slice(0, 3).to_pylist()
+    catalog = recommender.catalog
+    for history in histories:
+        explicit = VideoRequest(
+            video_history=catalog.video_ids[history["video_history"]].tolist(),
+            comment_history=[{"video_id": int(catalog.video_ids[v]), "comment_ids": catalog.comment_ids[c].tolist()}
+                             for v, c in zip(history["comment_history_videos"], history["comment_history_comments"])],
+        )
+        by_user, by_history = recommender.recommend_videos([VideoRequest(user_id=history["user_id"]), explicit])
+        assert [i["video_id"] for i in by_user["items"]] == [i["video_id"] for i in by_history["items"]]
+        np.testing.assert_allclose([i["score"] for i in by_user["items"]], [i["score"] for i in by_history["items"]], atol=1e-5)
+        # An explicit history replaces the stored one.
+        override = recommender.recommend_videos([VideoRequest(user_id=history["user_id"], video_history=explicit.video_history[:1],
+                                                              comment_history=[])])[0]
+        assert override["items"] != by_user["items"]
+
+
+def test_exclude_seen_masks_history_videos(recommender, prepared_dir):
+    history = pq.read_table(prepared_dir / "user_histories.parquet").slice(0, 1).to_pylist()[0]
+    seen = set(recommender.catalog.video_ids[history["video_history"] + history["comment_history_videos"]].tolist())
+    k = recommender.catalog.num_videos + len(COLD_VIDEO_IDS)
+    shown = recommender.recommend_videos([VideoRequest(user_id=history["user_id"], k=k),
+                                          VideoRequest(user_id=history["user_id"], k=k, exclude_seen=False)])
+    excluded = {item["video_id"] for item in shown[0]["items"]}
+    included = {item["video_id"] for item in shown[1]["items"]}
+    assert not excluded & seen
+    assert seen <= included
+    assert len(included) - len(excluded) == len(seen)
+
+
+def test_cold_videos_are_scored_through_the_text_path(recommender, model_dirs, prepared_dir, vectors_dir):
+    """A video with a text vector but no ID embedding (uploaded after training) is ranked with
+    gate*0 + A(title): cos(u, A(e^t)) / tau, next to the known videos."""
+    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
+    vectors = pq.read_table(vectors_dir / "videos.parquet").to_pydict()
+    cold_text = torch.tensor([vectors["vector"][vectors["video_id"].index(int(i))] for i in COLD_VIDEO_IDS])
+    bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 3))
+    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    with torch.no_grad():
+        user = F.normalize(model.video_user_vector(model.encode_histories(batch.history)), dim=-1)
+        expected = user @ F.normalize(model.llm_adapter(cold_text), dim=-1).T / model.config.temperature
+    k = recommender.catalog.num_videos + len(COLD_VIDEO_IDS)
+    served = recommender.recommend_videos([VideoRequest(**body, k=k) for body in bodies])
+    assert recommender.describe()["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
+    for row, response in enumerate(served):
+        scores = {item["video_id"]: item["score"] for item in response["items"]}
+        for j, cold_id in enumerate(COLD_VIDEO_IDS.tolist()):
+            assert scores[cold_id] == pytest.approx(float(expected[row, j]), abs=1e-4)
+    # Cold videos can be recommended, not used as history (no ID embedding to encode them with).
+    error = recommender.recommend_videos([VideoRequest(video_history=[int(COLD_VIDEO_IDS[0])])])[0]
+    assert isinstance(error, RequestError) and error.status == 422 and error.field == "video_history[0]"
+    assert "new video" in error.message
+
+
+def test_one_bad_request_does_not_fail_its_batch(recommender, prepared_dir):
+    user_id = int(pq.read_table(prepared_dir / "users.parquet")["user_id"][0].as_py())
+    good, bad, good_again = recommender.recommend_videos(
+        [VideoRequest(user_id=user_id), VideoRequest(user_id=-5), VideoRequest(user_id=user_id)])
+    assert good == good_again and len(good["items"]) == 10
+    assert bad == RequestError(404, "user_id", "unknown user_id -5")
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (no cluster): every case names its field
+
+
+SERVE = ServeConfig(max_k=50, max_history_items=30, max_body_bytes=4000)
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"{not json", 400, "body"),
+    (b"[1, 2]", 400, "body"),
+    (json.dumps({"user_id": 1, "pad": "x" * 5000}).encode(), 413, "body"),
+    (json.dumps({"user_id": "12"}).encode(), 422, "user_id"),
+    (json.dumps({"user_id": 1.5}).encode(), 422, "user_id"),
+    (json.dumps({"user_id": True}).encode(), 422, "user_id"),
+    (json.dumps({"video_history": [1, "2"]}).encode(), 422, "video_history[1]"),
+    (json.dumps({"comment_history": [{"video_id": 1, "comment_ids": [1.0]}]}).encode(), 422, "comment_history[0].comment_ids[0]"),
+    (json.dumps({"comment_history": [{"video_id": 1}]}).encode(), 422, "comment_history[0].comment_ids"),
+    (json.dumps({"user_id": 1, "colour": "red"}).encode(), 422, "colour"),
+    (json.dumps({"user_id": 2**64}).encode(), 422, "user_id"),
+    (json.dumps({"user_id": 1, "k": 0}).encode(), 422, "k"),
+    (json.dumps({"user_id": 1, "k": 51}).encode(), 422, "k"),
+    (json.dumps({"user_id": 1, "exclude_seen": "yes"}).encode(), 422, "exclude_seen"),
+    (json.dumps({}).encode(), 422, "user_id"),
+    (json.dumps({"video_history": [], "comment_history": []}).encode(), 422, "user_id"),
+    (json.dumps({"video_history": list(range(31))}).encode(), 413, "video_history"),
+    (json.dumps({"comment_history": [{"video_id": 1, "comment_ids": []}] * 31}).encode(), 413, "comment_history"),
+    (json.dumps({"comment_history": [{"video_id": 1, "comment_ids": list(range(31))}]}).encode(), 413,
+     "comment_history[0].comment_ids"),
+])
+def test_parse_request_rejects_bad_input_naming_the_field(body, status, field):
+    with pytest.raises(RequestRejected) as caught:
+        parse_request(body, VideoRequest, SERVE)
+    assert (caught.value.error.status, caught.value.error.field) == (status, field)
+
+
+def test_parse_request_comment_needs_video_id():
+    with pytest.raises(RequestRejected) as caught:
+        parse_request(json.dumps({"user_id": 1}).encode(), CommentRequest, SERVE)
+    assert (caught.value.error.status, caught.value.error.field) == (422, "video_id")
+    request = parse_request(json.dumps({"user_id": 1, "video_id": 3, "k": 5}).encode(), CommentRequest, SERVE)
+    assert (request.video_id, request.k, request.exclude_seen) == (3, 5, True)
+
+
+def test_unknown_ids_and_empty_pools_are_rejected(recommender, prepared_dir):
+    catalog = recommender.catalog
+    user_id = catalog.example_user_id()
+    known_video = int(catalog.video_ids[1])
+    other_video_comment = int(catalog.comment_ids[np.flatnonzero(catalog.comment_video != 1)[1]])
+    no_comments = np.flatnonzero(np.diff(catalog.pool_offsets)[1:] == 0)
+    cases = [
+        (VideoRequest(video_history=[known_video, 123]), 422, "video_history[1]"),
+        (VideoRequest(comment_history=[{"video_id": 5, "comment_ids": []}]), 422, "comment_history[0]"),
+        (VideoRequest(comment_history=[{"video_id": known_video, "comment_ids": [99]}]), 422, "comment_history[0].comment_ids[0]"),
+        (VideoRequest(comment_history=[{"video_id": known_video, "comment_ids": [other_video_comment]}]), 422,
+         "comment_history[0].comment_ids[0]"),
+    ]
+    for request, status, field in cases:
+        error = recommender.recommend_videos([request])[0]
+        assert (error.status, error.field) == (status, field), error
+    error = recommender.recommend_comments([CommentRequest(user_id=user_id, video_id=42)])[0]
+    assert (error.status, error.field) == (404, "video_id")
+    if len(no_comments):
+        empty_video = int(catalog.video_ids[no_comments[0] + 1])
+        error = recommender.recommend_comments([CommentRequest(user_id=user_id, video_id=empty_video)])[0]
+        assert (error.status, error.field) == (422, "video_id")
+    video_only = Recommender(recommender.video, None, catalog)
+    error = video_only.recommend_comments([CommentRequest(user_id=user_id, video_id=known_video)])[0]
+    assert (error.status, error.field) == (404, "endpoint")
+
+
+# ----------------------------------------------------------------------------------------------------
+# serve/config.yaml against Ray's own schema
+
+
+def test_serve_config_yaml_parses_against_rays_schema():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    parsed = ServeDeploySchema.model_validate(raw)
+    (application,) = parsed.applications
+    assert application.import_path == "serve.app:app"
+    assert set(application.args) >= {"video_model", "comment_model"}
+    model = next(d for d in application.deployments if d.name == "RecommenderModel")
+    autoscaling = AutoscalingConfig(**model.autoscaling_config)
+    assert autoscaling.min_replicas >= 1 and autoscaling.max_replicas >= autoscaling.min_replicas
+    assert model.ray_actor_options.num_cpus > 0
+    assert parsed.http_options.host == "127.0.0.1"
+
+
+def test_serve_app_builder_takes_args(model_dirs, monkeypatch):
+    """`serve.app:app` is the application builder Serve calls with the config's args."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO))  # `serve run` imports from the repository root
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    builder = importlib.import_module("serve.app").app
+    application = call_user_app_builder_with_args_if_necessary(
+        builder, {"video_model": str(model_dirs["video"]), "overrides": ["serve.max_batch_size=8"]})
+    assert type(application).__name__ == "Application"
+    with pytest.raises(Exception, match="unknown Serve application arg"):
+        builder({"video_model": str(model_dirs["video"]), "colour": "red"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Ray Serve app over real HTTP
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, model_dirs):
+    from lsvcr.serving import start_serving, stop_serving
+
+    config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
+                         max_k=500, max_history_items=200, max_body_bytes=20_000)
+    base_url = start_serving(model_dirs["video"], model_dirs["comment"], config)
+    try:
+        yield base_url
+    finally:
+        stop_serving()
+
+
+@pytest.mark.slow
+def test_http_endpoints_match_the_offline_model(served, recommender, model_dirs, prepared_dir, vectors_dir):
+    import requests
+
+    assert requests.get(f"{served}/healthz", timeout=30).json() == {"status": "ok"}
+    response = requests.get(f"{served}/v1/model", timeout=30)
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["models"]["video"]["checkpoint"] == str(model_dirs["video"].resolve() / "model.pt")
+    assert info["models"]["comment"]["metrics"]["test"] == {"ndcg@5": 0.1}
+    assert info["models"]["video"]["protocol"] == {"candidates": 100}
+    assert info["versions"]["ray"] and info["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
+
+    # Video endpoint: top-k scores equal the offline model's logits on the same history.
+    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
+    bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 4))
+    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    with torch.no_grad():
+        offline = model.score_videos(batch.history)
+    for row, body in enumerate(bodies):
+        response = requests.post(f"{served}/v1/recommend/videos", json={**body, "k": 20}, timeout=30)
+        assert response.status_code == 200, response.text
+        items = [i for i in response.json()["items"] if i["video_id"] not in set(COLD_VIDEO_IDS.tolist())]
+        idx = recommender.catalog.video_index.lookup([i["video_id"] for i in items])
+        np.testing.assert_allclose([i["score"] for i in items], offline[row, idx].numpy(), atol=1e-4)
+        top = torch.sort(offline[row, 1:], descending=True).values[: len(items)].numpy()
+        np.testing.assert_allclose([i["score"] for i in items], top, atol=1e-4)
+
+    # Comment endpoint: the whole pool, scored as the offline model scores it.
+    model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
+    bodies, rows = _raw_requests(prepared_dir, "comment", slice(0, 3))
+    arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    tables = load_item_tables(prepared_dir)
+    batch = make_batch(arrays, tables, rows, rng=None)
+    pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
+    with torch.no_grad():
+        offline = model.score_comments(batch.history, batch.target_video, pool)
+    for row, body in enumerate(bodies):
+        response = requests.post(f"{served}/v1/recommend/comments", json={**body, "k": 100}, timeout=30)
+        assert response.status_code == 200, response.text
+        expected = {int(recommender.catalog.comment_ids[c]): s for c, s in zip(pool[row].tolist(), offline[row].tolist()) if c}
+        got = {i["comment_id"]: i["score"] for i in response.json()["items"]}
+        assert got.keys() == expected.keys()
+        assert all(abs(got[c] - expected[c]) < 1e-4 for c in got)
+
+
+@pytest.mark.slow
+def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(served, recommender):
+    import requests
+
+    catalog = recommender.catalog
+    user_id = catalog.example_user_id()
+    video_with_comments = catalog.example_video_id()
+    no_comments = np.flatnonzero(np.diff(catalog.pool_offsets)[1:] == 0)
+    videos, comments = f"{served}/v1/recommend/videos", f"{served}/v1/recommend/comments"
+    cases = [
+        (videos, b"{oops", 400, "body"),
+        (videos, json.dumps({"user_id": 1, "pad": "x" * 30_000}).encode(), 413, "body"),
+        (videos, json.dumps({"user_id": "x"}).encode(), 422, "user_id"),
+        (videos, json.dumps({"user_id": user_id, "k": 0}).encode(), 422, "k"),
+        (videos, json.dumps({"user_id": user_id, "k": 501}).encode(), 422, "k"),
+        (videos, json.dumps({}).encode(), 422, "user_id"),
+        (videos, json.dumps({"video_history": [int(catalog.video_ids[1])] * 201}).encode(), 413, "video_history"),
+        (videos, json.dumps({"user_id": -1}).encode(), 404, "user_id"),
+        (videos, json.dumps({"video_history": [123]}).encode(), 422, "video_history[0]"),
+        (videos, json.dumps({"comment_history": [{"video_id": int(catalog.video_ids[1]), "comment_ids": [5]}]}).encode(),
+         422, "comment_history[0].comment_ids[0]"),
+        (comments, json.dumps({"user_id": user_id}).encode(), 422, "video_id"),
+        (comments, json.dumps({"user_id": user_id, "video_id": 77}).encode(), 404, "video_id"),
+    ]
+    if len(no_comments):
+        cases.append((comments, json.dumps({"user_id": user_id, "video_id": int(catalog.video_ids[no_comments[0] + 1])}).encode(),
+                      422, "video_id"))
+    for url, body, status, field in cases:
+        response = requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == status, (body[:80], response.text)
+        assert response.json()["error"]["field"] == field, (body[:80], response.text)
+        assert response.json()["error"]["message"]
+    # Long (but allowed) histories are truncated to the model's limit, and the response says so.
+    long_history = catalog.video_ids[1:1 + HISTORY_LENGTH + 5].tolist()
+    response = requests.post(videos, json={"video_history": long_history, "k": 3}, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["truncated"]["video_history"] == {"given": HISTORY_LENGTH + 5, "kept": HISTORY_LENGTH}
+    # The same replica still serves correct answers after all of that.
+    good = requests.post(videos, json={"user_id": user_id, "k": 5}, timeout=30)
+    assert good.status_code == 200 and len(good.json()["items"]) == 5
+    expected = recommender.recommend_videos([VideoRequest(user_id=user_id, k=5)])[0]["items"]
+    assert [i["video_id"] for i in good.json()["items"]] == [i["video_id"] for i in expected]
+    good = requests.post(comments, json={"user_id": user_id, "video_id": video_with_comments, "k": 3}, timeout=30)
+    assert good.status_code == 200 and len(good.json()["items"]) == 3
+    assert requests.get(f"{served}/healthz", timeout=30).status_code == 200
