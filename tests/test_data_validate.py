@@ -60,7 +60,7 @@ CASES = {
     "missing comment table of the pair": ("comment_features", lambda f: None, "parquet",
                                           ["missing table comment_features", "user_comment_inter is present"]),
     "missing column": ("user_video_inter", lambda f: f.drop(columns=["is_like"]), "csv",
-                       ["table user_video_inter: missing column is_like", "columns present"]),
+                       ["table user_video_inter: missing column is_like", "required columns: "]),
     "text in an id column": ("user_video_inter", set_value("video_id", 2, "abc"), "csv",
                              ["table user_video_inter, column video_id", "not of type int64", "row 3", "'abc'"]),
     "fraction in a flag": ("user_video_inter", set_value("is_like", 4, 0.5), "parquet",

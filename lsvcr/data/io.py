@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -31,18 +32,26 @@ def find_table(raw_dir: Path, name: str) -> Path | None:
 
 
 def read_table(path: Path, spec: RawTableSpec | None = None) -> pa.Table:
-    """Read one CSV or Parquet table. Columns the spec declares as strings are read as strings
-    (a caption like "2023" must not become an integer); other types are checked by validation."""
+    """Read one CSV or Parquet table (with a spec: only the columns it uses). Columns the spec declares
+    as strings are read as strings (a caption like "2023" must not become an integer); other types are
+    checked by validation."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
-        column_types = {}
+            if spec is None:
+                return pq.read_table(path)
+            present = pq.read_schema(path).names
+            return pq.read_table(path, columns=[name for name in present if name in spec.used])
+        column_types, include_columns = {}, []
         if spec is not None:
             column_types = {f.name: f.type for f in spec.schema if pa.types.is_string(f.type)}
+            with open(path, encoding="utf-8", newline="") as handle:
+                header = next(csv.reader(handle), [])
+            include_columns = [name for name in header if name in spec.used]
         return pa_csv.read_csv(
             path,
-            convert_options=pa_csv.ConvertOptions(column_types=column_types, strings_can_be_null=False),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=column_types, strings_can_be_null=False, include_columns=include_columns),
         )
     except (pa.ArrowInvalid, OSError) as error:
         name = spec.name if spec else path.stem

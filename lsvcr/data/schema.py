@@ -1,9 +1,9 @@
 """Every Arrow schema of the data layer, in one place.
 
 Raw input: the KuaiComt layout (../shared/KUAICOMT_SCHEMA.md, METHOD 8). Each raw table has a full
-schema (the documented columns and types) and a set of *required* columns: the ones `lsvcr prepare`
-reads. A required column that is missing or not convertible to its type is a `DataError`; other
-documented columns are type-checked when present.
+schema (the documented columns and types, what `lsvcr synth` writes), a set of *required* columns and
+a few optional ones that `lsvcr prepare` uses when present. A used column that is missing (if required)
+or not convertible to its type is a `DataError`; columns prepare does not use are not even loaded.
 
 Prepared output: the `PREPARED/` contract of docs/formats.md.
 """
@@ -18,10 +18,16 @@ import pyarrow as pa
 @dataclass(frozen=True)
 class RawTableSpec:
     name: str
-    schema: pa.Schema
+    schema: pa.Schema  # every documented column
     required: frozenset[str]
     id_columns: tuple[str, ...]  # must never be null/NaN
     unique_column: str | None = None  # feature tables: one row per id
+    optional_used: frozenset[str] = frozenset()  # read and checked when present
+
+    @property
+    def used(self) -> frozenset[str]:
+        """The columns prepare reads; the others are not loaded (KuaiComt's 120M-row table is wide)."""
+        return self.required | self.optional_used
 
     def field_type(self, column: str) -> pa.DataType | None:
         index = self.schema.get_field_index(column)
@@ -102,6 +108,7 @@ VIDEO_FEATURES = RawTableSpec(
     required=frozenset({"video_id", "caption"}),
     id_columns=("video_id",),
     unique_column="video_id",
+    optional_used=frozenset({"upload_dt", "category"}),
 )
 
 COMMENT_FEATURES = RawTableSpec(

@@ -107,7 +107,7 @@ def conform_table(table: pa.Table, spec: RawTableSpec, name: str | None = None) 
         raise DataError(
             f"table {name}: missing column {missing[0]}"
             + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
-            + f"; columns present: {', '.join(table.column_names) or '(none)'}"
+            + f"; required columns: {', '.join(sorted(spec.required))}"
         )
     columns, fields = [], []
     for field in spec.schema:
