@@ -101,6 +101,26 @@ def _offline_model(model_dir: Path, prepared_dir: Path, vectors_dir: Path) -> LS
     return model.eval()
 
 
+def _offline_video_scores(model_dirs, prepared_dir, vectors_dir, rows: np.ndarray) -> torch.Tensor:
+    """Logits [B, V+1] of the offline model over all videos, on test samples batched by lsvcr.batching."""
+    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
+    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    with torch.no_grad():
+        return model.score_videos(batch.history)
+
+
+def _offline_comment_scores(model_dirs, prepared_dir, vectors_dir, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(comment pools [B, P] of the target videos, the offline model's logits over them [B, P])."""
+    model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
+    arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
+    tables = load_item_tables(prepared_dir)
+    batch = make_batch(arrays, tables, rows, rng=None)
+    pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
+    with torch.no_grad():
+        return pool, model.score_comments(batch.history, batch.target_video, pool)
+
+
 def _raw_requests(prepared_dir: Path, task: str, rows: slice) -> tuple[list[dict], np.ndarray]:
     """Test samples as raw-id request bodies (full, untruncated histories) and their row numbers."""
     table = pq.read_table(prepared_dir / f"{task}_samples.test.parquet").slice(rows.start, rows.stop - rows.start)
@@ -125,12 +145,8 @@ def _raw_requests(prepared_dir: Path, task: str, rows: slice) -> tuple[list[dict
 
 
 def test_video_rankings_equal_offline_model(recommender, model_dirs, prepared_dir, vectors_dir):
-    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
     bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 12))
-    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
-    with torch.no_grad():
-        offline = model.score_videos(batch.history)  # [B, V+1] logits, column 0 = pad
+    offline = _offline_video_scores(model_dirs, prepared_dir, vectors_dir, rows)  # [B, V+1], column 0 = pad
     num_videos = offline.shape[1] - 1
     video_ids = recommender.catalog.video_ids
     k = num_videos + len(COLD_VIDEO_IDS)
@@ -153,14 +169,8 @@ def test_video_rankings_equal_offline_model(recommender, model_dirs, prepared_di
 
 
 def test_comment_rankings_equal_offline_model(recommender, model_dirs, prepared_dir, vectors_dir):
-    model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
     bodies, rows = _raw_requests(prepared_dir, "comment", slice(0, 10))
-    arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    tables = load_item_tables(prepared_dir)
-    batch = make_batch(arrays, tables, rows, rng=None)
-    pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
-    with torch.no_grad():
-        offline = model.score_comments(batch.history, batch.target_video, pool)
+    pool, offline = _offline_comment_scores(model_dirs, prepared_dir, vectors_dir, rows)
     served = recommender.recommend_comments([CommentRequest(**body, k=200) for body in bodies])
     comment_ids = recommender.catalog.comment_ids
     for row, response in enumerate(served):
@@ -381,12 +391,8 @@ def test_http_endpoints_match_the_offline_model(served, recommender, model_dirs,
     assert info["versions"]["ray"] and info["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
 
     # Video endpoint: top-k scores equal the offline model's logits on the same history.
-    model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
     bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 4))
-    arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
-    with torch.no_grad():
-        offline = model.score_videos(batch.history)
+    offline = _offline_video_scores(model_dirs, prepared_dir, vectors_dir, rows)
     for row, body in enumerate(bodies):
         response = requests.post(f"{served}/v1/recommend/videos", json={**body, "k": 20}, timeout=30)
         assert response.status_code == 200, response.text
@@ -397,14 +403,8 @@ def test_http_endpoints_match_the_offline_model(served, recommender, model_dirs,
         np.testing.assert_allclose([i["score"] for i in items], top, atol=1e-4)
 
     # Comment endpoint: the whole pool, scored as the offline model scores it.
-    model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
     bodies, rows = _raw_requests(prepared_dir, "comment", slice(0, 3))
-    arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    tables = load_item_tables(prepared_dir)
-    batch = make_batch(arrays, tables, rows, rng=None)
-    pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
-    with torch.no_grad():
-        offline = model.score_comments(batch.history, batch.target_video, pool)
+    pool, offline = _offline_comment_scores(model_dirs, prepared_dir, vectors_dir, rows)
     for row, body in enumerate(bodies):
         response = requests.post(f"{served}/v1/recommend/comments", json={**body, "k": 100}, timeout=30)
         assert response.status_code == 200, response.text
