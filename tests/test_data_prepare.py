@@ -75,6 +75,7 @@ def test_manifest_contents(tiny_prepared_dir, raw):
     assert "99 uniform" in manifest["protocol"]["video"] and manifest["protocol"]["seed"] == 2024
     assert manifest["config"] == json.loads(json.dumps(PrepareConfig().__dict__))
     assert any("METHOD 9.5" in text for text in manifest["filters"])
+    assert "SYNTHETIC" in (tiny_prepared_dir / "SYNTHETIC.txt").read_text()
 
 
 def test_indices_and_hot_comments(lookups, raw):
@@ -262,6 +263,7 @@ def test_hand_made_ties_prefixes_and_splits(tmp_path):
     out = tmp_path / "out"
     manifest = prepare(_write_hand_made(tmp_path / "raw"), out, PrepareConfig(min_median_positives=1))
     assert manifest["synthetic"] is False and manifest["video_signal"] == "like"
+    assert not (out / "SYNTHETIC.txt").exists()
     assert manifest["counts"]["dropped_both_histories_empty"] == {"video": 2, "comment": 0}
     videos = prepared.read_videos(out).to_pandas()
     assert [list(h) for h in videos.hot_comments] == [[], [1, 2], [], [], [3, 4, 5], []]  # by likes desc

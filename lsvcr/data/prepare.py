@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from lsvcr.config import PrepareConfig, load_config
 from lsvcr.data import schema
-from lsvcr.data.importers import RawTables, load_raw
+from lsvcr.data.importers import SYNTHETIC_MARKER, RawTables, load_raw
 from lsvcr.data.io import atomic_output_dir, write_json, write_parquet
 from lsvcr.errors import DataError
 
@@ -528,6 +528,10 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
             manifest["filters"].append("no comment tables: comment task disabled")
             del manifest["protocol"]["comment"]
         write_json(manifest, temporary / "manifest.json")
+        if raw.synthetic:
+            (temporary / SYNTHETIC_MARKER).write_text(
+                f"SYNTHETIC DATA: prepared from the simulated data set in {manifest['raw_dir']} (lsvcr synth); "
+                "results on it say nothing about real users.\n")
     log.info("prepared %s → %s in %.1f s: %s", raw_dir, out_dir, time.perf_counter() - started,
              json.dumps({k: v for k, v in counts.items() if k.endswith("samples")}))
     return manifest
