@@ -199,11 +199,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     checkpoint = context.get_checkpoint()
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
-                             "history": [], "init_report": None}
+                             "history": [], "init_report": None, "resumed_after": []}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state.pop("model"))
+        state["resumed_after"].append(state["epoch"])
         log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], SELECTION_METRIC,
                  state["best"], state["best_epoch"])
     elif loop_config.get("init"):
@@ -230,7 +231,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         objective.train()
         shuffle_rng = np.random.default_rng([settings.seed, epoch])  # same permutation on every rank
         batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
-        batches = epoch_rows(len(train), settings.batch_size, shuffle_rng, context.rank, context.world_size)
+        # finetune.batch_size is the global batch: DDP averages the ranks' gradients of their shares.
+        per_rank_batch = -(-settings.batch_size // context.world_size)
+        batches = epoch_rows(len(train), per_rank_batch, shuffle_rng, context.rank, context.world_size)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
         progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
         for rows in progress:
@@ -409,6 +412,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     metrics = evaluate_model_dir(staging, device="cpu")
     metrics["best_epoch"] = state["best_epoch"]
     metrics["epochs_run"] = state["epoch"]
+    metrics["resumed_after_epochs"] = state["resumed_after"]
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_table(metrics))
 

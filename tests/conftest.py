@@ -57,3 +57,14 @@ def tiny_video_only_prepared_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "tiny_video_only_prepared"
     prepare(raw, out)
     return out
+
+
+# --- SR backbone (lsvcr.model / finetune): real MiniLM text vectors of the tiny data set ---
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_vectors_dir(tiny_prepared_dir, tmp_path_factory):
+    """VECTORS/ of `tiny_prepared_dir`: every caption and comment embedded by all-MiniLM-L6-v2 (384-d)."""
+    from lsvcr.vectors import write_minilm_vectors
+
+    return write_minilm_vectors(tiny_prepared_dir, tmp_path_factory.mktemp("vectors") / "tiny_minilm")

@@ -1,0 +1,259 @@
+"""Stage 2 on real components: batching from PREPARED, VECTORS join, stage-1 loading, Ray Train runs
+(resume after a killed run, 1 vs 2 workers), evaluation CLI, baselines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lsvcr.batching import (
+    epoch_rows, load_item_tables, load_sample_arrays, make_batch, sample_comment_candidates,
+)
+from lsvcr.config import LSVCRConfig, ModelConfig, load_config
+from lsvcr.errors import ConfigError, DataError
+from lsvcr.finetune import load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker
+from lsvcr.model import LSVCRModel
+from lsvcr.vectors import load_item_vectors, write_item_vectors
+
+
+def _tiny_config(task: str = "video", epochs: int = 2, **model) -> LSVCRConfig:
+    config = LSVCRConfig()
+    config.finetune.task = task
+    config.finetune.max_epochs = epochs
+    config.finetune.batch_size = 128
+    for key, value in model.items():
+        setattr(config.model, key, value)
+    return config
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_padded_arrays_match_the_arrow_lists(tiny_prepared_dir):
+    table = pq.read_table(Path(tiny_prepared_dir) / "comment_samples.train.parquet")
+    arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", history_length=5, max_comments_per_record=2)
+    video_lists = table["video_history"].to_pylist()
+    record_videos = table["comment_history_videos"].to_pylist()
+    record_comments = table["comment_history_comments"].to_pylist()
+    for row in range(len(table)):
+        kept = video_lists[row][-5:]
+        assert arrays.video_history[row, : len(kept)].tolist() == kept
+        assert not arrays.video_history[row, len(kept):].any()
+        records = record_videos[row][-5:]
+        assert arrays.comment_history_videos[row, : len(records)].tolist() == records
+        for slot, comments in enumerate(record_comments[row][-5:]):
+            expected = comments[:2] + [0] * (2 - len(comments[:2]))
+            assert arrays.comment_history_comments[row, slot].tolist() == expected[: arrays.comment_history_comments.shape[2]]
+    assert arrays.video_history.shape[1] <= 5 and arrays.comment_history_comments.shape[2] <= 2
+
+
+def test_hot_comments_and_comment_negatives(tiny_prepared_dir):
+    tables = load_item_tables(tiny_prepared_dir)
+    arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", history_length=50)
+    rows = np.arange(len(arrays))
+    evaluation = make_batch(arrays, tables, rows, rng=None)
+    history = evaluation.history.video_history.numpy()
+    hot = evaluation.history.video_history_hot_comment.numpy()
+    assert np.array_equal(hot, tables.comment_pool[history, 0])  # eval: the top comment
+    training = make_batch(arrays, tables, rows, rng=np.random.default_rng(0))
+    picked = training.history.video_history_hot_comment.numpy()
+    top3 = tables.comment_pool[history, :3]
+    assert ((picked[..., None] == top3).any(-1) | (history == 0)).all()  # training: one of the top 3
+    assert (picked != hot).any()
+
+    candidates, labels = training.candidates.numpy(), training.labels.numpy()
+    assert candidates.shape == (len(rows), 20) and (labels[:, 0] == 1).all() and (labels[:, 1:] == 0).all()
+    positives = arrays.pos_comments
+    assert (candidates[:, :1] == positives).any(axis=1).all()
+    negatives = candidates[:, 1:]
+    assert not (negatives[:, :, None] == positives[:, None, :]).any(), "a positive leaked into the negatives"
+    pool = tables.comment_pool[arrays.target_video]
+    has_other = ((pool != 0) & ~(pool[:, :, None] == positives[:, None, :]).any(-1)).any(1)
+    assert has_other.mean() > 0.5
+    in_pool = (negatives[:, :, None] == pool[:, None, :]).any(-1)
+    assert in_pool[has_other].all(), "negatives come from the video's own pool when it has non-positives"
+
+    # a video whose pool is only the positives: random global fallback; fewer negatives than 19: cycling
+    rng = np.random.default_rng(1)
+    video = int(arrays.target_video[0])
+    pool_of_video = tables.comment_pool[video][tables.comment_pool[video] != 0]
+    only_positives = np.zeros((1, len(pool_of_video)), dtype=np.int64)
+    only_positives[0] = pool_of_video
+    fallback, _ = sample_comment_candidates(np.array([video]), only_positives, tables, 19, rng)
+    assert (fallback[0, 1:] >= 1).all() and (fallback[0, 1:] <= tables.num_comments).all()
+    two_left = pool_of_video[2:][None, :]
+    cycled, _ = sample_comment_candidates(np.array([video]), two_left, tables, 19, rng)
+    assert set(cycled[0, 1:].tolist()) == set(pool_of_video[:2].tolist())
+
+
+def test_epoch_rows_shard_evenly():
+    shards = [epoch_rows(103, 10, np.random.default_rng(3), rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    rows = np.concatenate([np.concatenate(s) for s in shards])
+    assert len(rows) == 102 and len(set(rows.tolist())) == 102
+    everything = epoch_rows(103, 10, None, 1, 2, drop_uneven=False)
+    assert sum(len(b) for b in everything) == 51
+
+
+# ----------------------------------------------------------------------------- vectors
+
+
+def test_vectors_join_by_raw_id_shards_and_missing_ids(tiny_prepared_dir, tmp_path):
+    videos = pq.read_table(Path(tiny_prepared_dir) / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
+    comments = pq.read_table(Path(tiny_prepared_dir) / "comments.parquet", columns=["comment_id"])["comment_id"].to_numpy()
+    video_vectors = np.arange(len(videos) * 4, dtype=np.float32).reshape(-1, 4)
+    comment_vectors = -np.arange(len(comments) * 4, dtype=np.float32).reshape(-1, 4)
+    reverse = np.arange(len(videos))[::-1]  # stored in another order: the join is by id
+    write_item_vectors(tmp_path / "v", videos[reverse], video_vectors[reverse], comments, comment_vectors, {"model": "t"})
+    video_text, comment_text = load_item_vectors(tmp_path / "v", tiny_prepared_dir)
+    assert video_text.shape == (len(videos) + 1, 4) and not video_text[0].any()
+    assert np.array_equal(video_text[1:], video_vectors) and np.array_equal(comment_text[1:], comment_vectors)
+
+    sharded = tmp_path / "sharded"
+    write_item_vectors(sharded, videos, video_vectors, comments, comment_vectors, {"model": "t"})
+    table = pq.read_table(sharded / "videos.parquet")
+    (sharded / "videos.parquet").unlink()
+    (sharded / "videos").mkdir()
+    pq.write_table(table.slice(0, 50), sharded / "videos" / "part-00000.parquet")
+    pq.write_table(table.slice(50), sharded / "videos" / "part-00001.parquet")
+    assert np.array_equal(load_item_vectors(sharded, tiny_prepared_dir)[0], video_text)
+
+    write_item_vectors(tmp_path / "missing", videos[1:], video_vectors[1:], comments, comment_vectors, {})
+    with pytest.raises(DataError, match=f"video_id {videos[0]}"):
+        load_item_vectors(tmp_path / "missing", tiny_prepared_dir)
+
+
+# ----------------------------------------------------------------------------- stage-1 checkpoint
+
+
+def test_load_stage1_checkpoint_strips_prefixes_and_pads_positions(tmp_path):
+    torch.manual_seed(0)
+    text = torch.randn(11, 8)
+    text[0] = 0
+    stage1 = LSVCRModel(ModelConfig(mode="text", max_position=20), 10, text, text)
+    prefixed = {f"base_model.model.reccom.{k}": v.to(torch.bfloat16) for k, v in stage1.state_dict().items()}
+    prefixed["base_model.model.contrast_adapter.weight"] = torch.zeros(64, 8)  # not part of the SR model
+    (tmp_path / "aligned").mkdir()
+    torch.save({"model_config": {}, "state_dict": prefixed, "mode": "frozen"}, tmp_path / "aligned" / "checkpoint.pt")
+
+    stage2 = LSVCRModel(ModelConfig(mode="id+text", max_position=50), 10, text, text)
+    report = load_stage1_checkpoint(stage2, tmp_path / "aligned")
+    assert "llm_adapter.weight" in report["loaded"] and "video_encoder.layers.1.feed_forward.dense_in.weight" in report["loaded"]
+    assert set(report["missing"]) == {"video_embedding.weight", "gate"}
+    assert any("contrast_adapter" in key for key in report["skipped"])
+    positions = stage2.video_position.weight.detach()
+    original = stage1.video_position.weight.detach().to(torch.bfloat16).float()
+    assert torch.equal(positions[:20], original)
+    assert torch.allclose(positions[20:], original.mean(0, keepdim=True).expand(30, -1))
+
+
+# ----------------------------------------------------------------------------- training in-process
+
+
+def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_dir, tiny_video_only_prepared_dir,
+                                                                 tiny_minilm_vectors_dir, tmp_path):
+    log_path = tmp_path / "log.jsonl"
+    config = _tiny_config("comment", epochs=2)
+    train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir, log_path=log_path,
+                                           report_to="local"))
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[0]["train_id_text"] > 0 and 0 <= rows[1]["valid_ndcg@5"] <= 1
+
+    for model in ({"architecture": "sasrec"}, {"mode": "id"}):
+        video_log = tmp_path / f"{model}.jsonl"
+        train_loop_per_worker(make_loop_config(_tiny_config("video", epochs=1, **model), tiny_video_only_prepared_dir,
+                                               None, log_path=video_log, report_to="local"))
+        row = json.loads(video_log.read_text().splitlines()[0])
+        assert np.isfinite(row["train_loss"]) and row["train_id_text"] == 0
+
+
+def test_bad_combinations_fail_with_one_clear_error(tiny_prepared_dir, tiny_video_only_prepared_dir, tmp_path):
+    with pytest.raises(DataError, match="comment task"):
+        run_finetune(_tiny_config("comment"), tiny_video_only_prepared_dir, None, tmp_path / "m")
+    with pytest.raises(ConfigError, match="--vectors"):
+        run_finetune(_tiny_config("video"), tiny_prepared_dir, None, tmp_path / "m")
+    with pytest.raises(ConfigError, match="needs text"):
+        run_finetune(_tiny_config("comment", mode="id"), tiny_prepared_dir, None, tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"finetune exited early with code {process.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {count} epochs logged in {timeout} s")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_latest_checkpoint(ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
+    out = tmp_path / "model"
+    config_file = tmp_path / "ft.yaml"
+    config_file.write_text("finetune:\n  max_epochs: 4\n  batch_size: 128\n")
+    command = [sys.executable, "-m", "lsvcr", "finetune", "--data", str(tiny_prepared_dir),
+               "--vectors", str(tiny_minilm_vectors_dir), "--task", "video", "--out", str(out),
+               "--config", str(config_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    live_log = tmp_path / ".model.partial" / "train_log.jsonl"
+    try:
+        _wait_for_lines(live_log, 2, process, timeout=240)  # epoch 2 logged → epoch 1's checkpoint is committed
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = [json.loads(line) for line in live_log.read_text().splitlines()]
+    assert not out.exists()
+
+    result = run_finetune(load_config(config_file, ["finetune.task=video"]), tiny_prepared_dir, tiny_minilm_vectors_dir, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    (resumed_after,) = metrics["resumed_after_epochs"]
+    assert 1 <= resumed_after <= len(before)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    for old, new in zip(before[:resumed_after], result.history[:resumed_after]):
+        assert old["train_loss"] == pytest.approx(new["train_loss"])  # kept, not retrained
+    assert {"model.pt", "inputs.json", "config.yaml", "metrics.json", "train_log.jsonl", "curves.png", "_SUCCESS"} <= {
+        p.name for p in out.iterdir()}
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert saved["task"] == "video" and saved["text_dim"] == 384 and saved["num_videos"] == 150
+    assert set(metrics["test"]) >= {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr@5", "mrr@10"}
+    assert metrics["protocol"]["name"] == "sampled"
+
+    # lsvcr evaluate on the finished model, with full ranking
+    from lsvcr.cli import main
+
+    assert main(["evaluate", "--model", str(out), "--full-ranking"]) == 0
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["test"]["ndcg@5"] == pytest.approx(metrics["test"]["ndcg@5"])
+    assert evaluated["full_ranking"]["protocol"]["name"] == "full"
+    assert evaluated["full_ranking"]["test"]["samples"] == evaluated["test"]["samples"]
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker(ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
+    runs = {}
+    for workers in (1, 2):
+        config = _tiny_config("comment", epochs=2)
+        config.finetune.num_workers = workers
+        runs[workers] = run_finetune(config, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path / f"w{workers}")
+    one, two = runs[1].history, runs[2].history
+    for a, b in zip(one, two):
+        assert a["train_ce"] == pytest.approx(b["train_ce"], rel=0.1)
+        assert a["valid_ndcg@5"] == pytest.approx(b["valid_ndcg@5"], abs=0.08)
+    assert runs[2].metrics["valid"]["samples"] == runs[1].metrics["valid"]["samples"]
