@@ -340,8 +340,13 @@ def _partial_dir(out: Path) -> Path:
 
 
 def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,
-                 init: str | Path | None = None) -> FinetuneResult:
-    """Train with Ray Train, then write MODEL/ (best weights, metrics on valid/test, logs, curves)."""
+                 init: str | Path | None = None, *, callbacks: list | None = None,
+                 resources_per_worker: dict[str, float] | None = None) -> FinetuneResult:
+    """Train with Ray Train, then write MODEL/ (best weights, metrics on valid/test, logs, curves).
+
+    `callbacks` are extra Ray Train `RunConfig` callbacks (e.g. Tune's `TuneReportCallback` when a Tune
+    trial drives this run); `resources_per_worker` replaces the default `{"CPU": threads_per_worker}`
+    (e.g. a fraction of a GPU per worker so that several sweep trials share one GPU)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -373,20 +378,21 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     (staging / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
 
     ensure_ray()
-    use_gpu = wants_gpu(config.finetune.use_gpu)
+    use_gpu = wants_gpu(config.finetune.use_gpu) or (resources_per_worker or {}).get("GPU", 0) > 0
     threads = config.finetune.threads_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.finetune.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": threads}),
+                                               resources_per_worker=resources_per_worker or {"CPU": threads}),
         run_config=ray.train.RunConfig(
             name="ray_train",
             storage_path=str(staging),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.finetune.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.finetune.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
