@@ -105,7 +105,7 @@ def write_synthetic_model(root: Path, num_videos: int, num_users: int, comments_
     model = LSVCRModel(config.model, num_videos, torch.zeros(num_videos + 1, text_dim), torch.zeros(num_comments + 1, text_dim))
     torch.save({"model_config": asdict(config.model), "task": "video", "num_videos": num_videos, "text_dim": text_dim,
                 "state_dict": model.state_dict()}, model_dir / "model.pt")
-    (model_dir / "inputs.json").write_text(json.dumps({"prepared": str(prepared), "vectors": str(vectors)}))
+    (model_dir / "inputs.json").write_text(json.dumps({"data": str(prepared), "vectors": str(vectors)}))
     save_config(config, model_dir / "config.yaml")
     (model_dir / "metrics.json").write_text(json.dumps({"task": "video", "model": "untrained (benchmark)",
                                                          "protocol": {}, "valid": {}, "test": {}}))

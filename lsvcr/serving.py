@@ -267,11 +267,10 @@ class LoadedModel:
     model: Any  # lsvcr.model.LSVCRModel, in eval mode
     config: LSVCRConfig
     prepared_dir: Path
-    vectors_dir: Path
+    vectors_dir: Path | None  # None for ID-only models
     history_length: int  # histories are truncated to the newest `history_length` items
     comments_per_record: int
     metrics: dict[str, Any]
-    inputs: dict[str, Any]
     version: str  # content hash of model.pt
 
     def describe(self) -> dict[str, Any]:
@@ -280,7 +279,7 @@ class LoadedModel:
             "version": self.version,
             "checkpoint": str(self.model_dir / "model.pt"),
             "prepared": str(self.prepared_dir),
-            "vectors": str(self.vectors_dir),
+            "vectors": str(self.vectors_dir) if self.vectors_dir else None,
             "mode": self.config.model.mode,
             "history_length": self.history_length,
             "comments_per_record": self.comments_per_record,
@@ -300,61 +299,30 @@ def _file_hash(path: Path) -> str:
 
 
 def load_model_dir(model_dir: str | Path, expected_task: str) -> LoadedModel:
-    """A MODEL/ dir of `lsvcr finetune` -> the SR model in eval mode with its text tables.
-
-    (Reads the documented files directly; the text tables are not in the checkpoint, so they come from
-    the VECTORS/ + PREPARED/ named in inputs.json.)"""
+    """A MODEL/ dir of `lsvcr finetune` (local or URI) -> the SR model in eval mode, with the text
+    tables of the PREPARED/ + VECTORS/ named in its inputs.json (via `lsvcr.evaluate.load_trained_model`)."""
     from lsvcr import storage
-    from lsvcr.config import ModelConfig
-    from lsvcr.model import LSVCRModel
-    from lsvcr.vectors import load_item_vectors
+    from lsvcr.evaluate import load_trained_model
 
-    model_dir = storage.pull(str(model_dir)) if storage.is_remote(str(model_dir)) else Path(model_dir)
-    checkpoint_path = model_dir / "model.pt"
-    if not checkpoint_path.is_file():
-        raise ModelNotFoundError(f"{checkpoint_path} not found: is {model_dir} a MODEL dir of `lsvcr finetune`?")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    task = checkpoint.get("task")
-    if task != expected_task:
-        raise ConfigError(f"{model_dir} holds a {task!r} model; --{expected_task}-model needs a {expected_task!r} model")
-    inputs = json.loads((model_dir / "inputs.json").read_text())
-    prepared_dir, vectors_dir = (_input_dir(inputs, key, model_dir) for key in ("prepared", "vectors"))
-    config = load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else LSVCRConfig()
-    model_config = ModelConfig(**checkpoint["model_config"])
-    video_text = comment_text = None
-    if model_config.mode != "id":
-        video_array, comment_array = load_item_vectors(vectors_dir, prepared_dir)
-        video_text = torch.from_numpy(video_array)
-        comment_text = None if comment_array is None else torch.from_numpy(comment_array)
-    model = LSVCRModel(model_config, int(checkpoint["num_videos"]), video_text, comment_text)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
+    model_dir = (storage.pull(str(model_dir)) if storage.is_remote(str(model_dir)) else Path(model_dir)).resolve()
+    trained = load_trained_model(model_dir)
+    if trained.task != expected_task:
+        raise ConfigError(f"{model_dir} holds a {trained.task!r} model; --{expected_task}-model needs a {expected_task!r} model")
+    if trained.config.model.architecture != "lsvcr":
+        raise ConfigError(f"{model_dir} holds a {trained.config.model.architecture!r} baseline; serving runs the LSVCR backbone")
     metrics_path = model_dir / "metrics.json"
     return LoadedModel(
-        task=task,
-        model_dir=model_dir.resolve(),
-        model=model,
-        config=config,
-        prepared_dir=prepared_dir,
-        vectors_dir=vectors_dir,
-        history_length=min(config.finetune.history_length, model_config.max_position),
-        comments_per_record=config.data.max_comments_per_record,
+        task=trained.task,
+        model_dir=model_dir,
+        model=trained.model,
+        config=trained.config,
+        prepared_dir=trained.data_dir.resolve(),
+        vectors_dir=trained.vectors_dir.resolve() if trained.vectors_dir else None,
+        history_length=min(trained.config.finetune.history_length, trained.config.model.max_position),
+        comments_per_record=trained.config.data.max_comments_per_record,
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
-        inputs=inputs,
-        version=_file_hash(checkpoint_path),
+        version=_file_hash(model_dir / "model.pt"),
     )
-
-
-def _input_dir(inputs: dict[str, Any], key: str, model_dir: Path) -> Path:
-    from lsvcr import storage
-
-    value = inputs.get(key)
-    if not value:
-        raise DataError(f"{model_dir}/inputs.json has no '{key}' entry (the {key.upper()}/ dir the model was trained on)")
-    path = storage.pull(value) if storage.is_remote(value) else Path(value)
-    if not path.is_dir():
-        raise DataError(f"{model_dir}/inputs.json: {key} dir {path} does not exist")
-    return path
 
 
 def read_cold_video_vectors(vectors_dir: Path, catalog: Catalog) -> tuple[np.ndarray, torch.Tensor]:
@@ -457,7 +425,7 @@ class Recommender:
             raise ConfigError(f"the video and comment models were trained on different PREPARED dirs: {sorted(map(str, prepared))}")
         catalog = Catalog(models[0].prepared_dir)
         cold_ids, cold_text = (None, None)
-        if video is not None and video.model.use_text:
+        if video is not None and video.model.use_text and video.vectors_dir is not None:
             cold_ids, cold_text = read_cold_video_vectors(video.vectors_dir, catalog)
         return cls(video, comment, catalog, cold_ids, cold_text)
 

@@ -34,24 +34,18 @@ COLD_VIDEO_IDS = np.array([7_000_000_001, 7_000_000_002, 7_000_000_003], dtype=n
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
-
-    root = tmp_path_factory.mktemp("serving-data")
-    write_synthetic(root / "raw", PRESETS["tiny"])
-    prepare(root / "raw", root / "prepared")
-    return root / "prepared"
+def prepared_dir(tiny_prepared_dir) -> Path:
+    return tiny_prepared_dir
 
 
 @pytest.fixture(scope="module")
-def vectors_dir(prepared_dir: Path) -> Path:
+def vectors_dir(prepared_dir: Path, tmp_path_factory) -> Path:
     """Random text vectors for every video and comment, plus videos unknown to PREPARED (cold)."""
     rng = np.random.default_rng(0)
     video_ids = pq.read_table(prepared_dir / "videos.parquet")["video_id"].to_numpy()
     comment_ids = pq.read_table(prepared_dir / "comments.parquet")["comment_id"].to_numpy()
     all_video_ids = np.concatenate([video_ids, COLD_VIDEO_IDS])
-    out = prepared_dir.parent / "vectors"
+    out = tmp_path_factory.mktemp("serving") / "vectors"
     write_item_vectors(out, all_video_ids, rng.standard_normal((len(all_video_ids), TEXT_DIM)),
                        comment_ids, rng.standard_normal((len(comment_ids), TEXT_DIM)), {"model": "random"})
     return out
@@ -72,7 +66,7 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     out.mkdir(parents=True)
     torch.save({"model_config": asdict(config.model), "task": task, "num_videos": len(video_text) - 1,
                 "text_dim": TEXT_DIM, "state_dict": model.state_dict()}, out / "model.pt")
-    (out / "inputs.json").write_text(json.dumps({"prepared": str(prepared_dir), "vectors": str(vectors_dir)}))
+    (out / "inputs.json").write_text(json.dumps({"data": str(prepared_dir), "vectors": str(vectors_dir)}))
     save_config(config, out / "config.yaml")
     (out / "metrics.json").write_text(json.dumps({"task": task, "model": "lsvcr", "protocol": {"candidates": 100},
                                                   "valid": {"ndcg@5": 0.1}, "test": {"ndcg@5": 0.1}}))
@@ -81,7 +75,7 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
 
 @pytest.fixture(scope="module")
 def model_dirs(prepared_dir: Path, vectors_dir: Path) -> dict[str, Path]:
-    root = prepared_dir.parent / "models"
+    root = vectors_dir.parent / "models"
     return {task: _write_model_dir(root / task, task, prepared_dir, vectors_dir, seed)
             for task, seed in (("video", 1), ("comment", 2))}
 
@@ -365,12 +359,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, model_dirs):
+def finetuned_model_dirs(ray_cluster, model_dirs, prepared_dir, vectors_dir) -> dict[str, Path]:
+    """The video model trained for real by `lsvcr finetune` (Ray Train, 1 epoch on the tiny data), so the
+    HTTP test serves an actual MODEL/ output; the comment model stays the constructed one."""
+    from lsvcr.finetune import run_finetune
+
+    config = LSVCRConfig()
+    config.finetune.task = "video"
+    config.finetune.max_epochs = 1
+    config.finetune.batch_size = 256
+    config.finetune.history_length = HISTORY_LENGTH
+    config.data.max_comments_per_record = 2
+    result = run_finetune(config, prepared_dir, vectors_dir, vectors_dir.parent / "finetuned_video")
+    return {"video": result.out_dir, "comment": model_dirs["comment"]}
+
+
+@pytest.fixture(scope="module")
+def served_recommender(finetuned_model_dirs) -> Recommender:
+    """The same models as the HTTP app, in-process: the reference for the HTTP answers."""
+    return Recommender.from_model_dirs(finetuned_model_dirs["video"], finetuned_model_dirs["comment"])
+
+
+@pytest.fixture(scope="module")
+def served(finetuned_model_dirs):
     from lsvcr.serving import start_serving, stop_serving
 
     config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
                          max_k=500, max_history_items=200, max_body_bytes=20_000)
-    base_url = start_serving(model_dirs["video"], model_dirs["comment"], config)
+    base_url = start_serving(finetuned_model_dirs["video"], finetuned_model_dirs["comment"], config)
     try:
         yield base_url
     finally:
@@ -378,16 +394,20 @@ def served(ray_cluster, model_dirs):
 
 
 @pytest.mark.slow
-def test_http_endpoints_match_the_offline_model(served, recommender, model_dirs, prepared_dir, vectors_dir):
+def test_http_endpoints_match_the_offline_model(served, finetuned_model_dirs, served_recommender, prepared_dir, vectors_dir):
+    recommender = served_recommender
     import requests
 
     assert requests.get(f"{served}/healthz", timeout=30).json() == {"status": "ok"}
     response = requests.get(f"{served}/v1/model", timeout=30)
     assert response.status_code == 200, response.text
     info = response.json()
+    model_dirs = finetuned_model_dirs
+    trained_metrics = json.loads((model_dirs["video"] / "metrics.json").read_text())
     assert info["models"]["video"]["checkpoint"] == str(model_dirs["video"].resolve() / "model.pt")
+    assert info["models"]["video"]["metrics"]["test"] == trained_metrics["test"]
+    assert info["models"]["video"]["protocol"] == trained_metrics["protocol"]
     assert info["models"]["comment"]["metrics"]["test"] == {"ndcg@5": 0.1}
-    assert info["models"]["video"]["protocol"] == {"candidates": 100}
     assert info["versions"]["ray"] and info["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
 
     # Video endpoint: top-k scores equal the offline model's logits on the same history.
@@ -415,7 +435,8 @@ def test_http_endpoints_match_the_offline_model(served, recommender, model_dirs,
 
 
 @pytest.mark.slow
-def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(served, recommender):
+def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(served, served_recommender):
+    recommender = served_recommender
     import requests
 
     catalog = recommender.catalog
