@@ -13,7 +13,7 @@ import pytest
 from lsvcr.config import PrepareConfig
 from lsvcr.data import prepared, schema
 from lsvcr.data.prepare import prepare
-from lsvcr.errors import DataError
+from lsvcr.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +224,17 @@ def test_prepare_is_fast_and_replaces_output_atomically(tiny_raw_dir, tmp_path):
     out = tmp_path / "prepared"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    with pytest.raises(ConfigError, match="not a finished lsvcr output"):
+        prepare(tiny_raw_dir, out)  # never replace a directory that is not ours
+    (out / "_SUCCESS").write_text("")  # a finished earlier output: replaced
+    (tmp_path / ".prepared.tmp-999999999-deadbeef").mkdir()  # left by a killed run
     started = time.perf_counter()
     prepare(tiny_raw_dir, out)
     assert time.perf_counter() - started < 2.0
     assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temporary directories left
+    with pytest.raises(ConfigError, match="would replace the raw data"):
+        prepare(tiny_raw_dir, tiny_raw_dir.parent)
 
 
 def _write_hand_made(directory):

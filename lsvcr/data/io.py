@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from lsvcr.data.schema import RawTableSpec
-from lsvcr.errors import DataError
+from lsvcr.errors import ConfigError, DataError
 
 RAW_SUFFIXES = (".parquet", ".csv")
 
@@ -45,7 +45,7 @@ def read_table(path: Path, spec: RawTableSpec | None = None) -> pa.Table:
         column_types, include_columns = {}, []
         if spec is not None:
             column_types = {f.name: f.type for f in spec.schema if pa.types.is_string(f.type)}
-            with open(path, encoding="utf-8", newline="") as handle:
+            with open(path, encoding="utf-8-sig", newline="") as handle:
                 header = next(csv.reader(handle), [])
             include_columns = [name for name in header if name in spec.used]
         return pa_csv.read_csv(
@@ -68,17 +68,36 @@ def write_json(data: Any, path: Path) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary siblings left by killed runs (their process is gone) are removed."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `path`; on success it replaces `path`, on error it is removed.
 
     A killed or failed job therefore never leaves a half-written `path` behind. The finished directory
-    carries the `_SUCCESS` marker of `lsvcr.storage`, written last.
+    carries the `_SUCCESS` marker of `lsvcr.storage`, written last. An existing `path` is replaced only
+    if it is empty or a finished output (has `_SUCCESS`): never a directory of something else.
     """
-    from lsvcr.storage import mark_finished
+    from lsvcr.storage import SUCCESS_MARKER, mark_finished
 
     path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / SUCCESS_MARKER).exists())):
+        raise ConfigError(
+            f"output {path} exists and is not a finished lsvcr output (no {SUCCESS_MARKER}); "
+            "refusing to replace it: choose another --out or remove it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:

@@ -46,7 +46,7 @@ from lsvcr.config import PrepareConfig, load_config
 from lsvcr.data import schema
 from lsvcr.data.importers import SYNTHETIC_MARKER, RawTables, load_raw
 from lsvcr.data.io import atomic_output_dir, write_json, write_parquet
-from lsvcr.errors import DataError
+from lsvcr.errors import ConfigError, DataError
 
 log = logging.getLogger("lsvcr.data")
 
@@ -405,6 +405,9 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
     """Read, validate and convert `raw_dir`; write PREPARED/ atomically to `out_dir`. Returns the manifest."""
     config = config or PrepareConfig()
     started = time.perf_counter()
+    raw_path, out_path = Path(raw_dir).resolve(), Path(out_dir).resolve()
+    if out_path == raw_path or out_path in raw_path.parents:
+        raise ConfigError(f"--out {out_dir} would replace the raw data in {raw_dir}: choose another directory")
     raw = load_raw(raw_dir)
     filters: list[str] = []
 
