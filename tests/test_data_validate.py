@@ -129,10 +129,13 @@ def test_bad_raw_data_is_reported_clearly(case, raw_frames, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no half-written output or temp dir
 
 
-def test_valid_tables_in_csv_pass(raw_frames, tmp_path):
+def test_valid_tables_in_csv_give_the_same_samples_as_parquet(raw_frames, tmp_path, tiny_prepared_dir):
     raw = write_raw(tmp_path / "raw", raw_frames, "csv")
     manifest = prepare(raw, tmp_path / "out")
     assert manifest["has_comments"] and manifest["counts"]["video_samples"]["test"] > 0
+    for name in ("videos", "comments", "video_samples.test", "comment_samples.valid", "video_samples.train"):
+        from_csv = pq.read_table(tmp_path / "out" / f"{name}.parquet")
+        assert from_csv.equals(pq.read_table(tiny_prepared_dir / f"{name}.parquet")), name
 
 
 def test_cli_missing_column_exits_2_with_one_line(raw_frames, tmp_path, capsys):
