@@ -145,9 +145,11 @@ def choose_signal(raw: RawTables, user_index: np.ndarray, num_users: int, config
         return raw.fixed_signal, []
     notes = []
     candidates = SIGNAL_ORDER[SIGNAL_ORDER.index(config.video_signal):]
+    # The median over users with video interactions (comment-only users would drag it to zero).
+    has_videos = np.bincount(user_index, minlength=num_users + 1)[1:] > 0
     for signal in candidates:
         flags = raw.interactions.column(SIGNAL_COLUMNS[signal]).to_numpy() > 0
-        median = float(np.median(np.bincount(user_index[flags], minlength=num_users + 1)[1:]))
+        median = float(np.median(np.bincount(user_index[flags], minlength=num_users + 1)[1:][has_videos]))
         if median >= config.min_median_positives:
             return signal, notes
         last = signal == candidates[-1]
