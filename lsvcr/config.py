@@ -83,6 +83,8 @@ class FinetuneConfig:
     exclude_seen: bool = True  # in full ranking, drop videos already in the history
     checkpoints_to_keep: int = 2  # Ray Train CheckpointConfig(num_to_keep)
     max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint after a lost worker
+    # Batches of similar history lengths (shuffled within buckets), padding trimmed: same samples, less compute.
+    length_bucketing: bool = True
 
 
 @dataclass

@@ -301,3 +301,15 @@ def test_hand_made_ties_prefixes_and_splits(tmp_path):
     assert capped["counts"]["video_samples"] == {"train": 2, "valid": 1, "test": 1}
     assert capped["counts"]["dropped_old_train_targets"]["video"] == 1
     assert set(_samples(tmp_path / "capped", "video", "train").target_video) == {v[13], v[12]}
+
+
+def test_rerun_keeps_an_up_to_date_output(tiny_raw_dir, tmp_path):
+    out = tmp_path / "out"
+    first = prepare(tiny_raw_dir, out)
+    written = (out / "manifest.json").stat().st_mtime_ns
+    assert prepare(tiny_raw_dir, out) == first
+    assert (out / "manifest.json").stat().st_mtime_ns == written  # kept, not rewritten
+    prepare(tiny_raw_dir, out, force=True)
+    assert (out / "manifest.json").stat().st_mtime_ns != written
+    changed = prepare(tiny_raw_dir, out, PrepareConfig(max_history=3))
+    assert changed["config"]["max_history"] == 3 and changed["input_fingerprint"] != first["input_fingerprint"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -403,13 +404,38 @@ def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return (np.searchsorted(sorted_ids, ids) + 1).astype(np.int32)
 
 
-def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | None = None) -> dict:
-    """Read, validate and convert `raw_dir`; write PREPARED/ atomically to `out_dir`. Returns the manifest."""
+def input_fingerprint(raw_dir: Path, config: PrepareConfig) -> str:
+    """Hash of the data config and of the raw files' names, sizes and modification times."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in Path(raw_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+    text = json.dumps({"format_version": schema.FORMAT_VERSION, "config": dataclasses.asdict(config), "files": files})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finished_manifest(out_dir: Path, fingerprint: str) -> dict | None:
+    manifest_path = out_dir / "manifest.json"
+    if not (out_dir / "_SUCCESS").exists() or not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    return manifest if manifest.get("input_fingerprint") == fingerprint else None
+
+
+def prepare(
+    raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | None = None, force: bool = False
+) -> dict:
+    """Read, validate and convert `raw_dir`; write PREPARED/ atomically to `out_dir`. Returns the manifest.
+
+    A finished `out_dir` made from the same raw files and config is kept as it is (unless `force`)."""
     config = config or PrepareConfig()
     started = time.perf_counter()
     raw_path, out_path = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if out_path == raw_path or out_path in raw_path.parents:
         raise ConfigError(f"--out {out_dir} would replace the raw data in {raw_dir}: choose another directory")
+    fingerprint = input_fingerprint(raw_path, config) if raw_path.is_dir() else ""
+    finished = None if force or not fingerprint else _finished_manifest(out_path, fingerprint)
+    if finished is not None:
+        log.info("%s is up to date (same raw files and data config): kept; --force recomputes it", out_dir)
+        return finished
     raw = load_raw(raw_dir)
     filters: list[str] = []
 
@@ -527,6 +553,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, config: PrepareConfig | No
             },
             "id_maps": {name: f"id_map.{name}.parquet" for name in raw.id_maps},
             "config": dataclasses.asdict(config),
+            "input_fingerprint": fingerprint,
             "seconds": round(time.perf_counter() - started, 3),
         }
         if not raw.has_comments:
@@ -580,11 +607,13 @@ def _write_samples(
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", required=True, help="raw data directory (KuaiComt layout, RecBole, or CSV)")
     parser.add_argument("--out", required=True, help="PREPARED output directory (replaced atomically)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if --out is a finished output of the same raw files and config")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    manifest = prepare(args.raw, args.out, config.data)
+    manifest = prepare(args.raw, args.out, config.data, force=args.force)
     print(json.dumps({"out": str(args.out), "video_signal": manifest["video_signal"],
                       "has_comments": manifest["has_comments"], "counts": manifest["counts"]}))
     return 0
