@@ -433,11 +433,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (KuaiComt layout)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                         help="named scale (tiny: tests, demo: default, bench: ~1M impressions)")
-    parser.add_argument("--users", type=int, default=None)
-    parser.add_argument("--videos", type=int, default=None)
-    parser.add_argument("--comments-per-video", type=int, default=None)
-    parser.add_argument("--impressions-per-user", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--users", type=int, default=None, help="number of users (default: the preset's)")
+    parser.add_argument("--videos", type=int, default=None, help="number of videos (default: the preset's)")
+    parser.add_argument("--comments-per-video", type=int, default=None,
+                        help="mean comments per video, Poisson (default: the preset's)")
+    parser.add_argument("--impressions-per-user", type=float, default=None,
+                        help="mean video impressions per user before de-duplication (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 2024)")
     parser.add_argument("--format", choices=("parquet", "csv", "recbole"), default="parquet",
                         help="parquet/csv: KuaiComt layout; recbole: video-only RecBole atomic files (likes)")
 
