@@ -806,6 +806,14 @@ def cli_main(args: argparse.Namespace) -> int:
         config.serve.host = args.host
     if args.port:
         config.serve.port = args.port
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and `kill` both stop Serve cleanly (a background job may start with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
     base_url = start_serving(args.video_model, args.comment_model, config)
     try:
         import urllib.request
