@@ -67,9 +67,8 @@ class SASRec(nn.Module):
         user = self.user_vector(batch.video_history) if states is None else states.video_states[:, 0]
         if candidates is None:
             logits = user @ self.item_embedding.weight.T
-            pad = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-            pad[0] = True
-            return logits.masked_fill(pad, float("-inf"))
+            logits[:, 0] = float("-inf")
+            return logits
         logits = (self.item_embedding(candidates) @ user.unsqueeze(-1)).squeeze(-1)
         return logits.masked_fill(candidates == 0, float("-inf"))
 

@@ -254,18 +254,28 @@ def sample_comment_candidates(
     return candidates, labels
 
 
+def _trim(array: np.ndarray, axis: int) -> np.ndarray:
+    """Drop trailing all-padding columns along `axis` (keeping at least one): right-padded histories
+    with left-aligned positions give exactly the same model output, for a fraction of the compute."""
+    occupied = (array != 0).any(axis=tuple(a for a in range(array.ndim) if a != axis))
+    width = max(1, int(occupied.nonzero()[0].max(initial=-1)) + 1)
+    return array.take(np.arange(width), axis=axis)
+
+
 def make_batch(
     arrays: SampleArrays, tables: ItemTables, rows: np.ndarray, *, rng: np.random.Generator | None,
     comment_negatives: int = 19,
 ) -> Batch:
     """Rows of `arrays` → a `Batch`. `rng` given = training (random hot comments, sampled comment
     negatives); `rng=None` = evaluation (top-1 hot comment, the frozen candidate lists)."""
-    video_history = arrays.video_history[rows]
+    video_history = _trim(arrays.video_history[rows], axis=1)
+    comment_videos = _trim(arrays.comment_history_videos[rows], axis=1)
+    comments = arrays.comment_history_comments[rows][:, : comment_videos.shape[1]]
     history = HistoryBatch(
         video_history=torch.from_numpy(video_history),
         video_history_hot_comment=torch.from_numpy(hot_comments_for(video_history, tables, rng)),
-        comment_history_videos=torch.from_numpy(arrays.comment_history_videos[rows]),
-        comment_history_comments=torch.from_numpy(arrays.comment_history_comments[rows]),
+        comment_history_videos=torch.from_numpy(comment_videos),
+        comment_history_comments=torch.from_numpy(np.ascontiguousarray(_trim(comments, axis=2))),
     )
     target_video = arrays.target_video[rows]
     candidates = labels = None
@@ -279,11 +289,32 @@ def make_batch(
     return Batch(history, torch.from_numpy(target_video), as_tensor(candidates), as_tensor(labels))
 
 
+def history_lengths(arrays: SampleArrays) -> np.ndarray:
+    """Non-pad items per sample over both histories (the cost of a sample in the model)."""
+    return (arrays.video_history != 0).sum(axis=1) + (arrays.comment_history_videos != 0).sum(axis=1)
+
+
 def epoch_rows(num_samples: int, batch_size: int, rng: np.random.Generator | None, rank: int = 0,
-               world_size: int = 1, drop_uneven: bool = True) -> list[np.ndarray]:
+               world_size: int = 1, drop_uneven: bool = True, lengths: np.ndarray | None = None,
+               bucket_batches: int = 32) -> list[np.ndarray]:
     """This rank's batches of row indices for one epoch: a shuffled permutation (or the identity when
-    `rng` is None) split into equal per-rank shards, so every DDP rank runs the same number of steps."""
+    `rng` is None) split into equal per-rank shards, so every DDP rank runs the same number of steps.
+
+    With `lengths`, rows are bucketed: each run of `bucket_batches` batches of the permutation is
+    sorted by history length before being cut into batches, and the batches are then shuffled. Batches
+    of similar lengths waste little compute on padding (`make_batch` trims it); the samples of an epoch
+    and their randomness are unchanged. Without `rng`, rows are sorted by length (evaluation)."""
     order = rng.permutation(num_samples) if rng is not None else np.arange(num_samples)
     per_rank = num_samples // world_size if drop_uneven else -(-num_samples // world_size)
     shard = order[rank * per_rank: (rank + 1) * per_rank]
-    return [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]
+    if lengths is None:
+        return [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]
+    chunk = batch_size * bucket_batches if rng is not None else max(len(shard), 1)
+    batches = []
+    for start in range(0, len(shard), chunk):
+        part = shard[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lsvcr.batching import ItemTables, SampleArrays, epoch_rows, load_item_tables, load_sample_arrays, make_batch
+from lsvcr.batching import (
+    ItemTables, SampleArrays, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch,
+)
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.errors import DataError, ModelNotFoundError
 from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
@@ -111,7 +113,8 @@ def evaluate_arrays(
     accumulator = MetricAccumulator(METRIC_NAMES)
     was_training = model.training
     model.eval()
-    batches = epoch_rows(len(arrays), batch_size, None, rank, world_size, drop_uneven=False)
+    batches = epoch_rows(len(arrays), batch_size, None, rank, world_size, drop_uneven=False,
+                         lengths=history_lengths(arrays))
     if progress:
         from tqdm.auto import tqdm
 

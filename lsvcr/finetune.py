@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsvcr import storage
-from lsvcr.batching import Batch, epoch_rows, load_item_tables, load_sample_arrays, make_batch
+from lsvcr.batching import Batch, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.metrics import METRIC_NAMES
@@ -194,6 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                config.data.max_comments_per_record)
     valid = load_sample_arrays(data_dir, settings.task, "valid", settings.history_length,
                                config.data.max_comments_per_record)
+    train_lengths = history_lengths(train)
     video_text, comment_text = _load_text(config, data_dir, vectors_dir)
     model = build_model(config.model, tables.num_videos, video_text, comment_text)
 
@@ -233,7 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
         # finetune.batch_size is the global batch: DDP averages the ranks' gradients of their shares.
         per_rank_batch = -(-settings.batch_size // context.world_size)
-        batches = epoch_rows(len(train), per_rank_batch, shuffle_rng, context.rank, context.world_size)
+        batches = epoch_rows(len(train), per_rank_batch, shuffle_rng, context.rank, context.world_size,
+                             lengths=train_lengths if settings.length_bucketing else None)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
         progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
         for rows in progress:

@@ -39,8 +39,13 @@ def masked_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
 
     A row with no valid key returns all zeros (not NaN, not a uniform spread over padding).
     """
-    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1) * key_mask.to(scores.dtype)
+    # Masked keys get exactly 0 weight (exp underflows to 0 next to any valid key) ...
+    weights = torch.softmax(scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min), dim=-1)
+    has_key = key_mask.any(dim=-1, keepdim=True)
+    if has_key.all():
+        return weights
+    # ... and rows without any valid key (e.g. an empty history) are zeroed instead of spread over padding.
+    return weights * has_key.to(weights.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -400,12 +405,10 @@ class LSVCRModel(nn.Module):
 
     def _cosine_logits(self, user: Tensor, candidates: Tensor) -> Tensor:
         """user [B, H]; candidates normalized [N, H] (shared) or [B, N, H] (per row) → [B, N]."""
-        user = F.normalize(user, dim=-1)
+        user = F.normalize(user, dim=-1) / self.config.temperature  # τ folded in: no extra pass over [B, N]
         if candidates.dim() == 2:
-            logits = user @ candidates.T
-        else:
-            logits = (candidates @ user.unsqueeze(-1)).squeeze(-1)
-        return logits / self.config.temperature
+            return user @ candidates.T
+        return (candidates @ user.unsqueeze(-1)).squeeze(-1)
 
     def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, *, states: HistoryStates | None = None,
                      video_text: Tensor | None = None, comment_text: Tensor | None = None) -> Tensor:
@@ -416,9 +419,8 @@ class LSVCRModel(nn.Module):
         user = self.video_user_vector(states)
         if candidates is None:
             logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
-            is_pad_column = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-            is_pad_column[0] = True
-            return logits.masked_fill(is_pad_column, float("-inf"))
+            logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
+            return logits
         logits = self._cosine_logits(user, self.video_candidate_vectors(candidates, video_text))
         return logits.masked_fill(candidates == 0, float("-inf"))
 
