@@ -262,14 +262,20 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         host, port = config.host, config.port
         asyncio.run(_load(host, port, bodies, 4, 5))  # warm-up
 
-        handle = serve.get_deployment_handle("RecommenderModel", app_name=APP_NAME)
         requests = [VideoRequest.model_validate_json(body) for body in bodies]
-        latencies = []
-        end = time.perf_counter() + min(duration, 10)
-        while time.perf_counter() < end:
-            start = time.perf_counter()
-            handle.recommend_videos.remote(requests[len(latencies) % len(requests)]).result()
-            latencies.append((time.perf_counter() - start) * 1000)
+
+        async def call_through_handle() -> list[float]:
+            # Inside a running loop: works whether or not Serve runs its router in a separate loop.
+            handle = serve.get_deployment_handle("RecommenderModel", app_name=APP_NAME)
+            latencies: list[float] = []
+            end = time.perf_counter() + min(duration, 10)
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                await handle.recommend_videos.remote(requests[len(latencies) % len(requests)])
+                latencies.append((time.perf_counter() - start) * 1000)
+            return latencies
+
+        latencies = asyncio.run(call_through_handle())
         results["handle_1_client"] = {"requests": len(latencies), **percentiles(latencies)}
         print(f"handle, 1 client: {results['handle_1_client']}", flush=True)
 

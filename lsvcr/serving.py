@@ -672,11 +672,18 @@ class Gateway:
         self.config = ServeConfig(**serve_config)
 
     async def _call(self, method: str, request: Request, schema: type[VideoRequest]) -> JSONResponse:
+        limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            return _error_response(RequestError(413, "body", f"body of {declared} bytes exceeds max_body_bytes={self.config.max_body_bytes}"))
+        too_large = RequestError(413, "body", f"body exceeds max_body_bytes={limit}")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _error_response(too_large)
+        body = bytearray()
+        async for chunk in request.stream():  # chunked bodies have no length: stop reading at the limit
+            body += chunk
+            if len(body) > limit:
+                return _error_response(too_large)
         try:
-            parsed = parse_request(await request.body(), schema, self.config)
+            parsed = parse_request(bytes(body), schema, self.config)
         except RequestRejected as rejected:
             return _error_response(rejected.error)
         result = await self._remote_with_retry(method, parsed)
@@ -696,6 +703,9 @@ class Gateway:
                 if attempt == 2:
                     return RequestError(503, None, "the model replica is unavailable; retry shortly")
                 log.warning("model replica died during %s; retrying", method)
+            except Exception as error:  # noqa: BLE001 - a server bug: still a JSON error, logged with its trace
+                log.exception("%s failed", method)
+                return RequestError(500, None, f"internal error: {type(error).__name__}")
 
     @api.post("/v1/recommend/videos")
     async def recommend_videos(self, request: Request) -> JSONResponse:

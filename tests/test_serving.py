@@ -467,6 +467,9 @@ def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(
         assert response.status_code == status, (body[:80], response.text)
         assert response.json()["error"]["field"] == field, (body[:80], response.text)
         assert response.json()["error"]["message"]
+    # A chunked body has no Content-Length: it is cut off at the limit too.
+    response = requests.post(videos, data=(b" " * 1000 for _ in range(30)), timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["field"] == "body"
     # Long (but allowed) histories are truncated to the model's limit, and the response says so.
     long_history = catalog.video_ids[1:1 + HISTORY_LENGTH + 5].tolist()
     response = requests.post(videos, json={"video_history": long_history, "k": 3}, timeout=30)
