@@ -142,8 +142,10 @@ class TuneConfig:
     max_concurrent: int = 2
     max_epochs: int = 10
     grace_period: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    # CPUs reserved by each trial's driver function. It only waits on its Ray Train workers, which reserve
+    # finetune.threads_per_worker CPUs each, so 0 lets trials share a small machine deliberately.
+    cpus_per_trial: float = 0.0
+    gpus_per_trial: float = 0.0  # GPUs per trial, split evenly across its finetune.num_workers Train workers
     seed: int = 2024
 
 
@@ -276,6 +278,12 @@ def config_from_dict(values: dict[str, Any]) -> LSVCRConfig:
     _update(config, values, "")
     validate_config(config)
     return config
+
+
+def update_config(config: LSVCRConfig, values: dict[str, Any]) -> None:
+    """Apply a nested mapping shaped like a config file (`{"finetune": {"lr": 3e-4}}`) onto `config`,
+    with the same key and type checks; call `validate_config` afterwards for cross-field checks."""
+    _update(config, values, "")
 
 
 def apply_override(config: LSVCRConfig, override: str) -> None:
