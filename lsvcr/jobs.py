@@ -35,3 +35,35 @@ def job_main(stages: tuple[str, ...], description: str, argv: list[str] | None =
     print(json.dumps({"stages": list(stages), "timings_s": run.timings, "skipped": run.skipped,
                       "storage": run.layout.root}, indent=2), flush=True)
     return 0
+
+
+def tune_job_main(argv: list[str] | None = None) -> int:
+    """A sweep on the pipeline's outputs: PREPARED/ + ALIGNED/ vectors, fine-tuning from the aligned checkpoint."""
+    from lsvcr import storage
+    from lsvcr.pipeline import StageLayout
+    from lsvcr.runtime import ensure_ray
+    from lsvcr.tune import load_space, run_tune
+
+    parser = argparse.ArgumentParser(description="Ray Tune sweep over stage-2 fine-tuning of the pipeline's outputs")
+    parser.add_argument("--config", required=True, help="job YAML (sections of LSVCRConfig)")
+    parser.add_argument("--space", required=True, help="search-space YAML (configs/tune_space.yaml documents it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        space = load_space(args.space)
+        layout = StageLayout(config.paths.storage)
+        for name, uri in (("prepare", layout.prepared), ("align", layout.aligned)):
+            if not storage.is_finished(uri):
+                raise LSVCRError(f"tune needs the finished {name} stage at {uri}; submit ray_jobs/pipeline.py first")
+        ensure_ray()
+        aligned = storage.pull(layout.aligned)
+        out = storage.local_dir(layout.uri("tune", config.finetune.task))
+        summary = run_tune(config, space, storage.pull(layout.prepared), aligned / "vectors", out,
+                           init=aligned / "checkpoint.pt")
+    except LSVCRError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"sweep": str(out), "best_trial": summary.best_trial_id}, indent=2), flush=True)
+    return 0
