@@ -173,10 +173,11 @@ def _load_text(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None):
     return load_text_tables(config, data_dir, vectors_dir)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict:
     """One Ray Train worker (or a Tune trial with `report_to="tune"`). Keys of `loop_config`: config
     (dict of LSVCRConfig), data_dir, vectors_dir, init, log_path (rank 0 appends train_log.jsonl
-    there if set), report_to ("train" | "tune" | "local")."""
+    there if set), report_to ("train" | "tune" | "local"). Returns the final training state
+    (history, best_state, best_epoch, ...); Ray ignores it, in-process callers ("local") use it."""
     from lsvcr.baselines import build_model
     from lsvcr.evaluate import evaluate_arrays
     from lsvcr.runtime import set_threads
@@ -279,6 +280,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                      SELECTION_METRIC, valid_metrics[SELECTION_METRIC], state["best"], state["best_epoch"],
                      row["samples_per_second"])
         _report_epoch(context, row, state, model, optimizer)
+    return state
 
 
 def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:

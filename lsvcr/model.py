@@ -264,21 +264,35 @@ class LSVCRModel(nn.Module):
     def _gated_id(self, video_idx: Tensor) -> Tensor:
         return self.gate * self.video_embedding(video_idx)
 
+    def adapt_text(self, table: Tensor, index: Tensor) -> Tensor:
+        """A(table[index]). A is linear without bias, so A(table)[index] is the same value: project the
+        table first when it has fewer rows than there are lookups (cheaper), else gather first."""
+        if table.shape[0] <= index.numel():
+            return F.embedding(index, self.llm_adapter(table))
+        return self.llm_adapter(table[index])
+
+    def adapt_text_mean(self, table: Tensor, index: Tensor) -> Tensor:
+        """A(mean of table[index] over the last axis, pad entries excluded) [..., H]; all-pad → zeros.
+        `embedding_bag` never materialises the [..., K, D] gather."""
+        bags = index.reshape(-1, index.shape[-1])
+        if table.shape[0] <= index.numel():
+            mean = F.embedding_bag(bags, self.llm_adapter(table), mode="mean", padding_idx=0)
+        else:
+            mean = self.llm_adapter(F.embedding_bag(bags, table, mode="mean", padding_idx=0))
+        return mean.view(*index.shape[:-1], -1)
+
     def video_item_text(self, video_idx: Tensor, hot_comment: Tensor, video_text=None, comment_text=None) -> Tensor:
         """x_i = pc_merge([A(title(v_i)); A(hot comment of v_i)]); comment 0 gives a zero vector."""
         video_text, comment_text = self._tables(video_text, comment_text)
-        title = self.llm_adapter(video_text[video_idx])
-        comment = self.llm_adapter(comment_text[hot_comment])
+        title = self.adapt_text(video_text, video_idx)
+        comment = self.adapt_text(comment_text, hot_comment)
         return self.pc_merge(torch.cat([title, comment], dim=-1))
 
     def comment_record_text(self, video_idx: Tensor, comments: Tensor, video_text=None, comment_text=None) -> Tensor:
         """y_j = pc_merge([A(title(v_j)); A(mean of the record's non-pad comments)]); none → zero vector."""
         video_text, comment_text = self._tables(video_text, comment_text)
-        title = self.llm_adapter(video_text[video_idx])
-        comment_mask = (comments != 0).unsqueeze(-1).to(title.dtype)  # [B, Lc, K, 1]
-        summed = (comment_text[comments] * comment_mask).sum(dim=-2)
-        mean = summed / comment_mask.sum(dim=-2).clamp(min=1.0)
-        return self.pc_merge(torch.cat([title, self.llm_adapter(mean)], dim=-1))
+        title = self.adapt_text(video_text, video_idx)
+        return self.pc_merge(torch.cat([title, self.adapt_text_mean(comment_text, comments)], dim=-1))
 
     def _positions(self, length: int, random_positions: bool, device: torch.device) -> Tensor:
         """Stage 2: 0..L-1 (left-aligned). Stage 1: a random sorted subset of range(max_position) (§2.2)."""
@@ -387,8 +401,7 @@ class LSVCRModel(nn.Module):
         if self.use_id:
             vector = self._gated_id(video_idx)
         if self.use_text:
-            table = self.video_text if video_text is None else video_text
-            vector = vector + self.llm_adapter(table[video_idx])
+            vector = vector + self.adapt_text(self.video_text if video_text is None else video_text, video_idx)
         return vector
 
     def video_candidate_vectors(self, video_idx: Tensor | None = None, video_text: Tensor | None = None) -> Tensor:
@@ -401,7 +414,7 @@ class LSVCRModel(nn.Module):
         if not self.use_text:
             raise ConfigError("comment recommendation needs text vectors: model.mode=id has no comment representation")
         table = self.comment_text if comment_text is None else comment_text
-        return F.normalize(self.llm_adapter(table[comment_idx]), dim=-1)
+        return F.normalize(self.adapt_text(table, comment_idx), dim=-1)
 
     def _cosine_logits(self, user: Tensor, candidates: Tensor) -> Tensor:
         """user [B, H]; candidates normalized [N, H] (shared) or [B, N, H] (per row) → [B, N]."""

@@ -235,3 +235,21 @@ def test_gate_and_init():
     assert abs(model.video_embedding.weight.std().item() - 0.02) < 0.005
     assert model.video_text.requires_grad is False
     assert "video_text" not in model.state_dict()  # frozen buffers are not checkpointed
+
+
+def test_text_projection_paths_agree():
+    """A(mean of comments) / A(title): gather-then-project and project-then-gather give the same values."""
+    model = _model()
+    comments = torch.tensor([[[1, 2, 0], [0, 0, 0], [5, 0, 0]]])
+    expected = torch.stack([
+        model.llm_adapter((model.comment_text[1] + model.comment_text[2]) / 2),
+        torch.zeros(64),
+        model.llm_adapter(model.comment_text[5]),
+    ])[None]
+    few_lookups = model.adapt_text_mean(model.comment_text, comments)  # 9 lookups < 61 rows: gather first
+    many_lookups = model.adapt_text_mean(model.comment_text, comments.repeat(8, 1, 1))  # 72 ≥ 61: project first
+    assert torch.allclose(few_lookups, expected, atol=1e-6)
+    assert torch.allclose(many_lookups, expected.repeat(8, 1, 1), atol=1e-6)
+    index = torch.arange(NUM_VIDEOS + 1).repeat(2)
+    assert torch.allclose(model.adapt_text(model.video_text, index), model.llm_adapter(model.video_text[index]), atol=1e-6)
+    assert torch.allclose(model.adapt_text(model.video_text, index[:3]), model.llm_adapter(model.video_text[:3]), atol=1e-6)
