@@ -226,7 +226,7 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
         await during(stats)
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - stats["t0"]
-    return {"clients": clients, "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
+    return {"clients": clients, "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
             "failed": stats["failed"], "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
 
@@ -327,7 +327,8 @@ def main() -> int:
         bodies = request_bodies(user_ids, 2000)
         report = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+                        "load_average_1min_at_start": round(os.getloadavg()[0], 2)},
             "videos": args.videos,
             "users": args.users,
             "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),

@@ -59,7 +59,8 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     config.data.max_comments_per_record = 2
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     torch.manual_seed(seed)
-    model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text))
+    model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text),
+                       None if comment_text is None else torch.from_numpy(comment_text))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -240,6 +241,20 @@ def test_one_bad_request_does_not_fail_its_batch(recommender, prepared_dir):
         [VideoRequest(user_id=user_id), VideoRequest(user_id=-5), VideoRequest(user_id=user_id)])
     assert good == good_again and len(good["items"]) == 10
     assert bad == RequestError(404, "user_id", "unknown user_id -5")
+
+
+def test_video_only_data_set(tiny_video_only_prepared_dir, tmp_path):
+    """A data set without comment tables (RecBole/CSV import): videos are served, comments are a 404."""
+    video_ids = pq.read_table(tiny_video_only_prepared_dir / "videos.parquet")["video_id"].to_numpy()
+    write_item_vectors(tmp_path / "vectors", video_ids, np.random.default_rng(0).standard_normal((len(video_ids), TEXT_DIM)),
+                       None, None, {"model": "random"})
+    model_dir = _write_model_dir(tmp_path / "model", "video", tiny_video_only_prepared_dir, tmp_path / "vectors", 3)
+    video_only = Recommender.from_model_dirs(model_dir, None)
+    user_id = video_only.catalog.example_user_id()
+    response = video_only.recommend_videos([VideoRequest(user_id=user_id, k=5)])[0]
+    assert len(response["items"]) == 5 and video_only.catalog.example_video_id() is None
+    error = video_only.recommend_comments([CommentRequest(user_id=user_id, video_id=int(video_ids[0]))])[0]
+    assert (error.status, error.field) == (404, "endpoint")
 
 
 # ----------------------------------------------------------------------------------------------------
