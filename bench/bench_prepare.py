@@ -49,7 +49,7 @@ def main() -> int:
         prepare_seconds, prepare_cpu_seconds = [], []
         for _ in range(args.repeats):
             started, started_cpu = time.perf_counter(), time.process_time()
-            manifest = prepare(raw_dir, prepared_dir, PrepareConfig())
+            manifest = prepare(raw_dir, prepared_dir, PrepareConfig(), force=True)
             prepare_seconds.append(time.perf_counter() - started)
             prepare_cpu_seconds.append(time.process_time() - started_cpu)
         output_bytes = sum(p.stat().st_size for p in prepared_dir.iterdir())
