@@ -210,6 +210,7 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
         latency = (time.perf_counter() - start) * 1000
         if status == 200:
             stats["latencies"].append(latency)
+            stats["completed_at"].append(time.perf_counter())
         else:
             stats["failed"] += 1
             stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s HTTP {status}")
@@ -219,14 +220,16 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
 
 async def _load(host: str, port: int, bodies: list[bytes], clients: int, duration: float,
                 path: str = "/v1/recommend/videos", during=None) -> dict:
-    stats = {"latencies": [], "failed": 0, "errors": [], "t0": time.perf_counter()}
+    stats = {"latencies": [], "completed_at": [], "failed": 0, "errors": [], "t0": time.perf_counter()}
     deadline = time.perf_counter() + duration
     tasks = [asyncio.create_task(_one_client(host, port, bodies, deadline, path, stats, seed)) for seed in range(clients)]
     if during is not None:
         await during(stats)
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - stats["t0"]
-    return {"clients": clients, "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
+    completions = np.sort(np.asarray([stats["t0"], *stats["completed_at"]]))
+    longest_gap = float(np.diff(completions).max()) if len(completions) > 1 else elapsed
+    return {"clients": clients, "longest_gap_without_a_response_s": round(longest_gap, 2), "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
             "failed": stats["failed"], "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
 

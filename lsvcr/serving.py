@@ -534,8 +534,8 @@ class Recommender:
             return results
         model = self.video.model
         states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment))
-        users = F.normalize(model.video_user_vector(states), dim=-1)
-        scores = users @ self.video_matrix.T / model.config.temperature  # ONE product for the batch
+        users = F.normalize(model.video_user_vector(states), dim=-1) / model.config.temperature  # tau folded in
+        scores = users @ self.video_matrix.T  # ONE product for the whole batch: [B, d] @ [d, V]
         scores[:, 0] = float("-inf")  # padding row
         self._mask(scores, [r.seen_videos if r.exclude_seen else np.zeros(0, np.int64) for r in resolved])
         top_scores, top_rows = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
@@ -560,10 +560,10 @@ class Recommender:
         model = self.comment.model
         states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment))
         current_video = torch.tensor([r.current_video for r in resolved])
-        users = F.normalize(model.comment_user_vector(states, current_video), dim=-1)
+        users = F.normalize(model.comment_user_vector(states, current_video), dim=-1) / model.config.temperature
         pools = torch.from_numpy(_pad_rows([self.catalog.comment_pool(r.current_video) for r in resolved]))
         candidates = model.comment_candidate_vectors(pools)  # [B, N, d], normalized
-        scores = (candidates @ users.unsqueeze(-1)).squeeze(-1) / model.config.temperature
+        scores = (candidates @ users.unsqueeze(-1)).squeeze(-1)
         scores = scores.masked_fill(pools == 0, float("-inf"))
         seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) if r.exclude_seen else np.zeros(0, np.int64)
                         for row, r in enumerate(resolved)]
