@@ -85,8 +85,23 @@ def _check_value(key: str, value: Any) -> Any:
     """Type-check one candidate value against the config field (the same coercion as config files)."""
     section, field = key.split(".")
     probe = LSVCRConfig()
-    update_config(probe, {section: {field: value}})
+    try:
+        update_config(probe, {section: {field: value}})
+    except ConfigError as error:
+        raise ConfigError(f"search space key '{key}': {str(error).removeprefix(key + ': ')}") from None
     return getattr(getattr(probe, section), field)
+
+
+def _number(key: str, kind: str, value: Any) -> int | float:
+    """A range bound. YAML reads `1e-4` (no dot) as a string, so numeric strings are accepted."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"search space key '{key}': {kind} bounds must be numbers, got {value!r}")
+    return value
 
 
 def _parse_param(key: str, spec: Any) -> SearchParam:
@@ -103,9 +118,9 @@ def _parse_param(key: str, spec: Any) -> SearchParam:
         raise ConfigError(f"search space key '{key}': {kind} needs a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         return SearchParam(key, kind, tuple(_check_value(key, value) for value in args))
-    if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
-        raise ConfigError(f"search space key '{key}': {kind} needs [low, high] numbers, got {args!r}")
-    low, high = args
+    if len(args) != 2:
+        raise ConfigError(f"search space key '{key}': {kind} needs [low, high], got {args!r}")
+    low, high = (_number(key, kind, value) for value in args)
     if not low < high:
         raise ConfigError(f"search space key '{key}': {kind} needs low < high, got [{low}, {high}]")
     if kind == "randint":
@@ -128,8 +143,9 @@ def parse_space(values: Any, where: str = "search space") -> dict[str, SearchPar
     for key, spec in values.items():
         if not isinstance(key, str):
             raise ConfigError(f"{where}: keys must be dotted config paths like finetune.lr, got {key!r}")
-        if key in ("finetune.task", "finetune.max_epochs"):
-            raise ConfigError(f"search space key '{key}' cannot be searched: use --task / tune.max_epochs")
+        fixed = {"finetune.task": "choose it with --task", "finetune.max_epochs": "set tune.max_epochs instead"}
+        if key in fixed:
+            raise ConfigError(f"search space key '{key}' cannot be searched: {fixed[key]}")
         space[key] = _parse_param(key, spec)
     return space
 
@@ -180,6 +196,10 @@ def apply_params(config: LSVCRConfig, params: dict[str, Any]) -> LSVCRConfig:
 # ----------------------------------------------------------------------------- one trial
 
 
+def _has_align_keys(keys) -> bool:
+    return any(key.startswith("align.") for key in keys)
+
+
 def _trial_driver(trial: dict, *, base_config: dict, data_dir: str, vectors_dir: str | None, init: str | None,
                   trials_root: str, ledger_prefix: str) -> None:
     """Tune function trainable: (optional frozen alignment, then) one `run_finetune` Ray Train run whose
@@ -192,11 +212,11 @@ def _trial_driver(trial: dict, *, base_config: dict, data_dir: str, vectors_dir:
     context = ray.tune.get_context()
     trial_dir = Path(trials_root) / context.get_trial_id()  # beside Tune's state, not in the session's temp dir
     config = apply_params(config_from_dict(base_config), trial["params"])
-    if any(key.startswith("align.") for key in trial["params"]):
-        from lsvcr.llm.align import run_align  # frozen alignment of this trial's align.* values (METHOD 5)
+    if _has_align_keys(trial["params"]):
+        from lsvcr.llm.align import run_align  # frozen alignment with this trial's align.* values (METHOD 5)
 
         aligned = trial_dir / "aligned"
-        run_align(config, data_dir, vectors_dir, aligned)
+        run_align(config, data_dir, vectors_dir, aligned, mode="frozen")  # resumes / skips if already finished
         init, vectors_dir = str(aligned / "checkpoint.pt"), str(aligned / "vectors")
     tune = config.tune
     resources = None
@@ -249,6 +269,9 @@ def run_tune(config: LSVCRConfig, space: dict[str, SearchParam], data_dir: str |
     vectors_dir = str(Path(vectors_dir).resolve()) if vectors_dir else None
     init = str(Path(init).resolve()) if init else None
     check_inputs(config, Path(data_dir), Path(vectors_dir) if vectors_dir else None)
+    if _has_align_keys(space) and init:
+        raise ConfigError("the space has align.* keys, so every trial aligns itself from --vectors (the output of "
+                          "`lsvcr encode`); drop --init, or drop the align.* keys to fine-tune from --init")
     settings = config.tune
     if settings.max_epochs < 1 or settings.grace_period < 1 or settings.max_concurrent < 1:
         raise ConfigError("tune.max_epochs, tune.grace_period and tune.max_concurrent must be ≥ 1")
