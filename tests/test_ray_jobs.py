@@ -1,0 +1,109 @@
+"""`ray job submit` of the ray_jobs entry points against a real local head node (`ray start --head`).
+
+The head runs in its own process group with a private temp dir and is ended by signalling that group:
+`ray stop` would kill every Ray process of the user, including the test session's cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{env.get('PATH', '')}", "OMP_NUM_THREADS": "1"})
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    temp_dir = tempfile.mkdtemp(prefix="lsvcr-head-", dir="/tmp")  # short: Unix socket paths are limited
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [f"{VENV_BIN}/ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--block", f"--temp-dir={temp_dir}"],
+        env=_job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the local head node did not start within 120 s")
+    yield address
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever the graceful stop left behind
+    except ProcessLookupError:
+        pass
+
+
+def submit(address: str, script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    return subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", f"ray_jobs/{script}", *args],
+        env=_job_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_job_config(path: Path, storage: Path, **sections) -> Path:
+    config = {"paths": {"storage": str(storage), "synth_preset": "tiny"}, **sections}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_prepare_job_then_resubmit_skips(head_node, tmp_path):
+    config = write_job_config(tmp_path / "job.yaml", tmp_path / "run")
+    first = submit(head_node, "prepare.py", "--config", str(config))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "succeeded" in first.stdout
+    manifest = json.loads((tmp_path / "run/prepared/manifest.json").read_text())
+    assert manifest["synthetic"] is True and manifest["counts"]["video_samples"]["test"] > 0
+    assert (tmp_path / "run/prepared/_SUCCESS").exists()
+    stamp = (tmp_path / "run/prepared/manifest.json").stat().st_mtime_ns
+
+    again = submit(head_node, "prepare.py", "--config", str(config))
+    assert again.returncode == 0
+    assert '"skipped"' in again.stdout and '"prepare"' in again.stdout.split('"skipped"')[1]
+    assert (tmp_path / "run/prepared/manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_bad_job_config_fails_with_a_clear_message(head_node, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("finetune:\n  learning_rate: 0.1\n")
+    result = submit(head_node, "finetune.py", "--config", str(config))
+    assert result.returncode != 0
+    assert "unknown config key 'finetune.learning_rate'" in result.stdout + result.stderr
