@@ -283,6 +283,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     return state
 
 
+def _ray_train_worker(loop_config: dict) -> None:
+    """`train_loop_per_worker` for Ray Train, which rejects tensors in a worker's return value (the
+    state travels in the checkpoints instead)."""
+    train_loop_per_worker(loop_config)
+
+
 def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:
     """Every rank reports the metrics; rank 0 attaches a checkpoint holding everything needed to resume."""
     if context.rank != 0 or not context.keeps_checkpoints:
@@ -385,7 +391,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     use_gpu = wants_gpu(config.finetune.use_gpu) or (resources_per_worker or {}).get("GPU", 0) > 0
     threads = config.finetune.threads_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _ray_train_worker,
         train_loop_config=make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.finetune.num_workers, use_gpu=use_gpu,
