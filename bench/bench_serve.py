@@ -254,7 +254,8 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
 
     from lsvcr.serving import APP_NAME, VideoRequest, start_serving, stop_serving
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": never join a cluster another process started with `ray start` on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = ServeConfig(port=_free_port())
     results: dict = {"serve_config": asdict(config)}
     try:

@@ -792,7 +792,30 @@ def start_serving(video_model_dir: str | Path | None, comment_model_dir: str | P
     ensure_ray()
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
-    return f"http://{serve_config.host}:{serve_config.port}"
+    base_url = f"http://{serve_config.host}:{serve_config.port}"
+    _wait_until_healthy(base_url)
+    return base_url
+
+
+def _wait_until_healthy(base_url: str, timeout_s: float = 20.0) -> None:
+    """The app is RUNNING when `serve.run` returns; this also proves the proxy answers on *our* port
+    (Serve keeps the HTTP options of an instance that was already running in the cluster)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as error:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"Serve started but {base_url}/healthz does not answer ({error}); if Serve was already "
+                    "running on this cluster with other HTTP options, call stop_serving() (serve.shutdown) first"
+                ) from None
+        time.sleep(0.5)
 
 
 def stop_serving() -> None:
