@@ -133,6 +133,10 @@ class AlignConfig:
     checkpoint_every: int = 200  # steps
     max_steps: int = -1  # -1: run the epochs
     seed: int = 2024
+    log_every: int = 10  # steps per train_log.jsonl row
+    max_response_tokens: int = 64  # lora: target text tokens in the L_LM response
+    bf16: bool = True  # lora: bf16 autocast where the device supports it
+    max_failures: int = 2  # Ray Train restarts of the worker group from the latest checkpoint
 
 
 @dataclass

@@ -91,13 +91,24 @@ def _sweep_config() -> LSVCRConfig:
     return config
 
 
-def _progress_files(out: Path) -> dict[str, tuple[int, float]]:
-    return {path.parent.name: (len(path.read_text().splitlines()), path.stat().st_mtime)
-            for path in sorted((out / "experiment").glob("trial_*/progress.csv"))}
+def _progress_files(out: Path) -> dict[str, str]:
+    """Each trial's reported rows (one per epoch, with their timestamps); Tune rewrites the files on restore."""
+    return {path.parent.name: path.read_text() for path in sorted((out / "experiment").glob("trial_*/progress.csv"))}
+
+
+@pytest.fixture(scope="session")  # session: it must run before the session-scoped `ray_cluster`
+def _local_ray_first():
+    """Start the session's Ray with address="local" before `ray_cluster` does: a plain `ray.init()` joins
+    the cluster named in /tmp/ray/ray_current_cluster, which a `ray start --head` elsewhere on this shared
+    machine may have left behind (then `num_cpus` is refused)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path_factory):
+def sweep(_local_ray_first, ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path_factory):
     from lsvcr.tune import run_tune
 
     out = tmp_path_factory.mktemp("tune") / "sweep"
@@ -162,7 +173,7 @@ def test_restored_sweep_does_not_rerun_finished_trials(sweep):
     summary = run_tune(*sweep["args"])  # same --out: Tuner.restore(resume_errored=True)
     rows_after = pd.read_csv(out / "trials.csv").set_index("trial_id")
     assert sorted(p.name for p in (out / "experiment").glob("trial_*")) == trial_dirs
-    assert _progress_files(out) == before  # no finished trial reported a single new epoch
+    assert before and _progress_files(out) == before  # no finished trial reported a single new epoch
     finished = rows_before.index[rows_before["status"] != "error"]
     pd.testing.assert_frame_equal(rows_after.loc[finished], rows_before.loc[finished])
     assert rows_after.loc[rows_before["status"] == "error", "status"].eq("error").all()  # retried, fails again
