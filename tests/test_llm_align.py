@@ -1,0 +1,142 @@
+"""Stage-1 alignment: one LoRA step on a tiny random Llama (tokenizer trained locally) lowers the
+loss and changes only the adapter, the SR model and the heads (base weights bit-identical); the
+frozen mode end to end on Ray Train writes an ALIGNED directory that `lsvcr finetune --init` loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lsvcr.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tiny_prepared_dir, tmp_path_factory):
+    """A 2-layer random Llama (head_dim 64, which vLLM's CPU attention accepts) with a BPE tokenizer
+    trained on the data set's texts and the English prompt templates."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lsvcr.llm.prompts import TEMPLATES
+
+    corpus = pq.read_table(tiny_prepared_dir / "videos.parquet")["caption"].to_pylist()
+    corpus += pq.read_table(tiny_prepared_dir / "comments.parquet")["content"].to_pylist()
+    corpus += [text for (task, language), pair in TEMPLATES.items() if language == "en" for text in pair]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    out = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=1024, bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny_prepared_dir, tiny_llm_dir):
+    from lsvcr.llm.align import (AlignmentObjective, LiveLLM, _batch_to, load_stage_one_data, lora_prompt_inputs,
+                                 make_align_batch)
+    from lsvcr.llm.prompts import PromptBuilder, load_item_texts
+
+    config = load_config(None, ["align.mode=lora", "align.history_length=5", "encode.max_prompt_tokens=400",
+                                "encode.max_text_tokens=16", "align.max_response_tokens=16", "align.bf16=false",
+                                "model.hidden_dropout=0", "model.attn_dropout=0", "align.lora_dropout=0"])
+    device = torch.device("cpu")
+    data = load_stage_one_data(config, tiny_prepared_dir, None, frozen=False)
+    texts = load_item_texts(tiny_prepared_dir)
+    llm = LiveLLM(tiny_llm_dir, config, texts, device)
+    objective = AlignmentObjective(config, data.tables.num_videos, llm.hidden_size, llm)
+    builder = PromptBuilder(llm.tokenizer, texts, max_prompt_tokens=config.encode.max_prompt_tokens)
+    rng = np.random.default_rng(0)
+    batch = make_align_batch(data, np.arange(6), np.arange(4), rng)
+    prompts = lora_prompt_inputs(llm, builder, batch, rng)
+    batch = _batch_to(batch, device)
+
+    def loss_value() -> float:
+        torch.manual_seed(1)  # the same random positions every time
+        with torch.no_grad():
+            return objective(batch, data, prompts).total.item()
+
+    before = {name: p.detach().clone() for name, p in objective.named_parameters()}
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    assert any("lora_A" in name for name, p in objective.named_parameters() if p.requires_grad)
+    assert not any("lora" not in name for name, p in objective.named_parameters()
+                   if p.requires_grad and name.startswith("llm."))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    start = loss_value()
+    losses = None
+    for _ in range(3):
+        torch.manual_seed(1)
+        losses = objective(batch, data, prompts)
+        optimizer.zero_grad()
+        losses.total.backward()
+        optimizer.step()
+    assert losses.lm.item() > 0 and losses.vcc.item() > 0
+    assert loss_value() < start
+
+    for name, parameter in objective.named_parameters():
+        changed = not torch.equal(parameter.detach(), before[name])
+        if name.startswith("llm.") and "lora_" not in name:
+            assert not changed, f"base LLM weight {name} changed"
+    changed = {name for name, p in objective.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert any("lora_B" in name for name in changed)
+    assert any(name.startswith("sr.") for name in changed)
+    assert {"heads.llm_emb_mlp.0.weight", "heads.contrast_adapter.weight"} <= changed
+
+
+@pytest.mark.slow
+def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepared_dir, tmp_path):
+    """Frozen mode on Ray Train (2 workers) from synthetic LLM vectors (random but fixed 48-d item
+    and user vectors in the VECTORS format): ALIGNED/ has a checkpoint whose SR keys load into a
+    stage-2 model, 256-d stage-2 vectors for every item, a log and curves; a re-run is a no-op."""
+    import json
+
+    from lsvcr.finetune import load_stage1_checkpoint
+    from lsvcr.llm.align import run_align
+    from lsvcr.llm.encode import ShardedOutput
+    from lsvcr.model import LSVCRModel
+    from lsvcr.vectors import load_item_vectors
+
+    vectors = tmp_path / "vectors"
+    rng = np.random.default_rng(0)
+    for name, key, table in (("videos", "video_id", "videos"), ("comments", "comment_id", "comments"),
+                             ("users_video", "sample_row", "video_samples.train"),
+                             ("users_comment", "sample_row", "comment_samples.train")):
+        source = pq.read_table(tiny_prepared_dir / f"{table}.parquet")
+        keys = source[key].to_numpy() if key in source.column_names else np.arange(len(source))
+        ShardedOutput(vectors / name, len(keys), 10_000, key).write(0, keys, rng.normal(size=(len(keys), 48)))
+    (vectors / "manifest.json").write_text(json.dumps({"dim": 48, "model": "synthetic"}))
+
+    config = load_config(None, ["align.batch_size=64", "align.max_steps=6", "align.checkpoint_every=3",
+                                "align.log_every=2", "align.num_workers=2", "align.threads_per_worker=1"])
+    out = tmp_path / "aligned"
+    summary = run_align(config, tiny_prepared_dir, vectors, out, "frozen")
+    assert summary["steps"] == 6 and summary["workers"] == 2
+    log_rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log_rows] == [2, 3, 4, 6]
+    assert all(np.isfinite(row["train_loss"]) and row["train_lm"] == 0 for row in log_rows)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "_SUCCESS").exists()
+
+    video_text, comment_text = load_item_vectors(out / "vectors", tiny_prepared_dir)
+    assert video_text.shape[1] == 256 and comment_text.shape[1] == 256
+    assert np.isfinite(video_text).all() and np.abs(video_text[1:]).sum(axis=1).min() > 0
+
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["mode"] == "frozen" and "0.weight" in checkpoint["text_mlp_state_dict"]
+    stage2 = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text))
+    report = load_stage1_checkpoint(stage2, out / "checkpoint.pt")
+    assert "llm_adapter.weight" in report["loaded"] and not report["skipped"]
+    assert set(report["missing"]) == {"video_embedding.weight", "gate"}
+    torch.testing.assert_close(stage2.state_dict()["pc_merge.weight"], checkpoint["state_dict"]["pc_merge.weight"])
+
+    again = run_align(config, tiny_prepared_dir, vectors, out, "frozen")
+    assert again == summary
