@@ -137,6 +137,7 @@ class WorkerContext:
     report: Callable[..., None]  # report(metrics, checkpoint=None)
     get_checkpoint: Callable[[], Any]
     keeps_checkpoints: bool = True
+    checkpoint_class: Any = None  # ray.train.Checkpoint or ray.tune.Checkpoint (distinct classes in Ray 2.60)
 
 
 def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
@@ -148,11 +149,12 @@ def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
 
         context = ray.train.get_context()
         return WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                             ray.train.report, ray.train.get_checkpoint)
+                             ray.train.report, ray.train.get_checkpoint, checkpoint_class=ray.train.Checkpoint)
     if report_to == "tune":
         import ray.tune
 
-        return WorkerContext(0, 1, choose_device(use_gpu), ray.tune.report, ray.tune.get_checkpoint)
+        return WorkerContext(0, 1, choose_device(use_gpu), ray.tune.report, ray.tune.get_checkpoint,
+                             checkpoint_class=ray.tune.Checkpoint)
     # "local": no Ray at all (debugging, benchmarks): keep checkpoints in memory only.
     return WorkerContext(0, 1, choose_device(use_gpu), lambda metrics, checkpoint=None: None, lambda: None,
                          keeps_checkpoints=False)
@@ -229,7 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
         if state["bad_epochs"] >= settings.patience:
             break
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         objective.train()
         shuffle_rng = np.random.default_rng([settings.seed, epoch])  # same permutation on every rank
         batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
@@ -250,6 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                  dtype=torch.float64)
             progress.set_postfix(loss=f"{loss.item():.4f}")
         train_seconds = time.perf_counter() - started
+        train_cpu_seconds = time.process_time() - cpu_started  # ≪ train_seconds when the machine is shared
         sums = _all_reduce_sum(sums, context)
         accumulator = evaluate_arrays(model, valid, tables, device=context.device, batch_size=settings.eval_batch_size,
                                       rank=context.rank, world_size=context.world_size)
@@ -261,7 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "train_loss": sums[0].item() / samples, "train_ce": sums[1].item() / samples,
             "train_id_text": sums[2].item() / samples,
             **{f"valid_{name}": valid_metrics[name] for name in METRIC_NAMES},
-            "train_seconds": train_seconds, "seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+            "seconds": time.perf_counter() - started,
             "samples_per_second": samples / train_seconds,
         }
         if valid_metrics[SELECTION_METRIC] > state["best"]:
@@ -294,12 +298,10 @@ def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Modu
     if context.rank != 0 or not context.keeps_checkpoints:
         context.report(row)
         return
-    from ray.train import Checkpoint
-
     with tempfile.TemporaryDirectory(prefix="lsvcr-ckpt-") as directory:
         payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
         torch.save(payload, Path(directory) / STATE_FILE)
-        context.report(row, checkpoint=Checkpoint.from_directory(directory))
+        context.report(row, checkpoint=context.checkpoint_class.from_directory(directory))
 
 
 # ----------------------------------------------------------------------------- the driver

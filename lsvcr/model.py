@@ -327,6 +327,8 @@ class LSVCRModel(nn.Module):
     def _mix(self, layers: nn.ModuleList, query: Tensor, key_value: Tensor, key_mask: Tensor) -> Tensor:
         """Cross-attention from one branch to the other (bidirectional, padding-masked). A row whose
         other history is empty gets a zero mix output: the other branch contributes nothing."""
+        if not key_mask.any():  # e.g. video-only data: skip the layer, the result would be all zeros
+            return torch.zeros_like(query)
         attention_mask = key_mask[:, None, :].expand(-1, query.shape[1], -1)
         mixed = query
         for layer in layers:
