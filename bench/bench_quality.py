@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
 from lsvcr.config import LSVCRConfig  # noqa: E402
+from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
 from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
 from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
 from lsvcr.metrics import METRIC_NAMES  # noqa: E402
@@ -44,16 +45,7 @@ MODELS = {
 
 
 def demo_data(work: Path) -> Path:
-    from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
-
-    prepared = work / "prepared"
-    if not (prepared / "manifest.json").is_file():
-        raw = work / "raw"
-        if not raw.is_dir():
-            write_synthetic(raw, PRESETS["demo"], "parquet")
-        prepare(raw, prepared)
-    return prepared
+    return synthetic_prepared(work, "demo", "parquet")
 
 
 def minilm_vectors(prepared: Path, work: Path) -> Path:

@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from lsvcr.config import LSVCRConfig  # noqa: E402
+from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
 from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -37,16 +38,7 @@ RESULTS = HERE / "results" / "train.json"
 
 
 def video_only_data(work: Path) -> Path:
-    from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
-
-    prepared = work / "prepared"
-    if not (prepared / "manifest.json").is_file():
-        raw = work / "raw"
-        if not raw.is_dir():
-            write_synthetic(raw, PRESETS["bench"], "recbole")
-        prepare(raw, prepared)
-    return prepared
+    return synthetic_prepared(work, "bench", "recbole")
 
 
 def config_for(name: str, epochs: int) -> LSVCRConfig:
