@@ -131,6 +131,8 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
 
 
 def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> dict:
+    """`Recommender.recommend_videos` called directly on batches of 1, 8 and 32 requests. Every tenth
+    batch is run a second time in stages (not counted) to split its time."""
     from lsvcr.serving import Recommender, VideoRequest, build_history_batch
 
     recommender = Recommender.from_model_dirs(model_dir, None)
@@ -138,15 +140,16 @@ def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> d
     recommender.recommend_videos(requests[:32])  # warm-up
     results = {}
     for batch_size in (1, 8, 32):
-        parts = {"resolve": 0.0, "encode": 0.0, "item_product_topk": 0.0, "respond": 0.0}
-        done, start, cursor = 0, time.perf_counter(), 0
-        while time.perf_counter() - start < duration:
+        parts = {"resolve": 0.0, "encode": 0.0, "item_product_topk": 0.0, "build_response": 0.0}
+        done, cursor, wall, cpu = 0, 0, 0.0, 0.0
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
             batch = [requests[(cursor + i) % len(requests)] for i in range(batch_size)]
             cursor += batch_size
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             recommender.recommend_videos(batch)
-            done += batch_size
-            # The same work again in its stages, to attribute the time (not counted in throughput).
+            whole = time.perf_counter() - t0
+            wall, cpu, done = wall + whole, cpu + time.process_time() - c0, done + batch_size
             if cursor % (batch_size * 10) == 0:
                 t1 = time.perf_counter()
                 _, resolved, _ = recommender._resolve_all(batch, recommender.video, "video")
@@ -156,18 +159,17 @@ def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> d
                     states = model.encode_histories(build_history_batch(resolved, recommender.catalog.hot_comment))
                     users = torch.nn.functional.normalize(model.video_user_vector(states), dim=-1)
                     t3 = time.perf_counter()
-                    scores = users @ recommender.video_matrix.T
-                    torch.topk(scores, 10, dim=1)
+                    torch.topk(users @ recommender.video_matrix.T, 10, dim=1)
                 t4 = time.perf_counter()
                 parts["resolve"] += t2 - t1
                 parts["encode"] += t3 - t2
                 parts["item_product_topk"] += t4 - t3
-                parts["respond"] += max(0.0, (t1 - t0) - (t4 - t1))
-        elapsed = time.perf_counter() - start
+                parts["build_response"] += max(0.0, whole - (t4 - t1))
         share_total = sum(parts.values()) or 1.0
         results[f"batch_{batch_size}"] = {
-            "requests_per_s": round(done / elapsed, 1),
-            "ms_per_batch": round(1000 * elapsed / (done / batch_size), 2),
+            "requests_per_s": round(done / wall, 1),
+            "ms_per_batch": round(1000 * wall / (done / batch_size), 2),
+            "cpu_ms_per_request": round(1000 * cpu / done, 2),
             "time_share": {k: round(v / share_total, 3) for k, v in parts.items()},
         }
         print(f"in-process batch {batch_size}: {results[f'batch_{batch_size}']}", flush=True)
@@ -234,6 +236,31 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
 
 
+SERVE_PROCESSES = ("ProxyActor", "ServeReplica:lsvcr:Gateway", "ServeReplica:lsvcr:RecommenderModel", "ServeController")
+
+
+def serve_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each kind of Serve process of *this* Ray instance (the
+    children of this driver) and by this driver (the load generator). Unlike latency, CPU time per
+    request does not depend on what else runs on the machine."""
+    import psutil
+
+    totals = {name: 0.0 for name in (*SERVE_PROCESSES, "load_generator")}
+    me = psutil.Process()
+    times = me.cpu_times()
+    totals["load_generator"] = times.user + times.system
+    for child in me.children(recursive=True):
+        try:
+            title = " ".join(child.cmdline())
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        for name in SERVE_PROCESSES:
+            if title.startswith(f"ray::{name}"):
+                totals[name] += times.user + times.system
+    return totals
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -284,7 +311,11 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         print(f"handle, 1 client: {results['handle_1_client']}", flush=True)
 
         for clients, seconds in ((1, duration), (8, long_duration), (32, duration)):
+            cpu_before = serve_cpu_seconds()
             phase = asyncio.run(_load(host, port, bodies, clients, seconds))
+            cpu_after = serve_cpu_seconds()
+            phase["cpu_ms_per_request"] = {name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(phase["ok"], 1), 2)
+                                           for name in cpu_after}
             results[f"http_{clients}_clients"] = phase
             print(f"HTTP, {clients} clients: {phase}", flush=True)
 
