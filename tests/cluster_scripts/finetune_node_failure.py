@@ -1,58 +1,64 @@
-"""Simulated multi-node cluster: a worker node dies during fine-tuning; Ray Train restarts the worker on a new node
-from the last checkpoint and the run finishes. Run as a script (its own Ray cluster), prints one JSON line.
+"""Simulated multi-node cluster: the node running the fine-tuning worker dies mid-run; Ray Train restarts the
+worker group on a replacement node from the last checkpoint and the run finishes. Also trains the same config
+without a failure on the same cluster, for comparison. Run as a script (its own Ray cluster); prints one JSON line.
 
-usage: finetune_node_failure.py PREPARED VECTORS OUT EPOCHS KILL_AFTER_EPOCH
+usage: finetune_node_failure.py PREPARED VECTORS WORKDIR EPOCHS KILL_AFTER_EPOCH
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import ray
 from ray.cluster_utils import Cluster
 
-from lsvcr.config import load_config
-from lsvcr.finetune import run_finetune
 from lsvcr.report import read_jsonl
 
 
+def finetune_command(prepared: str, vectors: str, out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "lsvcr", "finetune", "--data", prepared, "--vectors", vectors, "--task", "video",
+            "--out", str(out), "--set", f"finetune.max_epochs={epochs}", "--set", "finetune.patience=100",
+            "--set", "finetune.batch_size=64", "--set", "finetune.max_failures=3",
+            "--set", "finetune.checkpoints_to_keep=2"]
+
+
 def main() -> None:
-    prepared, vectors, out, epochs, kill_after = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    # Head without CPUs: the Train worker must live on a worker node, which we then kill.
+    prepared, vectors, workdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    epochs, kill_after = int(sys.argv[4]), int(sys.argv[5])
+    # Head without CPUs: the Train worker must run on a worker node, which is then killed.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address)
-    config = load_config(overrides=[
-        f"finetune.max_epochs={epochs}", "finetune.patience=100", "finetune.batch_size=64",
-        "finetune.max_failures=3", "finetune.checkpoints_to_keep=2", "model.hidden_dropout=0.1",
-    ])
-    log_path = out.parent / f".{out.name}.partial" / "train_log.jsonl"
-    killed = {}
+    cluster.wait_for_nodes()
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    out = workdir / "killed"
+    log_path = workdir / ".killed.partial" / "train_log.jsonl"
+    driver = subprocess.Popen(finetune_command(prepared, vectors, out, epochs), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_after = None
+    while driver.poll() is None:
+        rows = read_jsonl(log_path) if log_path.exists() else []
+        if killed_after is None and len(rows) >= kill_after:
+            killed_after = len(rows)
+            cluster.remove_node(doomed, allow_graceful=False)
+            cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring up
+        time.sleep(0.2)
+    killed_metrics = json.loads((out / "metrics.json").read_text()) if driver.returncode == 0 else None
 
-    def kill_when_ready() -> None:
-        while True:
-            rows = read_jsonl(log_path) if log_path.exists() else []
-            if len(rows) >= kill_after:
-                killed["after_epoch"] = len(rows)
-                cluster.add_node(num_cpus=1)  # the replacement the autoscaler would bring up
-                cluster.remove_node(doomed, allow_graceful=False)
-                killed["at"] = time.time()
-                return
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_when_ready, daemon=True)
-    watcher.start()
-    result = run_finetune(config, prepared, vectors, out)
-    watcher.join(timeout=1)
-    print(json.dumps({"killed": killed, "resumed_after_epochs": result.metrics.get("resumed_after_epochs"),
-                      "epochs_run": result.metrics.get("epochs_run"),
-                      "history_epochs": [row["epoch"] for row in result.history],
-                      "test": result.metrics["test"]}))
-    ray.shutdown()
+    reference = workdir / "reference"
+    subprocess.run(finetune_command(prepared, vectors, reference, epochs), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference_metrics = json.loads((reference / "metrics.json").read_text())
+    print(json.dumps({
+        "killed_after_epoch": killed_after, "returncode": driver.returncode,
+        "killed_run": killed_metrics and {key: killed_metrics[key] for key in ("test", "valid", "epochs_run",
+                                                                               "resumed_after_epochs")},
+        "history_epochs": [row["epoch"] for row in read_jsonl(out / "train_log.jsonl")],
+        "reference_run": {key: reference_metrics[key] for key in ("test", "valid", "epochs_run")},
+    }))
     cluster.shutdown()
 
 

@@ -1,0 +1,43 @@
+"""Failure handling on a simulated multi-node cluster (`ray.cluster_utils.Cluster`, in a subprocess so it has
+its own Ray cluster next to the session's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parent / "cluster_scripts"
+pytestmark = pytest.mark.slow
+
+# Random ranking of 100 candidates gives NDCG@5 of about 0.03.
+RANDOM_NDCG5 = 0.03
+
+
+def run_script(name: str, *args: str, timeout: float = 1200) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_killed_worker_node_resumes_from_checkpoint(tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
+    outcome = run_script("finetune_node_failure.py", str(tiny_prepared_dir), str(tiny_minilm_vectors_dir),
+                         str(tmp_path), "3", "1")
+    assert outcome["killed_after_epoch"] is not None, "the worker node was never killed"
+    assert outcome["returncode"] == 0
+    killed, reference = outcome["killed_run"], outcome["reference_run"]
+    # The restarted worker group continued from a checkpoint instead of starting over...
+    assert killed["resumed_after_epochs"], "no resume from a checkpoint was recorded"
+    assert outcome["history_epochs"] == [1, 2, 3]
+    assert killed["epochs_run"] == reference["epochs_run"] == 3
+    # ...and ends with the quality of an uninterrupted run (120 test users: a few points of noise).
+    assert killed["test"]["ndcg@5"] > 2 * RANDOM_NDCG5
+    assert abs(killed["valid"]["ndcg@5"] - reference["valid"]["ndcg@5"]) < 0.05
+    assert abs(killed["test"]["ndcg@5"] - reference["test"]["ndcg@5"]) < 0.06
