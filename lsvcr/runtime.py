@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: `lsvcr synth`/`prepare` start without it
+    import torch
 
 log = logging.getLogger("lsvcr")
 
 
-def choose_device(use_gpu: str = "auto") -> torch.device:
+def choose_device(use_gpu: str = "auto") -> "torch.device":
     """`auto` takes CUDA when present; `true` insists on it; `false` stays on CPU."""
+    import torch
+
     if use_gpu == "true" and not torch.cuda.is_available():
         from lsvcr.errors import ConfigError
 
@@ -32,11 +36,15 @@ def wants_gpu(use_gpu: str) -> bool:
 
         return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     except Exception:  # noqa: BLE001 - resource probing must never fail a run
+        import torch
+
         return torch.cuda.is_available()
 
 
 def set_threads(num_threads: int) -> None:
     """Oversubscribing a small machine makes torch several times slower: set threads deliberately."""
+    import torch
+
     num_threads = max(1, int(num_threads))
     os.environ["OMP_NUM_THREADS"] = str(num_threads)
     torch.set_num_threads(num_threads)
