@@ -285,6 +285,8 @@ class LoadedModel:
             "comments_per_record": self.comments_per_record,
             "protocol": self.metrics.get("protocol"),
             "metrics": {split: self.metrics.get(split) for split in ("valid", "test") if split in self.metrics},
+            "full_ranking": self.metrics.get("full_ranking"),
+            "best_epoch": self.metrics.get("best_epoch"),
         }
 
 
