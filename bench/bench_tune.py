@@ -3,12 +3,15 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_tune.py [--work runs/bench_tune] [--vectors VECTORS]
         [--samples 8] [--sweep-epochs 6] [--final-epochs 20] [--task video]
 
-1. `synth --preset demo` + `prepare` into WORK (kept, so a re-run resumes every step);
+1. `synth --preset demo` + `prepare` into WORK (kept, so a re-run resumes every step); on a shared 2-core
+   machine `--max-train-targets N` keeps each user's N most recent train targets (data.max_train_targets_per_user)
+   to bound the epoch cost (valid/test are unchanged: one target per user);
 2. item text vectors: `--vectors` if given (e.g. the output of `lsvcr encode`), else the MiniLM
    fallback (`lsvcr.vectors.write_minilm_vectors`, 384-d all-MiniLM-L6-v2);
 3. `run_tune` over `configs/tune_space.yaml` (`--samples` trials, `--sweep-epochs` each, ASHA);
 4. the default config and the sweep's best config each trained by `run_finetune` for
-   `--final-epochs` (early stopping on valid NDCG@5 as usual) and compared on the TEST split.
+   `--final-epochs` (early stopping on valid NDCG@5 as usual; the two runs side by side, one 1-CPU
+   Ray Train worker each) and compared on the TEST split.
 Results: bench/results/tune.json, plus the sweep's table and one summary line on stdout.
 """
 
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,14 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "tune.json"
 
 
-def prepare_demo(work: Path) -> Path:
+def prepare_demo(work: Path, max_train_targets: int = 0) -> Path:
+    from lsvcr.config import PrepareConfig
     from lsvcr.data.prepare import prepare
     from lsvcr.data.synth import PRESETS, write_synthetic
 
-    raw, prepared = work / "raw", work / "prepared"
+    raw = work / "raw"
+    prepared = work / (f"prepared_t{max_train_targets}" if max_train_targets else "prepared")
     if not (raw / "user_video_inter.parquet").exists():
         write_synthetic(raw, PRESETS["demo"], "parquet")
-    prepare(raw, prepared)  # keeps an up-to-date output
+    prepare(raw, prepared, PrepareConfig(max_train_targets_per_user=max_train_targets))  # keeps an up-to-date output
     return prepared
 
 
@@ -61,6 +67,7 @@ def main() -> int:
     parser.add_argument("--sweep-epochs", type=int, default=6)
     parser.add_argument("--grace-period", type=int, default=2)
     parser.add_argument("--final-epochs", type=int, default=20)
+    parser.add_argument("--max-train-targets", type=int, default=0, help="data.max_train_targets_per_user (0: all)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -75,7 +82,7 @@ def main() -> int:
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    prepared = prepare_demo(work)
+    prepared = prepare_demo(work, args.max_train_targets)
     vectors = Path(args.vectors).resolve() if args.vectors else minilm_vectors(prepared, work)
     timings["data_seconds"] = time.perf_counter() - started
     vectors_manifest = json.loads((vectors / "manifest.json").read_text())
@@ -87,20 +94,29 @@ def main() -> int:
     config.tune.grace_period = args.grace_period
     config.finetune.max_epochs = args.final_epochs
     started = time.perf_counter()
-    summary = run_tune(config, load_space(args.space), prepared, vectors, work / f"sweep_{args.task}")
+    sweep_dir = work / f"sweep_{args.task}_t{args.max_train_targets}"
+    summary = run_tune(config, load_space(args.space), prepared, vectors, sweep_dir)
     timings["sweep_seconds"] = time.perf_counter() - started
     if summary.best_config is None:
         raise SystemExit("no trial of the sweep produced a result")
 
     finals = {}
-    for name, final_config in (("default", config), ("best", load_config(work / f"sweep_{args.task}" / "best_config.yaml"))):
+
+    def train_final(name: str, final_config: LSVCRConfig) -> None:
         final_config.finetune.max_epochs = args.final_epochs
         started = time.perf_counter()
-        result = run_finetune(final_config, prepared, vectors, work / f"final_{args.task}_{name}")
+        result = run_finetune(final_config, prepared, vectors, work / f"final_{args.task}_t{args.max_train_targets}_{name}")
         timings[f"final_{name}_seconds"] = time.perf_counter() - started
         finals[name] = {"test": {k: result.metrics["test"][k] for k in METRIC_NAMES},
                         "valid": {k: result.metrics["valid"][k] for k in METRIC_NAMES},
                         "best_epoch": result.best_epoch, "epochs_run": result.metrics.get("epochs_run")}
+
+    # Two independent Ray Train runs at once (one 1-CPU worker each): Ray Tune runs trials the same way.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [pool.submit(train_final, "default", config),
+                pool.submit(train_final, "best", load_config(sweep_dir / "best_config.yaml"))]
+        for run in runs:
+            run.result()
 
     default_ndcg, best_ndcg = finals["default"]["test"]["ndcg@5"], finals["best"]["test"]["ndcg@5"]
     searched = list(summary.param_keys)
@@ -108,7 +124,9 @@ def main() -> int:
     statuses = [row["status"] for row in summary.rows]
     result = {
         "benchmark": "tune",
-        "data": "synthetic demo preset (lsvcr synth --preset demo), prepared with the default data config",
+        "data": {"source": "synthetic demo preset (lsvcr synth --preset demo), prepared with the default data config"
+                           + (f" except data.max_train_targets_per_user={args.max_train_targets}" if args.max_train_targets else ""),
+                 "counts": json.loads((prepared / "manifest.json").read_text()).get("counts")},
         "vectors": {"path": str(vectors), "model": vectors_manifest.get("model"), "dim": vectors_manifest.get("dim"),
                     "source": "given --vectors" if args.vectors else "MiniLM fallback (lsvcr.vectors.write_minilm_vectors)"},
         "task": args.task,

@@ -322,7 +322,7 @@ def run_tune(config: LSVCRConfig, space: dict[str, SearchParam], data_dir: str |
     tuner.fit()
     _reap_stopped_train_runs(ledger_prefix, wait_s=10.0)
     summary = summarize(out, config, space)
-    summary.write(out, config)
+    summary.write(out)
     log.info("sweep finished in %.0f s: %d trials, best %s = %s", time.time() - started, len(summary.rows),
              OBJECTIVE, summary.best_objective)
     return summary
@@ -340,7 +340,7 @@ class TuneSummary:
     best_objective: float | None
     best_config: LSVCRConfig | None
 
-    def write(self, out: Path, config: LSVCRConfig) -> None:
+    def write(self, out: Path) -> None:
         import pandas as pd
 
         frame = pd.DataFrame(self.rows)
