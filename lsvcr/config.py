@@ -105,6 +105,10 @@ class EncodeConfig:
     history_length: int = 20  # stage-1 history length in prompts
     cpus_per_actor: float = 1.0  # Ray CPUs (and torch/OMP threads) per vLLM actor
     max_text_tokens: int = 256  # item texts (captions, comments) are truncated to this many tokens
+    # Users: encode the prompts of at most this many train samples (a seeded random subset, split across the
+    # tasks in proportion; frozen alignment trains on it). -1: all. History prompts are the expensive part.
+    max_user_samples: int = -1
+    seed: int = 2024
 
 
 @dataclass

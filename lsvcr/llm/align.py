@@ -179,13 +179,13 @@ class StageOneData:
         return 0 if self.comment is None else len(self.comment)
 
 
-def _read_user_vectors(vectors_dir: Path, name: str, expected_rows: int) -> Tensor:
+def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[np.ndarray, Tensor]:
+    """(sample rows that have a vector, their vectors) of `users_video` / `users_comment`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     directory = vectors_dir / name
     single = vectors_dir / f"{name}.parquet"
-
     if single.is_file():
         table = pq.read_table(single)
     elif directory.is_dir() and any(directory.glob("part-*.parquet")):
@@ -195,16 +195,22 @@ def _read_user_vectors(vectors_dir: Path, name: str, expected_rows: int) -> Tens
     rows = table["sample_row"].to_numpy()
     column = table["vector"].combine_chunks()
     vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(rows), column.type.list_size)
-    dense = np.zeros((expected_rows, vectors.shape[1]), dtype=np.float32)
-    seen = np.zeros(expected_rows, dtype=bool)
-    if len(rows) and (rows.min() < 0 or rows.max() >= expected_rows):
-        raise DataError(f"VECTORS {name}: sample_row {int(rows.max())} outside the {expected_rows} train samples; "
-                        "was it encoded from another PREPARED?")
-    dense[rows], seen[rows] = vectors, True
-    if not seen.all():
-        raise DataError(f"VECTORS {name}: no vector for sample_row {int(np.flatnonzero(~seen)[0])} "
-                        f"({int((~seen).sum())} missing); re-run `lsvcr encode --what users`")
-    return torch.from_numpy(np.nan_to_num(dense))
+    if len(rows) == 0:
+        raise DataError(f"VECTORS {name} is empty")
+    if rows.min() < 0 or rows.max() >= num_samples or len(np.unique(rows)) != len(rows):
+        raise DataError(f"VECTORS {name}: sample_row values do not index the {num_samples} train samples "
+                        "(encoded from another PREPARED?)")
+    order = np.argsort(rows)
+    return rows[order], torch.from_numpy(np.nan_to_num(vectors[order]).astype(np.float32))
+
+
+def _subset(arrays, rows: np.ndarray):
+    """SampleArrays restricted to `rows` (the samples that have LLM user vectors)."""
+    import dataclasses
+
+    return dataclasses.replace(arrays, **{
+        f.name: getattr(arrays, f.name)[rows] for f in dataclasses.fields(arrays)
+        if isinstance(getattr(arrays, f.name), np.ndarray)})
 
 
 def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None, frozen: bool) -> StageOneData:
@@ -225,9 +231,13 @@ def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path |
         data.raw_video = torch.from_numpy(video_text)
         data.raw_comment = torch.from_numpy(comment_text if comment_text is not None
                                             else np.zeros((1, video_text.shape[1]), np.float32))
-        data.user_video = _read_user_vectors(vectors_dir, "users_video", len(video))
-        data.user_comment = (_read_user_vectors(vectors_dir, "users_comment", len(comment)) if comment is not None
-                             else torch.zeros(0, video_text.shape[1]))
+        # Train on the samples whose prompts were encoded (all, or encode.max_user_samples of them).
+        rows, data.user_video = _read_user_vectors(vectors_dir, "users_video", len(video))
+        data.video = _subset(video, rows)
+        data.user_comment = torch.zeros(0, video_text.shape[1])
+        if comment is not None:
+            rows, data.user_comment = _read_user_vectors(vectors_dir, "users_comment", len(comment))
+            data.comment = _subset(comment, rows)
     return data
 
 
@@ -521,8 +531,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state["step"] % settings.log_every == 0 or done or state["step"] % settings.checkpoint_every == 0:
             mean = sums / max(counted, 1)
             row = {"step": state["step"], "epoch": epoch + (index + 1) / steps_per_epoch,
-                   "train_loss": mean[0], "train_vcc": mean[1], "train_ssc": mean[2], "train_rec": mean[3],
-                   "train_lm": mean[4], "lr": scheduler.get_last_lr()[0],
+                   **{f"train_{name}": float(value) for name, value in zip(("loss", "vcc", "ssc", "rec", "lm"), mean)},
+                   "lr": scheduler.get_last_lr()[0],
                    "seconds_per_step": (time.perf_counter() - window_start) / max(counted, 1)}
             state["history"].append(row)
             if log_path is not None:

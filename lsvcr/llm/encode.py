@@ -187,15 +187,21 @@ class Throughput:
     prompts: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    engine_start_seconds: float = 0.0  # until the first batch came back (imports, engine build, warm-up)
+    engine_start_seconds: float = 0.0  # until the first batch came back (imports, engine build, 1st batch)
+    first_batch_prompts: int = 0
+    first_batch_tokens: int = 0
 
     def summary(self) -> dict:
-        steady = max(self.seconds - self.engine_start_seconds, 1e-9)
+        """Overall rates (wall clock incl. start-up) and steady rates (after the first batch; None
+        when everything came back in one batch)."""
+        steady_seconds = self.seconds - self.engine_start_seconds
+        later_prompts = self.prompts - self.first_batch_prompts
+        steady = later_prompts > 0 and steady_seconds > 0
         return asdict(self) | {
             "prompts_per_s": round(self.prompts / max(self.seconds, 1e-9), 2),
             "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
-            "steady_prompts_per_s": round(self.prompts / steady, 2),
-            "steady_tokens_per_s": round(self.tokens / steady, 1),
+            "steady_prompts_per_s": round(later_prompts / steady_seconds, 2) if steady else None,
+            "steady_tokens_per_s": round((self.tokens - self.first_batch_tokens) / steady_seconds, 1) if steady else None,
         }
 
 
@@ -273,6 +279,8 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
                         order = np.argsort(local_rows)
                         block = np.concatenate([v for _, v in buffers.pop(key)])[order]
                         output.write(int(shard), outputs[index][1][local_rows[order]], block)
+            if throughput.prompts == 0:
+                throughput.first_batch_prompts, throughput.first_batch_tokens = len(rows), int(batch["tokens"].sum())
             throughput.prompts += len(rows)
             throughput.tokens += int(batch["tokens"].sum())
             progress.update(len(rows))
@@ -336,37 +344,46 @@ def encode_items(prepared_dir: Path, partial: Path, model_path: Path, settings: 
             | {"distinct_texts": int(len(distinct))}, "throughput": throughput.summary() if pending else None}
 
 
+def user_sample_rows(num_rows: int, total_rows: int, max_samples: int, seed: int) -> np.ndarray:
+    """The train samples whose prompts are encoded: all, or a seeded random subset of this task's
+    share of `encode.max_user_samples` (sorted; frozen alignment then trains on that subset)."""
+    if max_samples <= 0 or total_rows <= max_samples:
+        return np.arange(num_rows)
+    share = int(round(max_samples * num_rows / total_rows))
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=share, replace=False))
+
+
 def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
-    """The stage-1 prompt of every train sample of both tasks → `users_video/`, `users_comment/` (LAST)."""
+    """The stage-1 prompt of the train samples of both tasks → `users_video/`, `users_comment/` (LAST)."""
     from lsvcr.data.prepared import load_manifest
 
     tasks = ("video", "comment") if load_manifest(prepared_dir).get("has_comments") else ("video",)
     columns = ["target_video", "video_history", "comment_history_videos", "comment_history_comments"]
-    outputs, tables = [], []
+    samples = {task: pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns) for task in tasks}
+    total = sum(table.num_rows for table in samples.values())
+    outputs, pieces, offset, counts = [], [], 0, {}
     for task in tasks:
-        samples = pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns)
-        output = ShardedOutput(partial / USER_TABLES[task], samples.num_rows, settings.shard_size, "sample_row")
+        selected = user_sample_rows(samples[task].num_rows, total, settings.max_user_samples, settings.seed)
+        output = ShardedOutput(partial / USER_TABLES[task], len(selected), settings.shard_size, "sample_row")
         pending = np.array(output.pending_shards(), dtype=np.int64)
-        outputs.append((output, np.arange(samples.num_rows), pending))
-        tables.append((task, samples, pending, output))
-    offset, pieces = 0, []
-    for task, samples, pending, output in tables:
-        rows = np.concatenate([output.shard_rows(int(s)) for s in pending]) if len(pending) else np.zeros(0, np.int64)
-        if len(rows):
-            piece = samples.take(rows)
-            pieces.append(piece.append_column("row", pa.array(rows + offset, pa.int64()))
-                          .append_column("task", pa.array([task] * len(rows), pa.string())))
-        offset += samples.num_rows
-    counts = {USER_TABLES[task]: int(samples.num_rows) for task, samples, _, _ in tables}
+        outputs.append((output, selected, pending))
+        positions = (np.concatenate([output.shard_rows(int(s)) for s in pending]) if len(pending)
+                     else np.zeros(0, np.int64))
+        if len(positions):
+            piece = samples[task].take(selected[positions])
+            pieces.append(piece.append_column("row", pa.array(positions + offset, pa.int64()))
+                          .append_column("task", pa.array([task] * len(positions), pa.string())))
+        offset += len(selected)
+        counts[USER_TABLES[task]] = int(len(selected))
     if not pieces:
         return {"counts": counts, "throughput": None}
     work = pa.concat_tables(pieces)
     log.info("users: %d prompts to encode (%s)", work.num_rows, counts)
-    dataset = _blocks(work, max(settings.batch_size, 128))
+    dataset = _blocks(work, settings.batch_size)
     dataset = dataset.map_batches(
         PromptRenderer, fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), model_path=str(model_path),
                                                    settings=asdict(settings)),
-        batch_format="pyarrow", batch_size=max(settings.batch_size, 128), concurrency=1, num_cpus=0.25)
+        batch_format="pyarrow", batch_size=settings.batch_size, concurrency=1, num_cpus=0.25)
     dataset = dataset.map_batches(
         VLLMEmbedder, fn_constructor_kwargs=_embedder_kwargs(model_path, USER_POOLING, settings, settings.max_model_len),
         **_actor_kwargs(settings))
