@@ -55,3 +55,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("finetune: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_shipped_reference_is_current_and_loads():
+    from pathlib import Path
+
+    from lsvcr.config import reference_yaml
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
+    assert shipped.read_text() == reference_yaml(), "regenerate configs/reference.yaml (see docs/config.md)"
+    assert load_config(shipped) == LSVCRConfig()
