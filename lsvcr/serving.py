@@ -737,13 +737,35 @@ class Gateway:
         return JSONResponse(info)
 
 
+def check_model_dir(model_dir: str | Path, task: str) -> None:
+    """Cheap checks in the driver, so a wrong path fails with one line before any replica starts."""
+    from lsvcr import storage
+
+    if storage.is_remote(str(model_dir)):
+        return  # pulled and checked by the replicas
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.pt").is_file():
+        raise ModelNotFoundError(f"--{task}-model {model_dir}: no model.pt (is this a MODEL dir of `lsvcr finetune`?)")
+    found = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=False).get("task")
+    if found != task:
+        raise ConfigError(f"--{task}-model {model_dir} holds a {found!r} model")
+    inputs_path = model_dir / "inputs.json"
+    inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
+    for key in ("data", "vectors"):
+        value = inputs.get(key)
+        if value and not storage.is_remote(value) and not Path(value).is_dir():
+            raise DataError(f"{inputs_path}: the {key} dir {value} does not exist")
+    if not inputs.get("data"):
+        raise DataError(f"{inputs_path} names no PREPARED dir ('data'): the catalog cannot be loaded")
+
+
 def build_application(video_model_dir: str | None, comment_model_dir: str | None, serve_config: ServeConfig):
     """Bind the two deployments with the resources and autoscaling of `serve_config`."""
     if not video_model_dir and not comment_model_dir:
         raise ConfigError("serving needs at least one model: give --video-model and/or --comment-model")
-    for name, model_dir in (("video", video_model_dir), ("comment", comment_model_dir)):
-        if model_dir and not (Path(model_dir) / "model.pt").is_file():
-            raise ModelNotFoundError(f"--{name}-model {model_dir}: no model.pt (is this a MODEL dir of `lsvcr finetune`?)")
+    for task, model_dir in (("video", video_model_dir), ("comment", comment_model_dir)):
+        if model_dir:
+            check_model_dir(model_dir, task)
     settings = {f: getattr(serve_config, f) for f in serve_config.__dataclass_fields__}
     model = RecommenderModel.options(
         autoscaling_config={

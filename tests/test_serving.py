@@ -17,6 +17,7 @@ import yaml
 
 from lsvcr.batching import load_item_tables, load_sample_arrays, make_batch
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config
+from lsvcr.errors import ConfigError, ModelNotFoundError
 from lsvcr.model import LSVCRModel
 from lsvcr.serving import (
     CommentRequest, Recommender, RequestError, RequestRejected, VideoRequest, parse_request,
@@ -361,6 +362,13 @@ def test_serve_app_builder_takes_args(model_dirs, monkeypatch):
     assert type(application).__name__ == "Application"
     with pytest.raises(Exception, match="unknown Serve application arg"):
         builder({"video_model": str(model_dirs["video"]), "colour": "red"})
+    # Wrong inputs fail in the driver with one line, before any replica starts.
+    with pytest.raises(ConfigError, match="holds a 'comment' model"):
+        builder({"video_model": str(model_dirs["comment"])})
+    with pytest.raises(ModelNotFoundError, match="no model.pt"):
+        builder({"comment_model": str(model_dirs["comment"].parent)})
+    with pytest.raises(ConfigError, match="at least one model"):
+        builder({})
 
 
 # ----------------------------------------------------------------------------------------------------
