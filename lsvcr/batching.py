@@ -107,13 +107,14 @@ class ItemTables:
     comment_pool: np.ndarray  # [V+1, P] the video's comment pool (by likes desc), 0-padded
     comment_pool_size: np.ndarray  # [V+1]
     comment_likes: np.ndarray  # [C+1] like counts (popularity baseline)
+    hot_comments: int = HOT_COMMENTS  # how many top comments a training "hot comment" is drawn from
 
     @property
     def hot_count(self) -> np.ndarray:
-        return np.minimum(self.comment_pool_size, HOT_COMMENTS)
+        return np.minimum(self.comment_pool_size, self.hot_comments)
 
 
-def load_item_tables(prepared_dir: str | Path) -> ItemTables:
+def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS) -> ItemTables:
     prepared_dir = Path(prepared_dir)
     videos_path = prepared_dir / "videos.parquet"
     if not videos_path.is_file():
@@ -138,6 +139,7 @@ def load_item_tables(prepared_dir: str | Path) -> ItemTables:
         comment_pool=comment_pool,
         comment_pool_size=(comment_pool != 0).sum(axis=1),
         comment_likes=likes,
+        hot_comments=hot_comments,
     )
 
 

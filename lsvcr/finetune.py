@@ -192,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     data_dir = Path(loop_config["data_dir"])
     vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
 
-    tables = load_item_tables(data_dir)
+    tables = load_item_tables(data_dir, config.data.hot_comments)
     train = load_sample_arrays(data_dir, settings.task, "train", settings.history_length,
                                config.data.max_comments_per_record)
     valid = load_sample_arrays(data_dir, settings.task, "valid", settings.history_length,
@@ -347,6 +347,14 @@ class FinetuneResult:
     best_epoch: int
 
 
+def _training_settings(config: LSVCRConfig) -> dict:
+    """What a resumed run must share with the interrupted one (resources may change between runs)."""
+    values = config_to_dict(config)
+    for key in ("num_workers", "threads_per_worker", "use_gpu", "max_failures"):
+        values["finetune"].pop(key)
+    return {section: values[section] for section in ("data", "model", "finetune")}
+
+
 def _partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
@@ -382,7 +390,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     staging = _partial_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
     config_yaml = staging / "config.yaml"
-    if config_yaml.is_file() and load_config(config_yaml) != config:
+    if config_yaml.is_file() and _training_settings(load_config(config_yaml)) != _training_settings(config):
         raise ConfigError(f"{staging} holds a partial run with a different config; delete it or rerun with the same one")
     save_config(config, config_yaml)
     inputs = {"data": str(data_dir), "vectors": str(vectors_dir) if vectors_dir else None,
