@@ -102,7 +102,8 @@ def merge(paths: list[str], out: Path) -> int:
     parts = [json.loads(Path(path).read_text()) for path in paths]
     merged = dict(parts[0])
     for part in parts[1:]:
-        merged["table"] = {**merged["table"], **part["table"]}
+        for task, models in part["table"].items():
+            merged["table"][task] = {**merged["table"].get(task, {}), **models}
         merged["runs"] = merged["runs"] + part["runs"]
     out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"merged {len(parts)} result files into {out}")
@@ -115,6 +116,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["video", "comment"], choices=["video", "comment"])
+    parser.add_argument("--models", nargs="+", default=None, help="subset of the trained models (e.g. id+text sasrec)")
+    parser.add_argument("--skip-popularity", action="store_true", help="for runs split across processes")
     parser.add_argument("--vectors", default=None, help="VECTORS dir from `lsvcr encode` (default: MiniLM fallback)")
     parser.add_argument("--work", default=str(HERE / "tmp" / "quality"))
     parser.add_argument("--out", default=str(RESULTS))
@@ -135,11 +138,14 @@ def main() -> int:
     table: dict[str, dict] = {}
     for task in args.tasks:
         table[task] = {}
-        popularity = evaluate_model(fit_popularity(data), task, data, config, progress=False)
-        popularity_name = "popularity" if task == "video" else "popularity-by-likes"
-        table[task][popularity_name] = summarise([{"test": popularity["test"], "seed": None}])
-        print(f"{task:7s} {popularity_name:20s} test ndcg@5 {popularity['test']['ndcg@5']:.4f}", flush=True)
+        if not args.skip_popularity:
+            popularity = evaluate_model(fit_popularity(data), task, data, config, progress=False)
+            popularity_name = "popularity" if task == "video" else "popularity-by-likes"
+            table[task][popularity_name] = summarise([{"test": popularity["test"], "seed": None}])
+            print(f"{task:7s} {popularity_name:20s} test ndcg@5 {popularity['test']['ndcg@5']:.4f}", flush=True)
         for name, model in MODELS[task].items():
+            if args.models and name not in args.models:
+                continue
             model_runs = []
             for seed in args.seeds:
                 run = train_and_test(task, name, model, seed, args, data, vectors, work)
