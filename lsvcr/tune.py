@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import typing
 from dataclasses import dataclass
@@ -360,13 +361,21 @@ class TuneSummary:
 
 
 def _error_text(trial) -> str:
+    """The line of a trial's error.txt that names the cause: the innermost exception (Ray wraps the
+    worker's in RayTaskError/WorkerGroupError), else a lost-worker reason such as an OOM kill."""
     path = Path(trial.path) / "error.txt"
     if not path.is_file():
         return ""
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    # The last line of the traceback names the exception; Ray wraps it, so prefer a line naming an Error.
-    named = [line for line in lines if "Error" in line.split(":")[0] or line.startswith(("ValueError", "RuntimeError"))]
-    return (named[-1] if named else lines[-1])[:500] if lines else ""
+    wrappers = ("RayTaskError", "WorkerGroupError", "TrainingFailedError", "TuneError", "RayActorError")
+    exceptions = [line for line in lines
+                  if _EXCEPTION_LINE.match(line) and not line.split(":")[0].split("(")[0].endswith(wrappers)]
+    killed = [line for line in lines if "killed due to" in line or "health check failed" in line]
+    chosen = exceptions or killed or lines
+    return chosen[-1][:500] if chosen else ""
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(\(\w+\))?: \S")
 
 
 def summarize(out: Path, config: LSVCRConfig, space: dict[str, SearchParam]) -> TuneSummary:
