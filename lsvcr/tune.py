@@ -320,7 +320,11 @@ def run_tune(config: LSVCRConfig, space: dict[str, SearchParam], data_dir: str |
                 verbose=1,
             ),
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception as error:  # noqa: BLE001 - e.g. Tune's own actors lost to an OOM kill of the node
+        raise LSVCRError(f"the sweep stopped ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+                         "its state is saved: re-run the same command to resume it") from error
     _reap_stopped_train_runs(ledger_prefix, wait_s=10.0)
     summary = summarize(out, config, space)
     summary.write(out)
