@@ -140,3 +140,35 @@ def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepa
 
     again = run_align(config, tiny_prepared_dir, vectors, out, "frozen")
     assert again == summary
+
+
+@pytest.mark.slow
+def test_lora_alignment_end_to_end_merges_and_reencodes(ray_cluster, tiny_prepared_dir, tiny_llm_dir, tmp_path):
+    """LoRA mode on Ray Train with the tiny Llama: the adapter is merged into a plain HF folder that
+    vLLM re-encodes every item with; stage-2 vectors are 256-d and differ from the untrained MLP's."""
+    import json
+    import shutil
+
+    from lsvcr.llm.align import run_align
+    from lsvcr.vectors import load_item_vectors
+
+    prepared = tmp_path / "prepared"  # few train samples: each LoRA step embeds its texts live
+    shutil.copytree(tiny_prepared_dir, prepared)
+    for task in ("video", "comment"):
+        path = prepared / f"{task}_samples.train.parquet"
+        pq.write_table(pq.read_table(path).slice(0, 16), path)
+    config = load_config(None, [f"encode.model={tiny_llm_dir}", "encode.max_prompt_tokens=400",
+                                "encode.max_text_tokens=16", "encode.batch_size=256", "align.max_response_tokens=16",
+                                "align.history_length=5", "align.batch_size=8", "align.max_steps=3",
+                                "align.checkpoint_every=2", "align.log_every=1"])
+    out = tmp_path / "aligned"
+    summary = run_align(config, prepared, None, out, "lora")
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3] and all(row["train_lm"] > 0 for row in rows)
+    assert (out / "llm" / "config.json").is_file() and not list((out / "llm").glob("adapter_*"))
+    video_text, comment_text = load_item_vectors(out / "vectors", prepared)
+    assert video_text.shape[1] == comment_text.shape[1] == 256
+    assert np.isfinite(video_text).all() and np.abs(comment_text[1:]).sum(axis=1).min() > 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["mode"] == "lora" and checkpoint["llm_hidden"] == 64
