@@ -98,15 +98,30 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def merge(paths: list[str], out: Path) -> int:
-    """Combine the results of runs split by task (e.g. two processes, one per task) into one file."""
+    """Combine result files of runs split across processes (by task, model or seed) into one file:
+    runs are pooled and every trained model's summary is recomputed over all its seeds."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
-    merged = dict(parts[0])
-    for part in parts[1:]:
+    merged = dict(next((p for p in parts if not p.get("partial")), parts[0]))
+    merged["runs"] = [run for part in parts for run in part["runs"]]
+    table: dict[str, dict] = {}
+    for part in parts:  # popularity rows (not seeded) come from the tables
         for task, models in part["table"].items():
-            merged["table"][task] = {**merged["table"].get(task, {}), **models}
-        merged["runs"] = merged["runs"] + part["runs"]
+            for name, values in models.items():
+                if name.startswith("popularity"):
+                    table.setdefault(task, {})[name] = values
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in merged["runs"]:
+        groups.setdefault((run["task"], run["model"]), []).append(run)
+    for (task, name), runs in groups.items():
+        table.setdefault(task, {})[name] = summarise(sorted(runs, key=lambda run: run["seed"]))
+    merged["table"] = table
+    merged["settings"] = dict(merged.get("settings", {}), seeds=sorted({run["seed"] for run in merged["runs"]}))
     out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"merged {len(parts)} result files into {out}")
+    for task, models in table.items():
+        for name, values in models.items():
+            ndcg = values["ndcg@5"]
+            print(f"{task:7s} {name:20s} NDCG@5 {ndcg['mean']:.4f} ± {ndcg['std']:.4f} (n={len(ndcg['values'])})")
     return 0
 
 
