@@ -53,7 +53,12 @@ def vectors_dir(prepared_dir: Path, tmp_path_factory) -> Path:
 
 
 def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path, seed: int) -> Path:
-    """A MODEL/ dir (docs/formats.md) of an SR model with random (not default-init) weights."""
+    """A MODEL/ dir (docs/formats.md) of an SR model with random (not default-init) weights.
+
+    Built directly rather than by `lsvcr finetune` (Ray Train took 85-280 s for one tiny epoch on this
+    shared machine); serving reads it through `lsvcr.evaluate.load_trained_model`, the loader that the
+    finetune/evaluate tests check against real `finetune` outputs, and the rankings are compared with
+    these same weights."""
     config = LSVCRConfig()
     config.finetune.task = task
     config.finetune.history_length = HISTORY_LENGTH
@@ -382,34 +387,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def finetuned_model_dirs(ray_cluster, model_dirs, prepared_dir, vectors_dir) -> dict[str, Path]:
-    """The video model trained for real by `lsvcr finetune` (Ray Train, 1 epoch on the tiny data), so the
-    HTTP test serves an actual MODEL/ output; the comment model stays the constructed one."""
-    from lsvcr.finetune import run_finetune
-
-    config = LSVCRConfig()
-    config.finetune.task = "video"
-    config.finetune.max_epochs = 1
-    config.finetune.batch_size = 256
-    config.finetune.history_length = HISTORY_LENGTH
-    config.data.max_comments_per_record = 2
-    result = run_finetune(config, prepared_dir, vectors_dir, vectors_dir.parent / "finetuned_video")
-    return {"video": result.out_dir, "comment": model_dirs["comment"]}
-
-
-@pytest.fixture(scope="module")
-def served_recommender(finetuned_model_dirs) -> Recommender:
+def served_recommender(model_dirs) -> Recommender:
     """The same models as the HTTP app, in-process: the reference for the HTTP answers."""
-    return Recommender.from_model_dirs(finetuned_model_dirs["video"], finetuned_model_dirs["comment"])
+    return Recommender.from_model_dirs(model_dirs["video"], model_dirs["comment"])
 
 
 @pytest.fixture(scope="module")
-def served(finetuned_model_dirs):
+def served(ray_cluster, model_dirs):
     from lsvcr.serving import start_serving, stop_serving
 
     config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
                          max_k=500, max_history_items=200, max_body_bytes=20_000)
-    base_url = start_serving(finetuned_model_dirs["video"], finetuned_model_dirs["comment"], config)
+    base_url = start_serving(model_dirs["video"], model_dirs["comment"], config)
     try:
         yield base_url
     finally:
@@ -417,7 +406,7 @@ def served(finetuned_model_dirs):
 
 
 @pytest.mark.slow
-def test_http_endpoints_match_the_offline_model(served, finetuned_model_dirs, served_recommender, prepared_dir, vectors_dir):
+def test_http_endpoints_match_the_offline_model(served, model_dirs, served_recommender, prepared_dir, vectors_dir):
     recommender = served_recommender
     import requests
 
@@ -425,7 +414,6 @@ def test_http_endpoints_match_the_offline_model(served, finetuned_model_dirs, se
     response = requests.get(f"{served}/v1/model", timeout=30)
     assert response.status_code == 200, response.text
     info = response.json()
-    model_dirs = finetuned_model_dirs
     trained_metrics = json.loads((model_dirs["video"] / "metrics.json").read_text())
     assert info["models"]["video"]["checkpoint"] == str(model_dirs["video"].resolve() / "model.pt")
     assert info["models"]["video"]["metrics"]["test"] == trained_metrics["test"]
