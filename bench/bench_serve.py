@@ -378,6 +378,12 @@ def main() -> int:
                     "p99_under_100ms_at_8": eight["p99_ms"] is not None and eight["p99_ms"] < 100,
                     "no_failed_request_in_long_run": eight["failed"] == 0},
         "failed_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["failed"],
+        # Where the CPU goes per request at 8 clients: the model's own work (in-process, batch 8) vs every
+        # Serve process on the request path (the model replica's figure includes the model's work).
+        "cpu_ms_per_request_at_8_clients": {
+            "model_in_process_batch_8": report["in_process"]["batch_8"]["cpu_ms_per_request"],
+            **eight["cpu_ms_per_request"],
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
