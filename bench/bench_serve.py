@@ -261,6 +261,13 @@ def serve_cpu_seconds() -> dict[str, float]:
     return totals
 
 
+def _model_info(host: str, port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}/v1/model", timeout=30) as response:
+        return json.loads(response.read())
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -314,6 +321,7 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
             cpu_before = serve_cpu_seconds()
             phase = asyncio.run(_load(host, port, bodies, clients, seconds))
             cpu_after = serve_cpu_seconds()
+            phase["batching_one_replica_cumulative"] = _model_info(host, port)["replica_batching"]["video"]
             phase["cpu_ms_per_request"] = {name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(phase["ok"], 1), 2)
                                            for name in cpu_after}
             results[f"http_{clients}_clients"] = phase

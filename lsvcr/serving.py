@@ -633,17 +633,25 @@ class RecommenderModel:
         for handler in (self.recommend_videos, self.recommend_comments):
             handler.set_max_batch_size(config.max_batch_size)
             handler.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batches = {"video": [0, 0], "comment": [0, 0]}  # task -> [batches, requests] of this replica
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def recommend_videos(self, requests: list[VideoRequest]) -> list[dict | RequestError]:
+        self.batches["video"][0] += 1
+        self.batches["video"][1] += len(requests)
         return self.recommender.recommend_videos(requests)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def recommend_comments(self, requests: list[CommentRequest]) -> list[dict | RequestError]:
+        self.batches["comment"][0] += 1
+        self.batches["comment"][1] += len(requests)
         return self.recommender.recommend_comments(requests)
 
     def describe(self) -> dict[str, Any]:
-        return self.recommender.describe()
+        batching = {task: {"batches": batches, "requests": requests,
+                           "mean_batch_size": round(requests / batches, 2) if batches else None}
+                    for task, (batches, requests) in self.batches.items()}
+        return {**self.recommender.describe(), "replica_batching": batching}
 
     def ping(self) -> bool:
         return True
