@@ -62,7 +62,7 @@ class FinetuneObjective(nn.Module):
         self.contrast_negatives = contrast_negatives
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        states = self.model.encode_histories(batch.history)
+        states = self.model.encode_histories(batch.history, outputs=(self.task,))
         if self.task == "video":
             logits = self.model.score_videos(batch.history, None, states=states)  # all videos, pad = -inf
             ce = F.cross_entropy(logits, batch.target_video)

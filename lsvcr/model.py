@@ -162,9 +162,9 @@ class HistoryStates:
     """Output of `encode_histories`: the fused H^v, H^c and their masks, plus the item text vectors
     (pc_merge outputs before position/gate/LN) that L_IT contrasts with the ID embeddings."""
 
-    video_states: Tensor  # H^v [B, Lv, H]
+    video_states: Tensor | None  # H^v [B, Lv, H] (None if not asked for)
     video_mask: Tensor  # [B, Lv] bool
-    comment_states: Tensor  # H^c [B, Lc, H]
+    comment_states: Tensor | None  # H^c [B, Lc, H]
     comment_mask: Tensor  # [B, Lc] bool
     video_item_text: Tensor | None  # x_i [B, Lv, H] (None in `id` mode)
     comment_item_text: Tensor | None  # y_j [B, Lc, H]
@@ -343,7 +343,11 @@ class LSVCRModel(nn.Module):
         random_positions: bool = False,
         video_text: Tensor | None = None,
         comment_text: Tensor | None = None,
+        outputs: tuple[str, ...] = ("video", "comment"),
     ) -> HistoryStates:
+        """H^v and H^c. Both encoders always run (each branch's keys feed the other's mix layer), but
+        a branch's own mix layer and output projection run only if it is in `outputs`: the video
+        task needs H^v alone, the comment task H^c alone (stage 1 needs both). Skipped → None."""
         video_mask = batch.video_history != 0
         comment_mask = batch.comment_history_videos != 0
         video_item_text = comment_item_text = None
@@ -363,12 +367,17 @@ class LSVCRModel(nn.Module):
         )
         video_encoded = self.video_encoder(video_input, self._causal_mask(video_mask))
         comment_encoded = self.comment_encoder(comment_input, self._causal_mask(comment_mask))
-        video_mixed = self._mix(self.video_mix, video_encoded, comment_encoded, comment_mask)
-        comment_mixed = self._mix(self.comment_mix, comment_encoded, video_encoded, video_mask)
+        video_states = comment_states = None
+        if "video" in outputs:
+            video_mixed = self._mix(self.video_mix, video_encoded, comment_encoded, comment_mask)
+            video_states = self.p_linear(torch.cat([video_encoded, video_mixed], dim=-1))
+        if "comment" in outputs:
+            comment_mixed = self._mix(self.comment_mix, comment_encoded, video_encoded, video_mask)
+            comment_states = self.c_linear(torch.cat([comment_encoded, comment_mixed], dim=-1))
         return HistoryStates(
-            video_states=self.p_linear(torch.cat([video_encoded, video_mixed], dim=-1)),
+            video_states=video_states,
             video_mask=video_mask,
-            comment_states=self.c_linear(torch.cat([comment_encoded, comment_mixed], dim=-1)),
+            comment_states=comment_states,
             comment_mask=comment_mask,
             video_item_text=video_item_text,
             comment_item_text=comment_item_text,
@@ -430,7 +439,7 @@ class LSVCRModel(nn.Module):
         """Logits over `candidates` [B, N] (0 = padding → -inf), or over all videos [B, V+1] when None
         (column 0, the pad, is -inf)."""
         if states is None:
-            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text)
+            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text, outputs=("video",))
         user = self.video_user_vector(states)
         if candidates is None:
             logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
@@ -444,7 +453,8 @@ class LSVCRModel(nn.Module):
                        comment_text: Tensor | None = None) -> Tensor:
         """Logits over the comment candidates [B, N] of the current video (0 = padding → -inf)."""
         if states is None:
-            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text)
+            states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text,
+                                           outputs=("comment",))
         user = self.comment_user_vector(states, current_video, video_text)
         logits = self._cosine_logits(user, self.comment_candidate_vectors(candidates, comment_text))
         return logits.masked_fill(candidates == 0, float("-inf"))

@@ -253,3 +253,16 @@ def test_text_projection_paths_agree():
     index = torch.arange(NUM_VIDEOS + 1).repeat(2)
     assert torch.allclose(model.adapt_text(model.video_text, index), model.llm_adapter(model.video_text[index]), atol=1e-6)
     assert torch.allclose(model.adapt_text(model.video_text, index[:3]), model.llm_adapter(model.video_text[:3]), atol=1e-6)
+
+
+def test_single_branch_outputs_match_both():
+    """The video task needs H^v only, the comment task H^c only: skipping the other is exact."""
+    model = _model()
+    batch = _batch()
+    both = model.encode_histories(batch)
+    video_only = model.encode_histories(batch, outputs=("video",))
+    comment_only = model.encode_histories(batch, outputs=("comment",))
+    assert video_only.comment_states is None and comment_only.video_states is None
+    assert torch.allclose(video_only.video_states, both.video_states)
+    assert torch.allclose(comment_only.comment_states, both.comment_states)
+    assert torch.allclose(model.score_videos(batch), model.score_videos(batch, states=both))
