@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TRAIN_SAMPLES = 12
-SETTINGS = ["encode.shard_size=500", "encode.max_prompt_tokens=160", "encode.history_length=5",
+SETTINGS = ["encode.shard_size=200", "encode.max_prompt_tokens=160", "encode.history_length=5",
             "encode.batch_size=128"]
 
 
@@ -106,7 +106,7 @@ def test_resume_encodes_only_missing_shards(encoded, small_prepared, tmp_path):
     assert after.keys() == before.keys()
     assert all(after[name] == before[name] for name in before if name != shards[1].name)
     assert after[shards[1].name] != before[shards[1].name]
-    assert manifest["throughput"]["items"]["prompts"] == 500  # one shard of distinct texts, nothing else
+    assert manifest["throughput"]["items"]["prompts"] == 200  # one shard of distinct texts, nothing else
     np.testing.assert_allclose(read_table(out, "_distinct_texts")[1], old_vectors, rtol=1e-4, atol=1e-4)
     assert (out / "videos" / "part-00000.parquet").is_file()
     assert json.loads((out / "manifest.json").read_text())["counts"]["users_video"] == TRAIN_SAMPLES
