@@ -60,7 +60,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": start our own cluster, never attach to a stranger's `ray start` on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
