@@ -299,7 +299,9 @@ def run_tune(config: LSVCRConfig, space: dict[str, SearchParam], data_dir: str |
     else:
         if settings.scheduler == "asha":
             # max_t one past the budget: ASHA stops a trial *at* max_t, which would kill it before it writes its model.
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs + 1,
+            # time_attr is the reported epoch, not training_iteration: a resumed trial restarts Tune's iteration
+            # count at 1 while its Train run continues from its checkpointed epoch.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs + 1,
                                       grace_period=min(settings.grace_period, settings.max_epochs), reduction_factor=2)
         else:
             scheduler = FIFOScheduler()
@@ -371,7 +373,7 @@ def _error_text(trial) -> str:
     if not path.is_file():
         return ""
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    wrappers = ("RayTaskError", "WorkerGroupError", "TrainingFailedError", "TuneError", "RayActorError")
+    wrappers = ("RayTaskError", "WorkerGroupError", "ControllerError", "TrainingFailedError", "TuneError", "RayActorError")
     exceptions = [line for line in lines
                   if _EXCEPTION_LINE.match(line) and not line.split(":")[0].split("(")[0].endswith(wrappers)]
     killed = [line for line in lines if "killed due to" in line or "health check failed" in line]
@@ -382,39 +384,55 @@ def _error_text(trial) -> str:
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)(\(\w+\))?: \S")
 
 
+def _epoch_rows(out: Path, trial_id: str, frame) -> list[dict]:
+    """(epoch, objective) of every epoch the trial ran: its Train run's train_log.jsonl (complete across
+    resumes) merged with Tune's reported rows (which restart when Tune resumes a trial)."""
+    from lsvcr.report import read_jsonl
+
+    rows = {}
+    if frame is not None and OBJECTIVE in getattr(frame, "columns", ()):
+        for epoch, value in zip(frame["epoch"], frame[OBJECTIVE]):
+            rows[int(epoch)] = float(value)
+    for name in ("model", ".model.partial"):
+        for row in read_jsonl(out / TRIALS_DIR / trial_id / name / "train_log.jsonl"):
+            rows[int(row["epoch"])] = float(row[OBJECTIVE])
+    return [{"epoch": epoch, "objective": value} for epoch, value in sorted(rows.items())]
+
+
 def summarize(out: Path, config: LSVCRConfig, space: dict[str, SearchParam]) -> TuneSummary:
     """Read the sweep in `out` back from storage (works for a finished, interrupted or restored sweep)."""
     from ray.tune import ExperimentAnalysis
 
+    out = Path(out).resolve()  # ExperimentAnalysis reads relative paths as URIs
     analysis = ExperimentAnalysis(str(out / EXPERIMENT_NAME), default_metric=OBJECTIVE, default_mode="max")
     frames = analysis.trial_dataframes
     param_keys = list(space)
     rows, history = [], []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         frame = frames.get(trial.trial_id)
-        epochs = frame if frame is not None and OBJECTIVE in getattr(frame, "columns", ()) else None
-        objective = float(epochs[OBJECTIVE].max()) if epochs is not None and len(epochs) else math.nan
+        epochs = _epoch_rows(out, trial.trial_id, frame)
+        best = max(epochs, key=lambda row: row["objective"]) if epochs else None
         finished = (out / TRIALS_DIR / trial.trial_id / "model" / "_SUCCESS").exists()
         status = {"TERMINATED": "completed" if finished else "stopped_early", "ERROR": "error"}.get(trial.status,
                                                                                                   trial.status.lower())
-        last = trial.last_result or {}
         row = {"trial_id": trial.trial_id, "status": status}
         for key in param_keys:
             value = trial.config.get("params", {}).get(key)
             row[key] = value.item() if hasattr(value, "item") else value
         row.update({
-            "objective": objective,
-            "best_epoch": int(epochs.loc[epochs[OBJECTIVE].idxmax(), "training_iteration"]) if epochs is not None and len(epochs) else 0,
-            "epochs_run": int(last.get("training_iteration", 0) or 0),
-            "seconds": float(last.get("time_total_s", 0.0) or 0.0),
+            "objective": best["objective"] if best else math.nan,
+            "best_epoch": best["epoch"] if best else 0,
+            "epochs_run": epochs[-1]["epoch"] if epochs else 0,
+            # Wall time of the trial's driver since its last (re)start, as Tune measures it.
+            "seconds": float((trial.last_result or {}).get("time_total_s", 0.0) or 0.0),
             "error": _error_text(trial) if trial.status == "ERROR" else "",
         })
         rows.append(row)
-        if epochs is not None and len(epochs):
+        if frame is not None and len(frame) and OBJECTIVE in frame.columns:
             # Tune's timestamps are whole seconds; the trial's start plus its float running time is finer.
-            started = float((epochs["timestamp"] - epochs["time_total_s"]).min())
-            for _, epoch in epochs.iterrows():
-                history.append({"trial_id": trial.trial_id, "epoch": int(epoch["training_iteration"]),
+            started = float((frame["timestamp"] - frame["time_total_s"]).min())
+            for _, epoch in frame.iterrows():
+                history.append({"trial_id": trial.trial_id, "epoch": int(epoch["epoch"]),
                                 "objective": float(epoch[OBJECTIVE]), "started": started,
                                 "timestamp": started + float(epoch["time_total_s"])})
     scored = [row for row in rows if not math.isnan(row["objective"])]
