@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) -m lsvcr demo --out $(DEMO_OUT)
+	$(PY) -m lsvcr demo --config configs/demo.yaml --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -41,3 +41,13 @@ def test_killed_worker_node_resumes_from_checkpoint(tiny_prepared_dir, tiny_mini
     assert killed["test"]["ndcg@5"] > 2 * RANDOM_NDCG5
     assert abs(killed["valid"]["ndcg@5"] - reference["valid"]["ndcg@5"]) < 0.05
     assert abs(killed["test"]["ndcg@5"] - reference["test"]["ndcg@5"]) < 0.06
+
+
+def test_killed_encode_actor_redoes_only_unfinished_shards(tiny_prepared_dir, tmp_path):
+    outcome = run_script("encode_actor_failure.py", str(tiny_prepared_dir), str(tmp_path))
+    assert outcome["returncode"] == 0
+    assert outcome["killed_pid"] is not None, "no encode actor was killed (the run finished too fast?)"
+    assert outcome["shards_before_kill"] >= 2
+    assert outcome["rewritten_after_kill"] == [], "shards finished before the kill were encoded again"
+    assert outcome["shards_after"] > outcome["shards_before_kill"]
+    assert outcome["rows"] == outcome["expected_rows"] and outcome["finite"]
