@@ -454,6 +454,9 @@ def params_from_args(args: argparse.Namespace) -> SynthParams:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    from lsvcr.config import load_config
+
+    load_config(args.config, args.overrides)  # synth has no config keys, but a bad file or override is an error
     counts = write_synthetic(args.out, params_from_args(args), args.format)
     print(json.dumps({"out": str(args.out), "counts": counts}))
     return 0
