@@ -61,12 +61,55 @@ def one_epoch(name: str, data: Path, work: Path) -> dict:
     return state["history"][0]
 
 
+def quick_steps(args) -> int:
+    """CPU seconds per training sample over `args.steps` steps of the production step, both models."""
+    import numpy as np
+
+    from lsvcr.baselines import build_model
+    from lsvcr.batching import epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch
+    from lsvcr.finetune import build_objective
+
+    torch.set_num_threads(1)
+    data = video_only_data(Path(args.work))
+    tables = load_item_tables(data)
+    train = load_sample_arrays(data, "video", "train", 50)
+    batches = epoch_rows(len(train), 512, np.random.default_rng(0), lengths=history_lengths(train))[: args.steps]
+    result = {}
+    for name in ("lsvcr-id", "sasrec"):
+        config = config_for(name, 1)
+        torch.manual_seed(0)
+        objective = build_objective(config, build_model(config.model, tables.num_videos, None, None))
+        optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=1e-5)
+        rng = np.random.default_rng(1)
+        started, samples = time.process_time(), 0
+        for rows in batches:
+            loss, _, _ = objective(make_batch(train, tables, rows, rng=rng))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            samples += len(rows)
+        cpu = time.process_time() - started
+        result[name] = {"steps": len(batches), "samples": samples, "cpu_seconds": cpu, "samples_per_cpu_second": samples / cpu}
+        print(f"{name:9s}: {samples / cpu:8.0f} samples per CPU second over {len(batches)} steps", flush=True)
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    report["quick_steps"] = {"note": "same batches for both models; training steps only, CPU seconds", **result,
+                             "load_average_1m_after": os.getloadavg()[0]}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", default=str(HERE / "tmp" / "train"))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--steps", type=int, default=0,
+                        help="instead of full epochs: time this many training steps of the same components "
+                             "(bucketed batches, objective, AdamW) per model, in CPU seconds (a quick check)")
     args = parser.parse_args()
+    if args.steps:
+        return quick_steps(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = video_only_data(work)
