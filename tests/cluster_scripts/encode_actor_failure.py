@@ -53,7 +53,7 @@ def main() -> None:
     rewritten = [name for name, stamp in before_kill.items() if after.get(name) != stamp]
     vectors_ok = True
     rows = 0
-    for part in out.glob("*/part-*.parquet"):
+    for part in [*out.glob("videos/part-*.parquet"), *out.glob("comments/part-*.parquet")]:
         table = pq.read_table(part)
         rows += table.num_rows
         flat = table["vector"].combine_chunks().values.to_numpy(zero_copy_only=False)
