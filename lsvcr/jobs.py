@@ -17,14 +17,18 @@ from lsvcr.errors import LSVCRError
 from lsvcr.runtime import setup_logging
 
 
+def _job_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="job YAML (sections of LSVCRConfig, see docs/config.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
 def job_main(stages: tuple[str, ...], description: str, argv: list[str] | None = None,
              compare_no_alignment: bool = True) -> int:
     from lsvcr.pipeline import run_pipeline
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="job YAML (sections of LSVCRConfig, see docs/config.md)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = _job_parser(description).parse_args(argv)
     setup_logging()
     try:
         config = load_config(args.config, args.overrides)
@@ -44,10 +48,8 @@ def tune_job_main(argv: list[str] | None = None) -> int:
     from lsvcr.runtime import ensure_ray
     from lsvcr.tune import load_space, run_tune
 
-    parser = argparse.ArgumentParser(description="Ray Tune sweep over stage-2 fine-tuning of the pipeline's outputs")
-    parser.add_argument("--config", required=True, help="job YAML (sections of LSVCRConfig)")
+    parser = _job_parser("Ray Tune sweep over stage-2 fine-tuning of the pipeline's outputs")
     parser.add_argument("--space", required=True, help="search-space YAML (configs/tune_space.yaml documents it)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     setup_logging()
     try:
