@@ -41,23 +41,29 @@ def _job_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def head_node():
     temp_dir = tempfile.mkdtemp(prefix="lsvcr-head-", dir="/tmp")  # short: Unix socket paths are limited
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
+    # Every port is chosen here: the test session's own Ray (conftest) already holds the defaults, e.g. the
+    # dashboard agent's 52365, and a head whose agent cannot bind accepts no job ("No available agent").
     process = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--block", f"--temp-dir={temp_dir}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent_port}",
+         f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         "--num-cpus=2", "--block", f"--temp-dir={temp_dir}"],
         env=_job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        try:
+        try:  # the dashboard answers first; jobs need the head's agent as well
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{agent_port}/api/healthz", timeout=2)
             break
         except OSError:
             time.sleep(1)
     else:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("the local head node did not start within 120 s")
+        pytest.fail("the local head node and its dashboard agent did not start within 120 s")
     yield address
     os.killpg(process.pid, signal.SIGTERM)
     try:
