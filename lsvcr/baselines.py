@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lsvcr.config import ModelConfig
 from lsvcr.errors import ConfigError
-from lsvcr.model import HistoryBatch, HistoryStates, LSVCRModel, TransformerEncoder
+from lsvcr.model import Dropout, HistoryBatch, HistoryStates, LSVCRModel, TransformerEncoder
 
 
 class SASRec(nn.Module):
@@ -33,7 +33,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(num_videos + 1, hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(config.max_position, hidden)
         self.layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
         standard = ModelConfig(**{**config.__dict__, "stacking": "standard"})
         self.encoder = TransformerEncoder(standard, config.num_layers)
         self.apply(LSVCRModel._init_weights)
@@ -75,7 +75,8 @@ class SASRec(nn.Module):
     def score_comments(self, *args, **kwargs) -> Tensor:
         raise ConfigError("SASRec is a video recommender (ID only): it cannot rank comments")
 
-    def id_text_contrastive_loss(self, batch: HistoryBatch, states=None, num_negatives: int = 99) -> Tensor:
+    def id_text_contrastive_loss(self, batch: HistoryBatch, states=None, num_negatives: int = 99,
+                                 negatives_shared_by: int = 1) -> Tensor:
         return self.item_embedding.weight.new_zeros(())
 
 

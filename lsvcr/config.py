@@ -74,6 +74,9 @@ class FinetuneConfig:
     comment_negatives: int = 19  # same-video negatives per positive comment (20-way softmax)
     id_text_loss_weight: float = 0.1
     contrast_negatives: int = 99
+    # Anchors of L_IT that share one draw of negatives: 1 = a draw per anchor (the official code); larger
+    # blocks replace an [N, 99, 64] gather by one matmul per block (same negatives per anchor in expectation).
+    contrast_negatives_shared_by: int = 256
     num_workers: int = 1  # Ray Train workers
     threads_per_worker: int = 1
     use_gpu: str = "auto"  # auto | true | false

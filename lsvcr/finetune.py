@@ -54,12 +54,14 @@ STATE_FILE = "state.pt"
 class FinetuneObjective(nn.Module):
     """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
 
-    def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int):
+    def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int,
+                 contrast_negatives_shared_by: int = 1):
         super().__init__()
         self.model = model
         self.task = task
         self.id_text_weight = id_text_weight
         self.contrast_negatives = contrast_negatives
+        self.contrast_negatives_shared_by = contrast_negatives_shared_by
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         states = self.model.encode_histories(batch.history, outputs=(self.task,))
@@ -71,13 +73,14 @@ class FinetuneObjective(nn.Module):
             ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         id_text = torch.zeros((), device=ce.device)
         if self.id_text_weight > 0:
-            id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives)
+            id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives,
+                                                          self.contrast_negatives_shared_by)
         return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
 
 
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
     return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
-                             config.finetune.contrast_negatives)
+                             config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by)
 
 
 # ----------------------------------------------------------------------------- stage-1 weights (METHOD 6.1)

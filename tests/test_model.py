@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lsvcr.config import ModelConfig
 from lsvcr.errors import ConfigError
-from lsvcr.model import HistoryBatch, LSVCRModel, masked_softmax
+from lsvcr.model import Dropout, HistoryBatch, LSVCRModel, _sampled_info_nce, masked_softmax
 
 NUM_VIDEOS, NUM_COMMENTS, TEXT_DIM = 30, 60, 16
 
@@ -187,6 +187,52 @@ def test_id_text_contrastive_loss_by_hand():
         expected = expected + 0.5 * (id_to_text + text_to_id)
     assert torch.isclose(model.id_text_contrastive_loss(batch, states), expected, atol=1e-5)
     assert model.id_text_contrastive_loss(batch).requires_grad
+
+
+@pytest.mark.parametrize("shared_by", [1, 4, 7])
+def test_sampled_info_nce_with_drawn_negatives_by_hand(shared_by):
+    """Many pairs: each block of `shared_by` anchors scores the block's drawn targets; a draw of the
+    anchor's own index is not a negative for it."""
+    generator = torch.Generator().manual_seed(1)
+    anchors = F.normalize(torch.randn(10, 8, generator=generator), dim=-1)
+    targets = F.normalize(torch.randn(10, 8, generator=generator), dim=-1)
+    blocks = -(-10 // shared_by)
+    negatives = torch.randint(0, 10, (blocks, 5), generator=generator)
+    negatives[0, 0] = 0  # anchor 0 draws itself
+    losses = []
+    for n in range(10):
+        drawn = [int(j) for j in negatives[n // shared_by] if int(j) != n]
+        logits = torch.cat([(anchors[n] @ targets[n]).view(1), targets[drawn] @ anchors[n]]) / 0.07
+        losses.append(-torch.log_softmax(logits, dim=0)[0])
+    expected = torch.stack(losses).mean()
+    assert torch.isclose(_sampled_info_nce(anchors, targets, negatives, shared_by, 0.07), expected, atol=1e-5)
+
+
+def test_text_adapter_projects_only_used_rows_with_the_same_values():
+    model = _model()
+    video_text, comment_text = _tables()
+    index = torch.tensor([[3, 3, 0, 7], [7, 1, 0, 0]])
+    assert torch.allclose(model.adapt_text(video_text, index), model.llm_adapter(video_text)[index], atol=1e-6)
+    bags = torch.tensor([[[4, 4, 0], [9, 0, 0]], [[0, 0, 0], [2, 5, 6]]])
+    projected = model.llm_adapter(comment_text)
+    expected = torch.stack([
+        torch.stack([projected[[4, 4]].mean(0), projected[[9]].mean(0)]),
+        torch.stack([torch.zeros(projected.shape[1]), projected[[2, 5, 6]].mean(0)]),
+    ])
+    assert torch.allclose(model.adapt_text_mean(comment_text, bags), expected, atol=1e-6)
+    no_pad = torch.tensor([[[1, 2]]])  # no pad id at all: row 1 must not be taken for padding
+    assert torch.allclose(model.adapt_text_mean(comment_text, no_pad), projected[[1, 2]].mean(0).view(1, 1, -1),
+                          atol=1e-6)
+
+
+def test_cpu_dropout_keeps_the_expectation_and_rate():
+    torch.manual_seed(0)
+    dropout = Dropout(0.3)
+    values = torch.ones(200_000)
+    dropped = dropout(values)
+    assert abs((dropped == 0).float().mean().item() - 0.3) < 0.01
+    assert abs(dropped.mean().item() - 1.0) < 0.01
+    assert torch.equal(dropout.eval()(values), values)
 
 
 def test_faithful_and_standard_stacking_differ():
