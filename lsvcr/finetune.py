@@ -253,7 +253,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             optimizer.step()
             sums += torch.tensor([loss.item() * len(rows), ce.item() * len(rows), id_text.item() * len(rows), len(rows)],
                                  dtype=torch.float64)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at mininterval
         train_seconds = time.perf_counter() - started
         train_cpu_seconds = time.process_time() - cpu_started  # ≪ train_seconds when the machine is shared
         sums = _all_reduce_sum(sums, context)

@@ -526,7 +526,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         counted += 1
         state["step"] = step + 1
         progress.update(1)
-        progress.set_postfix(loss=f"{values['total']:.4f}")
+        progress.set_postfix(loss=f"{values['total']:.4f}", refresh=False)  # the bar redraws at mininterval
         done = state["step"] == total_steps
         if state["step"] % settings.log_every == 0 or done or state["step"] % settings.checkpoint_every == 0:
             mean = sums / max(counted, 1)

@@ -193,10 +193,10 @@ class Throughput:
 
     def summary(self) -> dict:
         """Overall rates (wall clock incl. start-up) and steady rates (after the first batch; None
-        when everything came back in one batch)."""
+        when the later batches came back within a second of the first: too short to be a rate)."""
         steady_seconds = self.seconds - self.engine_start_seconds
         later_prompts = self.prompts - self.first_batch_prompts
-        steady = later_prompts > 0 and steady_seconds > 0
+        steady = later_prompts > 0 and steady_seconds >= 1.0
         return asdict(self) | {
             "prompts_per_s": round(self.prompts / max(self.seconds, 1e-9), 2),
             "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
@@ -284,7 +284,7 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
             throughput.prompts += len(rows)
             throughput.tokens += int(batch["tokens"].sum())
             progress.update(len(rows))
-            progress.set_postfix(tokens_per_s=round(throughput.tokens / (time.perf_counter() - started), 1))
+            progress.set_postfix(tokens_per_s=round(throughput.tokens / (time.perf_counter() - started), 1), refresh=False)
     throughput.seconds = time.perf_counter() - started
     if buffers:
         raise DataError(f"encode: {len(buffers)} shard(s) incomplete after the pipeline ended")
