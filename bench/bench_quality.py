@@ -154,10 +154,12 @@ def main() -> int:
     for task in args.tasks:
         table[task] = {}
         if not args.skip_popularity:
-            popularity = evaluate_model(fit_popularity(data), task, data, config, progress=False)
-            popularity_name = "popularity" if task == "video" else "popularity-by-likes"
-            table[task][popularity_name] = summarise([{"test": popularity["test"], "seed": None}])
-            print(f"{task:7s} {popularity_name:20s} test ndcg@5 {popularity['test']['ndcg@5']:.4f}", flush=True)
+            signals = {"popularity": "likes"} if task == "video" else {
+                "popularity-by-likes": "likes", "popularity-by-train-interactions": "train_interactions"}
+            for popularity_name, signal in signals.items():
+                popularity = evaluate_model(fit_popularity(data, signal), task, data, config, progress=False)
+                table[task][popularity_name] = summarise([{"test": popularity["test"], "seed": None}])
+                print(f"{task:7s} {popularity_name:32s} test ndcg@5 {popularity['test']['ndcg@5']:.4f}", flush=True)
         for name, model in MODELS[task].items():
             if args.models and name not in args.models:
                 continue

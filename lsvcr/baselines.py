@@ -4,7 +4,8 @@
   flavour): item + position embeddings, LN, dropout, standard-stacked causal Transformer, the
   **last** non-pad position as the user vector, dot-product scores, CE over all items. It uses the
   video history only. Trained by the same `lsvcr finetune` loop (`--set model.architecture=sasrec`).
-- `Popularity`: videos by their number of training-target interactions, comments by like count.
+- `Popularity`: videos by their number of training-target interactions; comments by like count (the
+  feature table's snapshot) or, leak-free like the video baseline, by training-target interactions.
 
 Both expose the scoring API of `LSVCRModel` (`score_videos`, `score_comments`,
 `video_candidate_vectors`) so evaluation code does not care which model it ranks with.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
@@ -103,18 +105,31 @@ class Popularity(nn.Module):
         return self._scores(self.comment_score, candidates, batch.batch_size)
 
 
-def fit_popularity(prepared_dir: str | Path) -> Popularity:
-    """Video popularity = how often a video is a target in the video task's training split."""
+COMMENT_POPULARITY = ("likes", "train_interactions")
+
+
+def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> Popularity:
+    """Video popularity = how often a video is a target in the video task's training split. Comment
+    popularity = the comment's like count (`likes`: a feature snapshot which, in real crawls, may include
+    likes given after the test interactions) or how often it is a positive in the comment task's training
+    split (`train_interactions`: the same leak-free rule as for videos)."""
+    if comment_signal not in COMMENT_POPULARITY:
+        raise ConfigError(f"comment popularity signal must be one of {COMMENT_POPULARITY}; got {comment_signal!r}")
     prepared_dir = Path(prepared_dir)
     videos = pq.read_metadata(prepared_dir / "videos.parquet").num_rows
     targets = pq.read_table(prepared_dir / "video_samples.train.parquet", columns=["target_video"])["target_video"]
     counts = np.bincount(targets.to_numpy(), minlength=videos + 1)
-    likes = np.zeros(1)
+    comment_scores = np.zeros(1)
     if (prepared_dir / "comments.parquet").is_file():
         comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_idx", "like_count"])
-        likes = np.zeros(len(comments) + 1)
-        likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
-    return Popularity(counts, likes)
+        comment_scores = np.zeros(len(comments) + 1)
+        if comment_signal == "likes":
+            comment_scores[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
+        else:
+            positives = pq.read_table(prepared_dir / "comment_samples.train.parquet", columns=["pos_comments"])
+            flat = pc.list_flatten(positives["pos_comments"]).to_numpy()
+            comment_scores = np.bincount(flat, minlength=len(comments) + 1).astype(np.float64)
+    return Popularity(counts, comment_scores)
 
 
 def build_model(config: ModelConfig, num_videos: int, video_text: Tensor | None, comment_text: Tensor | None) -> nn.Module:

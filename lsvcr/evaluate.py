@@ -225,10 +225,13 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, full_ranking: bool = False) -> dict:
-    """The popularity baseline under the same protocol (videos: training-target counts; comments: likes)."""
+def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, full_ranking: bool = False,
+                       comment_signal: str = "likes") -> dict:
+    """The popularity baseline under the same protocol (videos: training-target counts; comments: likes
+    or training-target counts, see `baselines.fit_popularity`)."""
     from lsvcr.baselines import fit_popularity
 
-    model = fit_popularity(data_dir)
+    model = fit_popularity(data_dir, comment_signal)
     metrics = evaluate_model(model, task, data_dir, config, full_ranking=full_ranking, progress=False)
-    return {"task": task, "model": {"architecture": "popularity"}, **metrics}
+    details = {"architecture": "popularity"} | ({"comment_signal": comment_signal} if task == "comment" else {})
+    return {"task": task, "model": details, **metrics}

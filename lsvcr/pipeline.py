@@ -172,7 +172,12 @@ def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
                            ("LSVCR (no alignment)", layout.model(task, aligned=False))):
             if storage.is_finished(uri):
                 rows[label] = json.loads((storage.pull(uri) / "metrics.json").read_text())
-        rows["popularity"] = popularity_metrics(storage.pull(layout.prepared), task, _task_config(config, task))
+        prepared = storage.pull(layout.prepared)
+        if task == "video":
+            rows["popularity"] = popularity_metrics(prepared, task, _task_config(config, task))
+        else:
+            for label, signal in (("popularity (likes)", "likes"), ("popularity (train interactions)", "train_interactions")):
+                rows[label] = popularity_metrics(prepared, task, _task_config(config, task), comment_signal=signal)
         results[task] = rows
     return results
 

@@ -257,3 +257,27 @@ def test_two_workers_match_one_worker(ray_cluster, tiny_prepared_dir, tiny_minil
         assert a["train_ce"] == pytest.approx(b["train_ce"], rel=0.1)
         assert a["valid_ndcg@5"] == pytest.approx(b["valid_ndcg@5"], abs=0.08)
     assert runs[2].metrics["valid"]["samples"] == runs[1].metrics["valid"]["samples"]
+
+
+def test_popularity_baselines_count_training_targets_or_read_likes(tiny_prepared_dir):
+    from lsvcr.baselines import fit_popularity
+
+    prepared = Path(tiny_prepared_dir)
+    targets = pq.read_table(prepared / "video_samples.train.parquet")["target_video"].to_numpy()
+    positives = [c for row in pq.read_table(prepared / "comment_samples.train.parquet")["pos_comments"].to_pylist()
+                 for c in row]
+    comments = pq.read_table(prepared / "comments.parquet", columns=["comment_idx", "like_count"]).to_pylist()
+
+    by_likes = fit_popularity(prepared)
+    video = int(np.bincount(targets).argmax())
+    assert by_likes.video_score[video] == pytest.approx(np.log1p(np.sum(targets == video)))
+    liked = max(comments, key=lambda row: row["like_count"])
+    assert by_likes.comment_score[liked["comment_idx"]] == pytest.approx(np.log1p(liked["like_count"]))
+
+    by_interactions = fit_popularity(prepared, "train_interactions")
+    comment = max(set(positives), key=positives.count)
+    assert by_interactions.comment_score[comment] == pytest.approx(np.log1p(positives.count(comment)))
+    never = set(range(1, len(comments) + 1)) - set(positives)
+    assert all(by_interactions.comment_score[c] == 0 for c in never)
+    with pytest.raises(ConfigError, match="comment popularity signal"):
+        fit_popularity(prepared, "views")

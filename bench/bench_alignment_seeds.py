@@ -1,0 +1,88 @@
+"""Alignment vs no alignment over several training seeds, on the outputs of a finished pipeline run.
+
+    .venv/bin/python bench/bench_alignment_seeds.py [--config configs/demo.yaml] [--seeds 2024 2025 2026]
+        [--tasks video comment] [--work runs/bench_alignment_seeds]
+
+The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
+raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
+fine-tunings (same config, same PREPARED, VECTORS and ALIGNED of `paths.storage`) for every seed and
+reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work are
+reused. Writes bench/results/alignment_seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METRICS = ("ndcg@5", "recall@5", "ndcg@10", "mrr@10")
+
+
+def _summary(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "values": [round(value, 4) for value in values]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
+    parser.add_argument("--tasks", nargs="+", default=["video", "comment"], choices=["video", "comment"])
+    parser.add_argument("--work", default="runs/bench_alignment_seeds")
+    parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
+    args = parser.parse_args()
+
+    from lsvcr import storage
+    from lsvcr.config import load_config
+    from lsvcr.finetune import run_finetune
+    from lsvcr.pipeline import StageLayout
+
+    config = load_config(args.config)
+    layout = StageLayout(config.paths.storage)
+    if not storage.is_finished(layout.aligned) or not storage.is_finished(layout.vectors):
+        raise SystemExit(f"no finished pipeline under {config.paths.storage}: run `lsvcr demo --config {args.config}`")
+    aligned = storage.pull(layout.aligned)
+    work = Path(args.work)
+    variants = {
+        "aligned": {"vectors": storage.join(layout.aligned, "vectors"), "init": aligned / "checkpoint.pt"},
+        "no_alignment": {"vectors": layout.vectors, "init": None},
+    }
+    results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
+                     "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
+                     "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}
+    started = time.perf_counter()
+    for task in args.tasks:
+        for variant, inputs in variants.items():
+            rows = []
+            for seed in args.seeds:
+                out = work / f"{task}-{variant}-{seed}"
+                if not (out / "metrics.json").is_file():
+                    run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}"])
+                    run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
+                metrics = json.loads((out / "metrics.json").read_text())
+                rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"),
+                             **{name: metrics["test"][name] for name in METRICS}})
+                print(f"{task} {variant} seed {seed}: test ndcg@5 {metrics['test']['ndcg@5']:.4f}", flush=True)
+            results["runs"][f"{task}/{variant}"] = {
+                "per_seed": rows, **{name: _summary([row[name] for row in rows]) for name in METRICS},
+            }
+            protocol = metrics.get("protocol")
+        results[f"{task}_protocol"] = protocol
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["load_average_end"] = os.getloadavg()[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'task/variant':<24} " + "  ".join(f"{name:>16}" for name in METRICS))
+    for key, run in results["runs"].items():
+        print(f"{key:<24} " + "  ".join(f"{run[name]['mean']:.4f} ± {run[name]['std']:.4f}" for name in METRICS))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
