@@ -1,13 +1,14 @@
 """Alignment vs no alignment over several training seeds, on the outputs of a finished pipeline run.
 
     .venv/bin/python bench/bench_alignment_seeds.py [--config configs/demo.yaml] [--seeds 2024 2025 2026]
-        [--tasks video comment] [--work runs/bench_alignment_seeds]
+        [--tasks video comment] [--work runs/bench_alignment_seeds] [--aligned lora=ALIGNED_DIR ...]
 
 The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
 fine-tunings (same config, same PREPARED, VECTORS and ALIGNED of `paths.storage`) for every seed and
 reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work are
-reused. Writes bench/results/alignment_seeds.json.
+reused. `--aligned NAME=DIR` adds another stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant
+trained the same way as the pipeline's aligned one. Writes bench/results/alignment_seeds.json.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
     parser.add_argument("--tasks", nargs="+", default=["video", "comment"], choices=["video", "comment"])
     parser.add_argument("--work", default="runs/bench_alignment_seeds")
+    parser.add_argument("--aligned", nargs="*", default=[], metavar="NAME=DIR",
+                        help="more ALIGNED outputs to compare (checkpoint.pt + vectors/)")
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
     args = parser.parse_args()
 
@@ -50,9 +53,14 @@ def main() -> None:
     aligned = storage.pull(layout.aligned)
     work = Path(args.work)
     variants = {
-        "aligned": {"vectors": storage.join(layout.aligned, "vectors"), "init": aligned / "checkpoint.pt"},
         "no_alignment": {"vectors": layout.vectors, "init": None},
+        "aligned": {"vectors": storage.join(layout.aligned, "vectors"), "init": aligned / "checkpoint.pt"},
     }
+    for item in args.aligned:
+        name, _, directory = item.partition("=")
+        if not (Path(directory) / "checkpoint.pt").is_file():
+            raise SystemExit(f"--aligned {item}: no checkpoint.pt in {directory}")
+        variants[name] = {"vectors": str(Path(directory) / "vectors"), "init": Path(directory) / "checkpoint.pt"}
     results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
                      "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
                      "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}

@@ -535,7 +535,7 @@ class Recommender:
         if not resolved:
             return results
         model = self.video.model
-        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment))
+        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("video",))
         users = F.normalize(model.video_user_vector(states), dim=-1) / model.config.temperature  # tau folded in
         scores = users @ self.video_matrix.T  # ONE product for the whole batch: [B, d] @ [d, V]
         scores[:, 0] = float("-inf")  # padding row
@@ -560,7 +560,7 @@ class Recommender:
         if not resolved:
             return results
         model = self.comment.model
-        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment))
+        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("comment",))
         current_video = torch.tensor([r.current_video for r in resolved])
         users = F.normalize(model.comment_user_vector(states, current_video), dim=-1) / model.config.temperature
         pools = torch.from_numpy(_pad_rows([self.catalog.comment_pool(r.current_video) for r in resolved]))
