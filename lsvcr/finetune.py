@@ -375,7 +375,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
 
     from lsvcr.evaluate import evaluate_model_dir, format_table
     from lsvcr.report import plot_curves, write_jsonl
-    from lsvcr.runtime import ensure_ray, wants_gpu
+    from lsvcr.runtime import ensure_ray, fit_and_load_state, wants_gpu
 
     out_uri = str(out_dir)
     out = storage.local_dir(out_uri).resolve()
@@ -418,13 +418,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise DataError("fine-tuning produced no checkpoint (max_epochs = 0?)")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = fit_and_load_state(trainer, STATE_FILE, "fine-tuning produced no checkpoint (max_epochs = 0?)")
 
     text_dim = 0
     if config.model.architecture == "lsvcr" and config.model.mode != "id":

@@ -635,7 +635,7 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
 
     from lsvcr.llm.registry import resolve_model
     from lsvcr.report import plot_curves, write_jsonl
-    from lsvcr.runtime import ensure_ray, wants_gpu
+    from lsvcr.runtime import ensure_ray, fit_and_load_state, wants_gpu
 
     config = copy.deepcopy(config)
     if mode is not None:
@@ -688,13 +688,8 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
                                              "TOKENIZERS_PARALLELISM": "false"}},
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise DataError("alignment produced no checkpoint (no train samples, or max_steps = 0?)")
-    with result.checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = fit_and_load_state(trainer, STATE_FILE,
+                               "alignment produced no checkpoint (no train samples, or max_steps = 0?)")
     train_seconds = time.perf_counter() - started
 
     trainable = saved["trainable"]
