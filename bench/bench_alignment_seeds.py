@@ -6,8 +6,8 @@
 The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
 fine-tunings (same config, same PREPARED, VECTORS and ALIGNED of `paths.storage`) for every seed and
-reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work are
-reused. `--aligned NAME=DIR` adds another stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant
+reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work, and
+the pipeline's own runs for its seed (`finetune.seed`), are reused. `--aligned NAME=DIR` adds another stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant
 trained the same way as the pipeline's aligned one. Writes bench/results/alignment_seeds.json.
 """
 
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024, 2025, 2026])
     parser.add_argument("--tasks", nargs="+", default=["video", "comment"], choices=["video", "comment"])
     parser.add_argument("--work", default="runs/bench_alignment_seeds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="finetune.threads_per_worker (default: the config's); 1 leaves a core to another job")
     parser.add_argument("--aligned", nargs="*", default=[], metavar="NAME=DIR",
                         help="more ALIGNED outputs to compare (checkpoint.pt + vectors/)")
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
@@ -46,7 +48,8 @@ def main() -> None:
     from lsvcr.finetune import run_finetune
     from lsvcr.pipeline import StageLayout
 
-    config = load_config(args.config)
+    thread_override = [f"finetune.threads_per_worker={args.threads}"] if args.threads else []
+    config = load_config(args.config, thread_override)
     layout = StageLayout(config.paths.storage)
     if not storage.is_finished(layout.aligned) or not storage.is_finished(layout.vectors):
         raise SystemExit(f"no finished pipeline under {config.paths.storage}: run `lsvcr demo --config {args.config}`")
@@ -70,8 +73,13 @@ def main() -> None:
             rows = []
             for seed in args.seeds:
                 out = work / f"{task}-{variant}-{seed}"
+                pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False)}
+                if (seed == config.finetune.seed and variant in pipeline_model
+                        and storage.is_finished(pipeline_model[variant])):
+                    out = storage.pull(pipeline_model[variant])  # the pipeline's own run: same config and seed
                 if not (out / "metrics.json").is_file():
-                    run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}"])
+                    run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
+                                                              *thread_override])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
                 metrics = json.loads((out / "metrics.json").read_text())
                 rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"),
