@@ -7,8 +7,10 @@ The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint an
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
 fine-tunings (same config, same PREPARED, VECTORS and ALIGNED of `paths.storage`) for every seed and
 reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work, and
-the pipeline's own runs for its seed (`finetune.seed`), are reused. `--aligned NAME=DIR` adds another stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant
-trained the same way as the pipeline's aligned one. Writes bench/results/alignment_seeds.json.
+the pipeline's own runs for its seed (`finetune.seed`), are reused. `--aligned NAME=DIR` adds another
+stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant trained like the pipeline's aligned one.
+Besides the test metrics it records each variant's mean valid NDCG@5 per epoch: whether a stage-1 start
+helps early in stage 2, and whether that lasts. Writes bench/results/alignment_seeds.json.
 """
 
 from __future__ import annotations
@@ -82,11 +84,18 @@ def main() -> None:
                                                               *thread_override])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
                 metrics = json.loads((out / "metrics.json").read_text())
-                rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"),
+                log_lines = (out / "train_log.jsonl").read_text().splitlines()
+                curve = [json.loads(line)["valid_ndcg@5"] for line in log_lines]
+                rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"), "valid_ndcg@5_by_epoch": curve,
                              **{name: metrics["test"][name] for name in METRICS}})
                 print(f"{task} {variant} seed {seed}: test ndcg@5 {metrics['test']['ndcg@5']:.4f}", flush=True)
+            epochs = min(len(row["valid_ndcg@5_by_epoch"]) for row in rows)
             results["runs"][f"{task}/{variant}"] = {
                 "per_seed": rows, **{name: _summary([row[name] for row in rows]) for name in METRICS},
+                # How fast each variant learns: does the stage-1 start help early, and does it last?
+                "mean_valid_ndcg@5_by_epoch": [
+                    round(statistics.fmean(row["valid_ndcg@5_by_epoch"][epoch] for row in rows), 4)
+                    for epoch in range(epochs)],
             }
             protocol = metrics.get("protocol")
         results[f"{task}_protocol"] = protocol
@@ -97,6 +106,9 @@ def main() -> None:
     print(f"\n{'task/variant':<24} " + "  ".join(f"{name:>16}" for name in METRICS))
     for key, run in results["runs"].items():
         print(f"{key:<24} " + "  ".join(f"{run[name]['mean']:.4f} ± {run[name]['std']:.4f}" for name in METRICS))
+    print("\nmean valid ndcg@5 by epoch (epochs every seed ran):")
+    for key, run in results["runs"].items():
+        print(f"{key:<24} " + " ".join(f"{value:.3f}" for value in run["mean_valid_ndcg@5_by_epoch"]))
     print(f"wrote {args.out}")
 
 
