@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_alignment_seeds.py [--config configs/demo.yaml] [--seeds 2024 2025 2026]
         [--tasks video comment] [--work runs/bench_alignment_seeds] [--aligned lora=ALIGNED_DIR ...]
+        [--scratch NAME=VECTORS ...]
 
 The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
@@ -42,6 +43,9 @@ def main() -> None:
                         help="finetune.threads_per_worker (default: the config's); 1 leaves a core to another job")
     parser.add_argument("--aligned", nargs="*", default=[], metavar="NAME=DIR",
                         help="more ALIGNED outputs to compare (checkpoint.pt + vectors/)")
+    parser.add_argument("--scratch", nargs="*", default=[], metavar="NAME=VECTORS",
+                        help="variants trained from scratch (no --init) on other VECTORS, e.g. an ALIGNED/vectors: "
+                             "separates what the stage-1 vectors do from what the stage-1 weights do")
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
     args = parser.parse_args()
 
@@ -66,6 +70,9 @@ def main() -> None:
         if not (Path(directory) / "checkpoint.pt").is_file():
             raise SystemExit(f"--aligned {item}: no checkpoint.pt in {directory}")
         variants[name] = {"vectors": str(Path(directory) / "vectors"), "init": Path(directory) / "checkpoint.pt"}
+    for item in args.scratch:
+        name, _, directory = item.partition("=")
+        variants[name] = {"vectors": directory, "init": None}
     results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
                      "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
                      "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}
