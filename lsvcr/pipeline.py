@@ -176,8 +176,9 @@ def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
         if task == "video":
             rows["popularity"] = popularity_metrics(prepared, task, _task_config(config, task))
         else:
-            for label, signal in (("popularity (likes)", "likes"), ("popularity (train interactions)", "train_interactions")):
-                rows[label] = popularity_metrics(prepared, task, _task_config(config, task), comment_signal=signal)
+            for signal in ("likes", "train_interactions"):  # like counts, and the leak-free count of training targets
+                rows[f"popularity ({signal.replace('_', ' ')})"] = popularity_metrics(
+                    prepared, task, _task_config(config, task), comment_signal=signal)
         results[task] = rows
     return results
 

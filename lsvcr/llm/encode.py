@@ -284,7 +284,8 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
             throughput.prompts += len(rows)
             throughput.tokens += int(batch["tokens"].sum())
             progress.update(len(rows))
-            progress.set_postfix(tokens_per_s=round(throughput.tokens / (time.perf_counter() - started), 1), refresh=False)
+            tokens_per_s = round(throughput.tokens / (time.perf_counter() - started), 1)
+            progress.set_postfix(tokens_per_s=tokens_per_s, refresh=False)  # the bar redraws at mininterval
     throughput.seconds = time.perf_counter() - started
     if buffers:
         raise DataError(f"encode: {len(buffers)} shard(s) incomplete after the pipeline ended")
