@@ -72,17 +72,19 @@ def main() -> None:
         variants[name] = {"vectors": str(Path(directory) / "vectors"), "init": Path(directory) / "checkpoint.pt"}
     for item in args.scratch:
         name, _, directory = item.partition("=")
+        if not (Path(directory) / "manifest.json").is_file():
+            raise SystemExit(f"--scratch {item}: no manifest.json in {directory} (not a VECTORS output)")
         variants[name] = {"vectors": directory, "init": None}
     results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
                      "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
                      "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}
     started = time.perf_counter()
     for task in args.tasks:
+        pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False)}
         for variant, inputs in variants.items():
             rows = []
             for seed in args.seeds:
                 out = work / f"{task}-{variant}-{seed}"
-                pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False)}
                 if (seed == config.finetune.seed and variant in pipeline_model
                         and storage.is_finished(pipeline_model[variant])):
                     out = storage.pull(pipeline_model[variant])  # the pipeline's own run: same config and seed

@@ -340,6 +340,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "finetune.lr": config.finetune.lr,
         "finetune.batch_size": config.finetune.batch_size,
         "finetune.num_workers": config.finetune.num_workers,
+        "finetune.contrast_negatives_shared_by": config.finetune.contrast_negatives_shared_by,
         "model.temperature": config.model.temperature,
         "align.batch_size": config.align.batch_size,
         "encode.batch_size": config.encode.batch_size,

@@ -55,7 +55,7 @@ class FinetuneObjective(nn.Module):
     """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
 
     def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int,
-                 contrast_negatives_shared_by: int = 1):
+                 contrast_negatives_shared_by: int):
         super().__init__()
         self.model = model
         self.task = task

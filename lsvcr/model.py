@@ -278,8 +278,9 @@ class LSVCRModel(nn.Module):
         """(A(table[used rows]), index into them). A is linear, so projecting only the distinct rows a
         batch uses gives the same values as A(table)[index] at a fraction of the cost of either
         projecting the whole table or every lookup (a batch repeats popular items many times)."""
-        used, remapped = torch.unique(index, return_inverse=True)
-        return self.llm_adapter(table[used]), remapped
+        with_pad = torch.cat([index.new_zeros(1), index.flatten()])  # the pad id 0 is always used row 0
+        used, remapped = torch.unique(with_pad, return_inverse=True)
+        return self.llm_adapter(table[used]), remapped[1:].view(index.shape)
 
     def adapt_text(self, table: Tensor, index: Tensor) -> Tensor:
         """A(table[index]) [..., H]."""
@@ -290,9 +291,7 @@ class LSVCRModel(nn.Module):
         """A(mean of table[index] over the last axis, pad entries excluded) [..., H]; all-pad → zeros.
         A commutes with the mean; `embedding_bag` never materialises the [..., K, H] gather."""
         rows, remapped = self._adapted_rows(table, index)
-        bags = remapped.reshape(-1, index.shape[-1])
-        padding = 0 if bool((index == 0).any()) else None  # 0, the pad id, is the smallest id: it maps to 0
-        mean = F.embedding_bag(bags, rows, mode="mean", padding_idx=padding)
+        mean = F.embedding_bag(remapped.reshape(-1, index.shape[-1]), rows, mode="mean", padding_idx=0)
         return mean.view(*index.shape[:-1], -1)
 
     def video_item_text(self, video_idx: Tensor, hot_comment: Tensor, video_text=None, comment_text=None) -> Tensor:
@@ -495,11 +494,10 @@ class LSVCRModel(nn.Module):
             text_vectors = F.normalize(item_text[mask], dim=-1)
             if id_vectors.shape[0] < 2:
                 continue
-            shared_by = max(negatives_shared_by, 1)
-            negatives = _negative_draws(id_vectors.shape[0], num_negatives, shared_by, id_vectors.device)
+            negatives = _negative_draws(id_vectors.shape[0], num_negatives, negatives_shared_by, id_vectors.device)
             loss = loss + 0.5 * (
-                _sampled_info_nce(id_vectors, text_vectors, negatives, shared_by, self.config.temperature)
-                + _sampled_info_nce(text_vectors, id_vectors, negatives, shared_by, self.config.temperature)
+                _sampled_info_nce(id_vectors, text_vectors, negatives, negatives_shared_by, self.config.temperature)
+                + _sampled_info_nce(text_vectors, id_vectors, negatives, negatives_shared_by, self.config.temperature)
             )
         return loss
 

@@ -40,6 +40,7 @@ def test_round_trip(tmp_path):
         ("model.mode=gru", "model.mode must be one of"),
         ("finetune.history_length=80", "must not exceed model.max_position"),
         ("finetune.lr=-1", "finetune.lr must be positive"),
+        ("finetune.contrast_negatives_shared_by=0", "finetune.contrast_negatives_shared_by must be positive"),
         ("finetune.lr", "must look like section.key=value"),
     ],
 )

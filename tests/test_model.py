@@ -209,10 +209,16 @@ def test_sampled_info_nce_with_drawn_negatives_by_hand(shared_by):
 
 
 def test_text_adapter_projects_only_used_rows_with_the_same_values():
+    """A(title) and A(mean of comments) equal projecting the whole table, whatever the batch repeats or lacks."""
     model = _model()
     video_text, comment_text = _tables()
     index = torch.tensor([[3, 3, 0, 7], [7, 1, 0, 0]])
     assert torch.allclose(model.adapt_text(video_text, index), model.llm_adapter(video_text)[index], atol=1e-6)
+    every_row = torch.arange(NUM_VIDEOS + 1).repeat(2)
+    assert torch.allclose(model.adapt_text(model.video_text, every_row), model.llm_adapter(model.video_text[every_row]),
+                          atol=1e-6)
+    assert torch.allclose(model.adapt_text(model.video_text, every_row[:3]), model.llm_adapter(model.video_text[:3]),
+                          atol=1e-6)
     bags = torch.tensor([[[4, 4, 0], [9, 0, 0]], [[0, 0, 0], [2, 5, 6]]])
     projected = model.llm_adapter(comment_text)
     expected = torch.stack([
@@ -222,6 +228,15 @@ def test_text_adapter_projects_only_used_rows_with_the_same_values():
     assert torch.allclose(model.adapt_text_mean(comment_text, bags), expected, atol=1e-6)
     no_pad = torch.tensor([[[1, 2]]])  # no pad id at all: row 1 must not be taken for padding
     assert torch.allclose(model.adapt_text_mean(comment_text, no_pad), projected[[1, 2]].mean(0).view(1, 1, -1),
+                          atol=1e-6)
+    comments = torch.tensor([[[1, 2, 0], [0, 0, 0], [5, 0, 0]]])
+    records = torch.stack([
+        model.llm_adapter((model.comment_text[1] + model.comment_text[2]) / 2),
+        torch.zeros(64),
+        model.llm_adapter(model.comment_text[5]),
+    ])[None]
+    assert torch.allclose(model.adapt_text_mean(model.comment_text, comments), records, atol=1e-6)
+    assert torch.allclose(model.adapt_text_mean(model.comment_text, comments.repeat(8, 1, 1)), records.repeat(8, 1, 1),
                           atol=1e-6)
 
 
@@ -281,24 +296,6 @@ def test_gate_and_init():
     assert abs(model.video_embedding.weight.std().item() - 0.02) < 0.005
     assert model.video_text.requires_grad is False
     assert "video_text" not in model.state_dict()  # frozen buffers are not checkpointed
-
-
-def test_text_projection_paths_agree():
-    """A(mean of comments) / A(title): gather-then-project and project-then-gather give the same values."""
-    model = _model()
-    comments = torch.tensor([[[1, 2, 0], [0, 0, 0], [5, 0, 0]]])
-    expected = torch.stack([
-        model.llm_adapter((model.comment_text[1] + model.comment_text[2]) / 2),
-        torch.zeros(64),
-        model.llm_adapter(model.comment_text[5]),
-    ])[None]
-    few_lookups = model.adapt_text_mean(model.comment_text, comments)  # 9 lookups < 61 rows: gather first
-    many_lookups = model.adapt_text_mean(model.comment_text, comments.repeat(8, 1, 1))  # 72 ≥ 61: project first
-    assert torch.allclose(few_lookups, expected, atol=1e-6)
-    assert torch.allclose(many_lookups, expected.repeat(8, 1, 1), atol=1e-6)
-    index = torch.arange(NUM_VIDEOS + 1).repeat(2)
-    assert torch.allclose(model.adapt_text(model.video_text, index), model.llm_adapter(model.video_text[index]), atol=1e-6)
-    assert torch.allclose(model.adapt_text(model.video_text, index[:3]), model.llm_adapter(model.video_text[:3]), atol=1e-6)
 
 
 def test_single_branch_outputs_match_both():
