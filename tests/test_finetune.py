@@ -281,3 +281,21 @@ def test_popularity_baselines_count_training_targets_or_read_likes(tiny_prepared
     assert all(by_interactions.comment_score[c] == 0 for c in never)
     with pytest.raises(ConfigError, match="comment popularity signal"):
         fit_popularity(prepared, "views")
+
+
+def test_comment_popularity_metrics_under_the_evaluation_protocol(tiny_prepared_dir):
+    """Both comment baselines go through the real evaluator and say which signal they used."""
+    from lsvcr.evaluate import popularity_metrics
+
+    config = _tiny_config("comment")
+    by_likes = popularity_metrics(tiny_prepared_dir, "comment", config)
+    by_interactions = popularity_metrics(tiny_prepared_dir, "comment", config, comment_signal="train_interactions")
+    assert by_likes["model"] == {"architecture": "popularity", "comment_signal": "likes"}
+    assert by_interactions["model"]["comment_signal"] == "train_interactions"
+    for metrics in (by_likes, by_interactions):
+        assert metrics["protocol"]["task"] == "comment"
+        assert metrics["test"]["samples"] > 0
+        assert 0 < metrics["test"]["ndcg@5"] <= 1 and 0 < metrics["test"]["recall@10"] <= 1
+    assert by_likes["test"] != by_interactions["test"]
+    video = popularity_metrics(tiny_prepared_dir, "video", _tiny_config("video"))
+    assert video["model"] == {"architecture": "popularity"}
