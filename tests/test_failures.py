@@ -29,7 +29,7 @@ def run_script(name: str, *args: str, timeout: float = 1200) -> dict:
 
 def test_killed_worker_node_resumes_from_checkpoint(tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
     outcome = run_script("finetune_node_failure.py", str(tiny_prepared_dir), str(tiny_minilm_vectors_dir),
-                         str(tmp_path), "3", "2")
+                         str(tmp_path), "5", "2")
     assert outcome["killed_after_epoch"] is not None, "the worker node was never killed"
     assert outcome["returncode"] == 0
     killed, reference = outcome["killed_run"], outcome["reference_run"]
