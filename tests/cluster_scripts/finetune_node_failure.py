@@ -42,10 +42,8 @@ def main() -> None:
     while driver.poll() is None:
         rows = read_jsonl(log_path) if log_path.exists() else []
         checkpoints = list((workdir / ".killed.partial" / "ray_train").glob("checkpoint_*"))
-        # Kill only once two checkpoint folders exist: the newest may still be being written, but the one before
-        # it is registered, so the restart must resume (with none registered it rightly begins at epoch 1). And
-        # kill before the last epoch is logged: after it there is nothing left to resume.
-        if killed_after is None and kill_after <= len(rows) < epochs and len(checkpoints) >= 2:
+        # Kill only once a checkpoint is persisted: before that, a restart rightly begins at epoch 1.
+        if killed_after is None and len(rows) >= kill_after and checkpoints:
             killed_after = len(rows)
             cluster.remove_node(doomed, allow_graceful=False)
             cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring up
