@@ -2,7 +2,12 @@
 worker group on a replacement node from the last checkpoint and the run finishes. Also trains the same config
 without a failure on the same cluster, for comparison. Run as a script (its own Ray cluster); prints one JSON line.
 
-usage: finetune_node_failure.py PREPARED VECTORS WORKDIR EPOCHS KILL_AFTER_EPOCH
+usage: finetune_node_failure.py PREPARED VECTORS WORKDIR EPOCHS
+
+The node is killed once Ray Train's controller has *registered* a checkpoint of an epoch <= EPOCHS - 2 (its
+`checkpoint_manager_snapshot.json` lists it). A checkpoint folder on disk is not enough: the controller
+collects reports when it polls the workers, and a worker group restarted before that poll starts from
+scratch (the flake this test had while it watched the folders).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from ray.cluster_utils import Cluster
 
 from lsvcr.report import read_jsonl
 
+# The controller polls (and registers reported checkpoints) every 2 s by default; poll faster so a
+# registered checkpoint appears while the short test run still has epochs to go.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+
 
 def finetune_command(prepared: str, vectors: str, out: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "lsvcr", "finetune", "--data", prepared, "--vectors", vectors, "--task", "video",
@@ -26,28 +35,36 @@ def finetune_command(prepared: str, vectors: str, out: Path, epochs: int) -> lis
             "--set", "finetune.checkpoints_to_keep=2"]
 
 
+def registered_epoch(run_dir: Path) -> int | None:
+    """The epoch of the latest checkpoint the Train controller has registered, if any."""
+    snapshot = run_dir / "ray_train" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    return latest["metrics"]["epoch"] if latest else None
+
+
 def main() -> None:
-    prepared, vectors, workdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    epochs, kill_after = int(sys.argv[4]), int(sys.argv[5])
+    prepared, vectors, workdir, epochs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     # Head without CPUs: the Train worker must run on a worker node, which is then killed.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     out = workdir / "killed"
-    log_path = workdir / ".killed.partial" / "train_log.jsonl"
-    driver = subprocess.Popen(finetune_command(prepared, vectors, out, epochs), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_after = None
-    while driver.poll() is None:
-        rows = read_jsonl(log_path) if log_path.exists() else []
-        checkpoints = list((workdir / ".killed.partial" / "ray_train").glob("checkpoint_*"))
-        # Kill only once a checkpoint is persisted: before that, a restart rightly begins at epoch 1.
-        if killed_after is None and len(rows) >= kill_after and checkpoints:
-            killed_after = len(rows)
-            cluster.remove_node(doomed, allow_graceful=False)
-            cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring up
-        time.sleep(0.2)
+    driver_log = workdir / "killed_driver.log"
+    with driver_log.open("w") as log_file:
+        driver = subprocess.Popen(finetune_command(prepared, vectors, out, epochs), env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+        killed_at_registered_epoch = None
+        while driver.poll() is None:
+            epoch = registered_epoch(workdir / ".killed.partial")
+            if killed_at_registered_epoch is None and epoch is not None and epoch <= epochs - 2:
+                killed_at_registered_epoch = epoch
+                cluster.remove_node(doomed, allow_graceful=False)
+                cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring up
+            time.sleep(0.1)
     killed_metrics = json.loads((out / "metrics.json").read_text()) if driver.returncode == 0 else None
 
     reference = workdir / "reference"
@@ -55,10 +72,11 @@ def main() -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reference_metrics = json.loads((reference / "metrics.json").read_text())
     print(json.dumps({
-        "killed_after_epoch": killed_after, "returncode": driver.returncode,
+        "killed_at_registered_epoch": killed_at_registered_epoch, "returncode": driver.returncode,
+        "driver_log": str(driver_log),
         "killed_run": killed_metrics and {key: killed_metrics[key] for key in ("test", "valid", "epochs_run",
                                                                                "resumed_after_epochs")},
-        "history_epochs": [row["epoch"] for row in read_jsonl(out / "train_log.jsonl")],
+        "history_epochs": [row["epoch"] for row in read_jsonl(out / "train_log.jsonl")] if killed_metrics else None,
         "reference_run": {key: reference_metrics[key] for key in ("test", "valid", "epochs_run")},
     }))
     cluster.shutdown()
