@@ -67,7 +67,7 @@ def main() -> int:
     video_text = torch.randn(args.videos + 1, args.text_dim)
     comment_text = torch.randn(args.comments + 1, args.text_dim)
     video_text[0] = comment_text[0] = 0
-    model = LSVCRModel(ModelConfig(), args.videos, video_text, comment_text).eval()
+    model = LSVCRModel(ModelConfig(comment_like_prior=False), args.videos, video_text, comment_text).eval()
     arrays = random_histories(rng, args.users, args.videos, args.comments, 50, 8)
     pool = np.zeros((args.videos + 1, 3), dtype=np.int64)
     pool[1:] = rng.integers(1, args.comments + 1, (args.videos, 3))

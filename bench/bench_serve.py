@@ -102,7 +102,8 @@ def write_synthetic_model(root: Path, num_videos: int, num_users: int, comments_
 
     config = LSVCRConfig()
     torch.manual_seed(seed)
-    model = LSVCRModel(config.model, num_videos, torch.zeros(num_videos + 1, text_dim), torch.zeros(num_comments + 1, text_dim))
+    model = LSVCRModel(config.model, num_videos, torch.zeros(num_videos + 1, text_dim),
+                       torch.zeros(num_comments + 1, text_dim), torch.zeros(num_comments + 1))  # likes: shape only
     torch.save({"model_config": asdict(config.model), "task": "video", "num_videos": num_videos, "text_dim": text_dim,
                 "state_dict": model.state_dict()}, model_dir / "model.pt")
     (model_dir / "inputs.json").write_text(json.dumps({"data": str(prepared), "vectors": str(vectors)}))

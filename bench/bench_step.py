@@ -50,7 +50,8 @@ def main() -> None:
     video_text = torch.randn(tables.num_videos + 1, TEXT_DIM, generator=generator)
     comment_text = torch.randn(tables.num_comments + 1, TEXT_DIM, generator=generator)
     video_text[0] = comment_text[0] = 0
-    model = build_model(config.model, tables.num_videos, video_text, comment_text)
+    model = build_model(config.model, tables.num_videos, video_text, comment_text,
+                        torch.from_numpy(tables.comment_likes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune.lr)
     rng = np.random.default_rng(0)
     batches = epoch_rows(len(train), config.finetune.batch_size, rng)[: args.steps]

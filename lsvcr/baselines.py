@@ -132,9 +132,12 @@ def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> P
     return Popularity(counts, comment_scores)
 
 
-def build_model(config: ModelConfig, num_videos: int, video_text: Tensor | None, comment_text: Tensor | None) -> nn.Module:
-    """`model.architecture`: lsvcr (the paper's backbone) or sasrec (the ID-only baseline)."""
+def build_model(config: ModelConfig, num_videos: int, video_text: Tensor | None, comment_text: Tensor | None,
+                comment_likes: Tensor | None = None) -> nn.Module:
+    """`model.architecture`: lsvcr (the paper's backbone) or sasrec (the ID-only baseline).
+    `comment_likes` [C+1] (the PREPARED comments' like counts) feeds `model.comment_like_prior`."""
     if config.architecture == "sasrec":
         return SASRec(config, num_videos)
-    return LSVCRModel(config, num_videos, video_text if config.mode != "id" else None,
-                      comment_text if config.mode != "id" else None)
+    if config.mode == "id":
+        return LSVCRModel(config, num_videos)
+    return LSVCRModel(config, num_videos, video_text, comment_text, comment_likes)

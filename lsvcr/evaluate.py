@@ -74,10 +74,14 @@ def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = N
         raise DataError(f"PREPARED directory not found for {model_dir}: pass --data (tried {data_dir})")
     vectors = vectors_dir or inputs.get("vectors")
     vectors_dir = Path(vectors) if vectors else None
+    config.model.comment_like_prior = False  # models saved before the option existed were trained without it
     for key, value in checkpoint["model_config"].items():
         setattr(config.model, key, value)
     video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
-    model = build_model(config.model, checkpoint["num_videos"], video_text, comment_text)
+    from lsvcr.batching import load_item_tables
+
+    comment_likes = torch.from_numpy(load_item_tables(data_dir).comment_likes)
+    model = build_model(config.model, checkpoint["num_videos"], video_text, comment_text, comment_likes)
     model.load_state_dict(checkpoint["state_dict"])
     return TrainedModel(model.to(device).eval(), checkpoint["task"], config, data_dir, vectors_dir)
 

@@ -41,6 +41,7 @@ from lsvcr.batching import Batch, epoch_rows, history_lengths, load_item_tables,
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.metrics import METRIC_NAMES
+from lsvcr.model import LIKE_PRIOR_RATE
 
 log = logging.getLogger("lsvcr.finetune")
 
@@ -81,6 +82,50 @@ class FinetuneObjective(nn.Module):
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
     return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
                              config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by)
+
+
+# ----------------------------------------------------------------------------- the comment like prior
+
+
+def fit_like_prior_weight(prior: np.ndarray, pools: np.ndarray, positives: np.ndarray) -> float:
+    """Maximum-likelihood weight w of the popularity-only comment model softmax(w · prior[c]) over each
+    training sample's pool (every positive against the pool's non-positives). A convex 1-D fit; stage 2
+    starts the like prior here, so fine-tuning begins at the popularity ranker and learns what the
+    user's history adds (from w = 0 the prior's weight lags behind the text part, which overfits first)."""
+    negative = (pools != 0) & ~(pools[:, :, None] == positives[:, None, :]).any(axis=2)
+    positive = positives != 0
+    keep = positive.any(axis=1) & negative.any(axis=1)
+    if not keep.any():
+        return 0.0
+    pool_prior = torch.from_numpy(prior[pools[keep]]).double()
+    positive_prior = torch.from_numpy(prior[positives[keep]]).double()
+    negative_mask, positive_mask = torch.from_numpy(negative[keep]), torch.from_numpy(positive[keep])
+    weight = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=50, line_search_fn="strong_wolfe")
+
+    def negative_log_likelihood() -> Tensor:
+        optimizer.zero_grad()
+        negatives = torch.logsumexp((weight * pool_prior).masked_fill(~negative_mask, float("-inf")), dim=1)
+        own = weight * positive_prior
+        per_positive = torch.logaddexp(own, negatives[:, None]) - own
+        loss = per_positive[positive_mask].mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(negative_log_likelihood)
+    return float(weight.detach())
+
+
+def warm_start_like_prior(model: nn.Module, train, tables) -> float | None:
+    """Set the comment model's like-prior weight to `fit_like_prior_weight` (None: the model has no prior)."""
+    if train.task != "comment" or not getattr(model, "use_like_prior", False):
+        return None
+    weight = fit_like_prior_weight(model.comment_prior.numpy(), tables.comment_pool[train.target_video],
+                                   train.pos_comments)
+    with torch.no_grad():
+        model.comment_like_weight.fill_(weight / LIKE_PRIOR_RATE)
+    log.info("comment like prior: weight %.3f per std of log(1 + likes) (popularity-only MLE on train)", weight)
+    return weight
 
 
 # ----------------------------------------------------------------------------- stage-1 weights (METHOD 6.1)
@@ -202,7 +247,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                config.data.max_comments_per_record)
     train_lengths = history_lengths(train)
     video_text, comment_text = _load_text(config, data_dir, vectors_dir)
-    model = build_model(config.model, tables.num_videos, video_text, comment_text)
+    model = build_model(config.model, tables.num_videos, video_text, comment_text,
+                        torch.from_numpy(tables.comment_likes))
 
     checkpoint = context.get_checkpoint()
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
@@ -214,8 +260,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         state["resumed_after"].append(state["epoch"])
         log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], SELECTION_METRIC,
                  state["best"], state["best_epoch"])
-    elif loop_config.get("init"):
-        state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
+    else:
+        if loop_config.get("init"):
+            state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
+        state["like_prior_init"] = warm_start_like_prior(model, train, tables)
 
     objective = build_objective(config, model)
     if context.world_size > 1:
@@ -271,6 +319,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "seconds": time.perf_counter() - started,
             "samples_per_second": samples / train_seconds,
         }
+        if getattr(model, "use_like_prior", False) and settings.task == "comment":
+            row["like_prior_weight"] = model.comment_like_weight.item() * LIKE_PRIOR_RATE
         if valid_metrics[SELECTION_METRIC] > state["best"]:
             state.update(best=valid_metrics[SELECTION_METRIC], best_epoch=epoch, bad_epochs=0,
                          best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
@@ -436,6 +486,9 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     metrics["best_epoch"] = state["best_epoch"]
     metrics["epochs_run"] = state["epoch"]
     metrics["resumed_after_epochs"] = state["resumed_after"]
+    if state.get("like_prior_init") is not None:
+        metrics["like_prior"] = {"init_weight": state["like_prior_init"],
+                                 "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_table(metrics))
 

@@ -34,6 +34,22 @@ from lsvcr.errors import ConfigError, DataError
 # ----------------------------------------------------------------------------- building blocks
 
 
+# The like-prior weight must travel O(1) in logit units while Adam moves every parameter ~lr per step;
+# scaling it in the forward pass gives it this many times the learning rate of the other weights.
+LIKE_PRIOR_RATE = 30.0
+
+
+def like_prior(comment_likes: Tensor) -> Tensor:
+    """z-scored log1p(like count) over the real comments [C+1] (row 0, the pad, = 0)."""
+    logged = torch.log1p(comment_likes.double().clamp(min=0))
+    real = logged[1:]
+    if real.numel() < 2:
+        return torch.zeros_like(logged, dtype=torch.float32)
+    prior = (logged - real.mean()) / real.std().clamp(min=1e-6)
+    prior[0] = 0.0
+    return prior.float()
+
+
 def masked_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
     """Softmax over the last axis where `key_mask` is False gets exactly 0 weight.
 
@@ -194,6 +210,7 @@ class LSVCRModel(nn.Module):
         num_videos: int,
         video_text: Tensor | None = None,
         comment_text: Tensor | None = None,
+        comment_likes: Tensor | None = None,
     ):
         super().__init__()
         if config.mode not in ("id+text", "text", "id"):
@@ -215,6 +232,7 @@ class LSVCRModel(nn.Module):
             text_dim = video_text.shape[1]
             if comment_text is None:  # video-only data: every comment index is padding
                 comment_text = torch.zeros(1, text_dim)
+                comment_likes = torch.zeros(1)
             if comment_text.shape[1] != text_dim:
                 raise DataError(f"comment text dim {comment_text.shape[1]} != video text dim {text_dim}")
             self.register_buffer("video_text", video_text.float().clone(), persistent=False)
@@ -225,6 +243,15 @@ class LSVCRModel(nn.Module):
             self.video_text = None
             self.comment_text = None
         self.text_dim = text_dim
+        self.use_like_prior = self.use_text and config.comment_like_prior
+        if self.use_like_prior:
+            if comment_likes is None:
+                raise ConfigError("model.comment_like_prior=true needs the comments' like counts (comment_likes)")
+            if comment_likes.shape[0] != self.comment_text.shape[0]:
+                raise DataError(f"comment like counts have {comment_likes.shape[0]} rows; "
+                                f"the comment text table has {self.comment_text.shape[0]}")
+            self.register_buffer("comment_prior", like_prior(comment_likes), persistent=False)
+            self.comment_like_weight = nn.Parameter(torch.tensor(0.0))
 
         if self.use_id:
             self.video_embedding = nn.Embedding(num_videos + 1, hidden)
@@ -470,6 +497,8 @@ class LSVCRModel(nn.Module):
                                            outputs=("comment",))
         user = self.comment_user_vector(states, current_video, video_text)
         logits = self._cosine_logits(user, self.comment_candidate_vectors(candidates, comment_text))
+        if self.use_like_prior:
+            logits = logits + (LIKE_PRIOR_RATE * self.comment_like_weight) * self.comment_prior[candidates]
         return logits.masked_fill(candidates == 0, float("-inf"))
 
     # ------------------------------------------------------------------ L_IT (§2.8)

@@ -560,13 +560,10 @@ class Recommender:
         if not resolved:
             return results
         model = self.comment.model
-        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("comment",))
         current_video = torch.tensor([r.current_video for r in resolved])
-        users = F.normalize(model.comment_user_vector(states, current_video), dim=-1) / model.config.temperature
         pools = torch.from_numpy(_pad_rows([self.catalog.comment_pool(r.current_video) for r in resolved]))
-        candidates = model.comment_candidate_vectors(pools)  # [B, N, d], normalized
-        scores = (candidates @ users.unsqueeze(-1)).squeeze(-1)
-        scores = scores.masked_fill(pools == 0, float("-inf"))
+        # The model's own scoring (cosine/τ, plus the like prior when the model has one); pad → -inf.
+        scores = model.score_comments(build_history_batch(resolved, self.catalog.hot_comment), current_video, pools)
         seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) if r.exclude_seen else np.zeros(0, np.int64)
                         for row, r in enumerate(resolved)]
         self._mask(scores, seen_columns)

@@ -21,7 +21,9 @@ from lsvcr.batching import (
 )
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
-from lsvcr.finetune import load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker
+from lsvcr.finetune import (
+    fit_like_prior_weight, load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker,
+)
 from lsvcr.model import LSVCRModel
 from lsvcr.vectors import load_item_vectors, write_item_vectors
 
@@ -140,16 +142,16 @@ def test_load_stage1_checkpoint_strips_prefixes_and_pads_positions(tmp_path):
     torch.manual_seed(0)
     text = torch.randn(11, 8)
     text[0] = 0
-    stage1 = LSVCRModel(ModelConfig(mode="text", max_position=20), 10, text, text)
+    stage1 = LSVCRModel(ModelConfig(mode="text", max_position=20, comment_like_prior=False), 10, text, text)
     prefixed = {f"base_model.model.reccom.{k}": v.to(torch.bfloat16) for k, v in stage1.state_dict().items()}
     prefixed["base_model.model.contrast_adapter.weight"] = torch.zeros(64, 8)  # not part of the SR model
     (tmp_path / "aligned").mkdir()
     torch.save({"model_config": {}, "state_dict": prefixed, "mode": "frozen"}, tmp_path / "aligned" / "checkpoint.pt")
 
-    stage2 = LSVCRModel(ModelConfig(mode="id+text", max_position=50), 10, text, text)
+    stage2 = LSVCRModel(ModelConfig(mode="id+text", max_position=50), 10, text, text, torch.arange(11))
     report = load_stage1_checkpoint(stage2, tmp_path / "aligned")
     assert "llm_adapter.weight" in report["loaded"] and "video_encoder.layers.1.feed_forward.dense_in.weight" in report["loaded"]
-    assert set(report["missing"]) == {"video_embedding.weight", "gate"}
+    assert set(report["missing"]) == {"video_embedding.weight", "gate", "comment_like_weight"}
     assert any("contrast_adapter" in key for key in report["skipped"])
     positions = stage2.video_position.weight.detach()
     original = stage1.video_position.weight.detach().to(torch.bfloat16).float()
@@ -164,10 +166,12 @@ def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_di
                                                                  tiny_minilm_vectors_dir, tmp_path):
     log_path = tmp_path / "log.jsonl"
     config = _tiny_config("comment", epochs=2)
-    train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir, log_path=log_path,
-                                           report_to="local"))
+    state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir,
+                                                   log_path=log_path, report_to="local"))
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    # The like prior starts at the popularity-only fit (likes do drive comment choices in synth) and is logged.
+    assert state["like_prior_init"] > 0.2 and all(np.isfinite(r["like_prior_weight"]) for r in rows)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[0]["train_id_text"] > 0 and 0 <= rows[1]["valid_ndcg@5"] <= 1
 
@@ -299,3 +303,21 @@ def test_comment_popularity_metrics_under_the_evaluation_protocol(tiny_prepared_
     assert by_likes["test"] != by_interactions["test"]
     video = popularity_metrics(tiny_prepared_dir, "video", _tiny_config("video"))
     assert video["model"] == {"architecture": "popularity"}
+
+
+def test_like_prior_weight_is_the_popularity_only_maximum_likelihood_fit():
+    """Choices drawn from softmax(1.5 · prior) over random pools: the fit recovers 1.5; no signal gives ~0."""
+    rng = np.random.default_rng(0)
+    prior = np.concatenate([[0.0], rng.standard_normal(500)])
+    pools = np.stack([rng.choice(np.arange(1, 501), size=20, replace=False) for _ in range(3000)])
+    pools[:, 15:][rng.random(3000) < 0.5] = 0  # half the pools are shorter (0 = padding)
+
+    def draw(weight: float) -> np.ndarray:
+        logits = np.where(pools != 0, weight * prior[pools], -np.inf)
+        gumbel = rng.gumbel(size=pools.shape)
+        chosen = pools[np.arange(len(pools)), np.argmax(logits + gumbel, axis=1)]
+        return np.stack([chosen, np.zeros_like(chosen)], axis=1)  # one positive, padded to 2
+
+    assert abs(fit_like_prior_weight(prior, pools, draw(1.5)) - 1.5) < 0.15
+    assert abs(fit_like_prior_weight(prior, pools, draw(0.0))) < 0.15
+    assert fit_like_prior_weight(prior, pools, np.zeros((3000, 2), dtype=np.int64)) == 0.0  # no positives

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lsvcr.batching import load_item_tables
 from lsvcr.config import load_config
 
 
@@ -132,10 +133,11 @@ def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepa
 
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["mode"] == "frozen" and "0.weight" in checkpoint["text_mlp_state_dict"]
-    stage2 = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text))
+    stage2 = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text),
+                        torch.from_numpy(load_item_tables(tiny_prepared_dir).comment_likes))
     report = load_stage1_checkpoint(stage2, out / "checkpoint.pt")
     assert "llm_adapter.weight" in report["loaded"] and not report["skipped"]
-    assert set(report["missing"]) == {"video_embedding.weight", "gate"}
+    assert set(report["missing"]) == {"video_embedding.weight", "gate", "comment_like_weight"}
     torch.testing.assert_close(stage2.state_dict()["pc_merge.weight"], checkpoint["state_dict"]["pc_merge.weight"])
 
     again = run_align(config, tiny_prepared_dir, vectors, out, "frozen")

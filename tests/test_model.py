@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lsvcr.config import ModelConfig
-from lsvcr.errors import ConfigError
-from lsvcr.model import Dropout, HistoryBatch, LSVCRModel, _sampled_info_nce, masked_softmax
+from lsvcr.errors import ConfigError, DataError
+from lsvcr.model import LIKE_PRIOR_RATE, Dropout, HistoryBatch, LSVCRModel, _sampled_info_nce, masked_softmax
 
 NUM_VIDEOS, NUM_COMMENTS, TEXT_DIM = 30, 60, 16
 
@@ -21,14 +21,14 @@ def _tables(seed: int = 0):
     comment_text = torch.randn(NUM_COMMENTS + 1, TEXT_DIM, generator=generator)
     video_text[0] = 0
     comment_text[0] = 0
-    return video_text, comment_text
+    comment_likes = torch.randint(0, 500, (NUM_COMMENTS + 1,), generator=generator)
+    return video_text, comment_text, comment_likes
 
 
-def _model(mode: str = "id+text", stacking: str = "faithful", seed: int = 0) -> LSVCRModel:
+def _model(mode: str = "id+text", stacking: str = "faithful", seed: int = 0, like_prior: bool = True) -> LSVCRModel:
     torch.manual_seed(seed)
-    video_text, comment_text = _tables()
-    config = ModelConfig(mode=mode, stacking=stacking, max_position=10)
-    return LSVCRModel(config, NUM_VIDEOS, video_text, comment_text).eval()
+    config = ModelConfig(mode=mode, stacking=stacking, max_position=10, comment_like_prior=like_prior)
+    return LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
 
 
 def _batch() -> HistoryBatch:
@@ -211,7 +211,7 @@ def test_sampled_info_nce_with_drawn_negatives_by_hand(shared_by):
 def test_text_adapter_projects_only_used_rows_with_the_same_values():
     """A(title) and A(mean of comments) equal projecting the whole table, whatever the batch repeats or lacks."""
     model = _model()
-    video_text, comment_text = _tables()
+    video_text, comment_text, _ = _tables()
     index = torch.tensor([[3, 3, 0, 7], [7, 1, 0, 0]])
     assert torch.allclose(model.adapt_text(video_text, index), model.llm_adapter(video_text)[index], atol=1e-6)
     every_row = torch.arange(NUM_VIDEOS + 1).repeat(2)
@@ -265,7 +265,7 @@ def test_faithful_and_standard_stacking_differ():
 
 
 def test_modes_and_text_overrides():
-    video_text, comment_text = _tables()
+    video_text, comment_text, _ = _tables()
     id_only = LSVCRModel(ModelConfig(mode="id", max_position=10), NUM_VIDEOS, None, None).eval()
     assert torch.isfinite(id_only.score_videos(_batch())[:, 1:]).all()
     with pytest.raises(ConfigError):
@@ -309,3 +309,29 @@ def test_single_branch_outputs_match_both():
     assert torch.allclose(video_only.video_states, both.video_states)
     assert torch.allclose(comment_only.comment_states, both.comment_states)
     assert torch.allclose(model.score_videos(batch), model.score_videos(batch, states=both))
+
+
+def test_comment_like_prior_adds_a_learned_bias_per_comment():
+    """w * z(log1p(likes)) is added to the comment logits; at w = 0 (its init) the scores are the paper's."""
+    with_prior, without = _model(), _model(like_prior=False)
+    without.load_state_dict(with_prior.state_dict(), strict=False)
+    batch = _batch()
+    base = with_prior.score_comments(batch, CURRENT, COMMENT_CANDIDATES)
+    assert torch.equal(base, without.score_comments(batch, CURRENT, COMMENT_CANDIDATES))
+    with torch.no_grad():
+        with_prior.comment_like_weight.fill_(0.1)
+    shifted = with_prior.score_comments(batch, CURRENT, COMMENT_CANDIDATES)
+    logged = torch.log1p(_tables()[2].double())
+    z_scores = ((logged - logged[1:].mean()) / logged[1:].std()).float()
+    expected = base + LIKE_PRIOR_RATE * 0.1 * z_scores[COMMENT_CANDIDATES]
+    finite = torch.isfinite(base)
+    assert torch.equal(finite, torch.isfinite(shifted)) and (COMMENT_CANDIDATES[~finite] == 0).all()
+    assert torch.allclose(shifted[finite], expected[finite], atol=1e-5)
+    shifted[finite].sum().backward()
+    assert with_prior.comment_like_weight.grad.abs() > 0
+    video_text, comment_text, comment_likes = _tables()
+    with pytest.raises(ConfigError, match="like counts"):
+        LSVCRModel(ModelConfig(max_position=10), NUM_VIDEOS, video_text, comment_text)
+    with pytest.raises(DataError, match="like counts have 5 rows"):
+        LSVCRModel(ModelConfig(max_position=10), NUM_VIDEOS, video_text, comment_text, comment_likes[:5])
+    assert not hasattr(_model("text", like_prior=False), "comment_like_weight")

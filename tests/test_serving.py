@@ -66,7 +66,8 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     torch.manual_seed(seed)
     model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text),
-                       None if comment_text is None else torch.from_numpy(comment_text))
+                       None if comment_text is None else torch.from_numpy(comment_text),
+                       torch.from_numpy(load_item_tables(prepared_dir).comment_likes))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -97,7 +98,8 @@ def _offline_model(model_dir: Path, prepared_dir: Path, vectors_dir: Path) -> LS
     checkpoint = torch.load(model_dir / "model.pt", weights_only=False)
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     model = LSVCRModel(LSVCRConfig().model.__class__(**checkpoint["model_config"]), checkpoint["num_videos"],
-                       torch.from_numpy(video_text), torch.from_numpy(comment_text))
+                       torch.from_numpy(video_text), torch.from_numpy(comment_text),
+                       torch.from_numpy(load_item_tables(prepared_dir).comment_likes))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 

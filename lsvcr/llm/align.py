@@ -67,6 +67,7 @@ def stage_one_model_config(config: LSVCRConfig) -> ModelConfig:
     """The SR model in its stage-1 form: text only (no ID embeddings), METHOD 2.2."""
     model_config = copy.deepcopy(config.model)
     model_config.mode = "text"
+    model_config.comment_like_prior = False  # a stage-2 extension: fine-tuning fits and learns its weight
     return model_config
 
 
