@@ -113,3 +113,33 @@ def test_bad_job_config_fails_with_a_clear_message(head_node, tmp_path):
     result = submit(head_node, "finetune.py", "--config", str(config))
     assert result.returncode != 0
     assert "unknown config key 'finetune.learning_rate'" in result.stdout + result.stderr
+
+
+def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_path):
+    """The whole pipeline as a submitted job on the tiny data set: vLLM encoding with the default LLM on a
+    sample of prompts, frozen alignment, four fine-tunes, evaluation, report. A re-submit redoes nothing."""
+    config = write_job_config(
+        tmp_path / "job.yaml", tmp_path / "run",
+        encode={"max_user_samples": 16, "history_length": 4, "max_prompt_tokens": 256, "cpus_per_actor": 2},
+        align={"epochs": 1, "batch_size": 8},
+        finetune={"max_epochs": 2, "patience": 2, "batch_size": 64},
+    )
+    first = submit(head_node, "pipeline.py", "--config", str(config), timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "run"
+    for stage in ("prepared", "vectors", "aligned", "report"):
+        assert (run / stage / "_SUCCESS").exists(), f"{stage} is not finished"
+    for model in ("video", "video-noalign", "comment", "comment-noalign"):
+        metrics = json.loads((run / "models" / model / "metrics.json").read_text())
+        assert metrics["epochs_run"] >= 1 and 0 <= metrics["test"]["ndcg@5"] <= 1
+    report = (run / "report" / "report.md").read_text()
+    for row in ("LSVCR (aligned)", "LSVCR (no alignment)", "popularity (likes)", "popularity (train interactions)"):
+        assert row in report
+    assert "Protocol:" in report and (run / "report" / "results.png").stat().st_size > 0
+
+    again = submit(head_node, "pipeline.py", "--config", str(config))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    skipped = again.stdout.split('"skipped"')[1]
+    for stage in ("prepare", "encode", "align", "finetune-video", "finetune-video-noalign", "finetune-comment",
+                  "finetune-comment-noalign"):
+        assert f'"{stage}"' in skipped, f"{stage} ran again on re-submit"
