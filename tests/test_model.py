@@ -312,7 +312,7 @@ def test_single_branch_outputs_match_both():
 
 
 def test_comment_like_prior_adds_a_learned_bias_per_comment():
-    """w * z(log1p(likes)) is added to the comment logits; at w = 0 (its init) the scores are the paper's."""
+    """w * z(log1p(likes)) is added to the comment logits; at w = 0 (as constructed) the scores are the paper's."""
     with_prior, without = _model(), _model(like_prior=False)
     without.load_state_dict(with_prior.state_dict(), strict=False)
     batch = _batch()
