@@ -114,6 +114,17 @@ class ItemTables:
         return np.minimum(self.comment_pool_size, self.hot_comments)
 
 
+def load_comment_likes(prepared_dir: str | Path) -> np.ndarray:
+    """Like counts by comment_idx [C+1] (row 0, the pad, = 0); [0] for a video-only data set."""
+    comments_path = Path(prepared_dir) / "comments.parquet"
+    if not comments_path.is_file():
+        return np.zeros(1, dtype=np.int64)
+    comments = pq.read_table(comments_path, columns=["comment_idx", "like_count"])
+    likes = np.zeros(len(comments) + 1, dtype=np.int64)
+    likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
+    return likes
+
+
 def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS) -> ItemTables:
     prepared_dir = Path(prepared_dir)
     videos_path = prepared_dir / "videos.parquet"
@@ -126,13 +137,7 @@ def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS)
     pool = first_items_padded(videos["hot_comments"])
     comment_pool = np.zeros((len(video_idx) + 1, pool.shape[1]), dtype=np.int64)
     comment_pool[1:] = pool
-    comments_path = prepared_dir / "comments.parquet"
-    if comments_path.is_file():
-        comments = pq.read_table(comments_path, columns=["comment_idx", "like_count"])
-        likes = np.zeros(len(comments) + 1, dtype=np.int64)
-        likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
-    else:
-        likes = np.zeros(1, dtype=np.int64)
+    likes = load_comment_likes(prepared_dir)
     return ItemTables(
         num_videos=len(video_idx),
         num_comments=len(likes) - 1,
@@ -241,7 +246,7 @@ def sample_comment_candidates(
     pick = (rng.random(batch) * positive_count).astype(np.int64)
     positive = pos_comments[np.arange(batch), pick]
     pool = tables.comment_pool[current_video]  # [B, P]
-    allowed = (pool != 0) & ~(pool[:, :, None] == pos_comments[:, None, :]).any(axis=2)
+    allowed = pool_negatives(pool, pos_comments)
     keys = np.where(allowed, rng.random(pool.shape), 2.0)
     shuffled = np.take_along_axis(pool, np.argsort(keys, axis=1), axis=1)
     allowed_count = allowed.sum(axis=1)
@@ -254,6 +259,11 @@ def sample_comment_candidates(
     labels = np.zeros_like(candidates)
     labels[:, 0] = 1
     return candidates, labels
+
+
+def pool_negatives(pool: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """[B, P] mask: the pool's comments (non-pad) that are not among the row's positives [B, Q]."""
+    return (pool != 0) & ~(pool[:, :, None] == positives[:, None, :]).any(axis=2)
 
 
 def _trim(array: np.ndarray, axis: int) -> np.ndarray:

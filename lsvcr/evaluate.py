@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lsvcr.batching import (
-    ItemTables, SampleArrays, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch,
+    ItemTables, SampleArrays, epoch_rows, history_lengths, load_comment_likes, load_item_tables, load_sample_arrays,
+    make_batch,
 )
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.errors import DataError, ModelNotFoundError
@@ -78,9 +79,7 @@ def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = N
     for key, value in checkpoint["model_config"].items():
         setattr(config.model, key, value)
     video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
-    from lsvcr.batching import load_item_tables
-
-    comment_likes = torch.from_numpy(load_item_tables(data_dir).comment_likes)
+    comment_likes = torch.from_numpy(load_comment_likes(data_dir)) if config.model.comment_like_prior else None
     model = build_model(config.model, checkpoint["num_videos"], video_text, comment_text, comment_likes)
     model.load_state_dict(checkpoint["state_dict"])
     return TrainedModel(model.to(device).eval(), checkpoint["task"], config, data_dir, vectors_dir)

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsvcr import storage
-from lsvcr.batching import Batch, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch
+from lsvcr.batching import (
+    Batch, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, pool_negatives,
+)
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.metrics import METRIC_NAMES
@@ -92,7 +94,7 @@ def fit_like_prior_weight(prior: np.ndarray, pools: np.ndarray, positives: np.nd
     training sample's pool (every positive against the pool's non-positives). A convex 1-D fit; stage 2
     starts the like prior here, so fine-tuning begins at the popularity ranker and learns what the
     user's history adds (from w = 0 the prior's weight lags behind the text part, which overfits first)."""
-    negative = (pools != 0) & ~(pools[:, :, None] == positives[:, None, :]).any(axis=2)
+    negative = pool_negatives(pools, positives)
     positive = positives != 0
     keep = positive.any(axis=1) & negative.any(axis=1)
     if not keep.any():
