@@ -1,0 +1,116 @@
+"""Probes behind docs/results.md's comment-task analysis: how much personal signal is there beyond like counts?
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py model-free
+    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py train [--comment-open-rate 0.27]
+        [--seeds 2024] [--set finetune.lr=0.0003 --set model.temperature=0.2 ...]
+
+Data: the demo preset (`--comment-open-rate` changes how often users open comment sections, i.e. how many
+comment records they get), prepared once under --work, with all-MiniLM-L6-v2 text vectors.
+- `model-free`: ranks each test/valid sample's frozen comment candidates by
+  `w·z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for a grid of b, w ∈ {0, 1},
+  scored with the project's metrics (pessimistic ties). No training: does the text carry taste beyond likes?
+- `train`: popularity by likes and by training interactions, then LSVCR `id+text` on the comment task
+  (at most 20 epochs, patience 5, best valid epoch tested) with the `--set` overrides, per seed.
+Prints one line per result; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
+from lsvcr.batching import load_item_tables, load_sample_arrays  # noqa: E402
+from lsvcr.config import load_config  # noqa: E402
+from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
+from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
+from lsvcr.metrics import metric_sums  # noqa: E402
+from lsvcr.model import like_prior  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def demo_variant(work: Path, comment_open_rate: float | None) -> tuple[Path, Path]:
+    """(PREPARED, VECTORS) of the demo preset, optionally with another comment_open_rate; built once."""
+    from lsvcr.data.prepare import prepare
+    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.vectors import write_minilm_vectors
+
+    params = PRESETS["demo"] if comment_open_rate is None else dataclasses.replace(
+        PRESETS["demo"], comment_open_rate=comment_open_rate)
+    root = work / f"open_rate_{params.comment_open_rate}"
+    prepared, vectors = root / "prepared", root / "vectors"
+    if not (prepared / "manifest.json").is_file():
+        write_synthetic(root / "raw", params, "parquet")
+        prepare(root / "raw", prepared)
+    if not (vectors / "manifest.json").is_file():
+        write_minilm_vectors(prepared, vectors)
+    return prepared, vectors
+
+
+def model_free(prepared: Path, vectors: Path) -> None:
+    from lsvcr.vectors import load_item_vectors
+
+    _, comment_text = load_item_vectors(vectors, prepared)
+    comment_text = comment_text / np.maximum(np.linalg.norm(comment_text, axis=1, keepdims=True), 1e-9)
+    prior = like_prior(torch.from_numpy(load_item_tables(prepared).comment_likes)).numpy()
+    for split in ("valid", "test"):
+        arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
+        past = arrays.comment_history_comments.reshape(len(arrays), -1)
+        profile = (comment_text[past] * (past != 0)[..., None]).sum(axis=1)
+        profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-9)
+        similarity = np.einsum("nmd,nd->nm", comment_text[arrays.candidates], profile)
+        for weight in (0.0, 1.0):
+            for b in (0.0, 1.0, 2.0, 3.0, 5.0, 8.0):
+                scores = np.where(arrays.candidates == 0, -np.inf, weight * prior[arrays.candidates] + b * similarity)
+                sums = metric_sums(torch.from_numpy(scores), torch.from_numpy(arrays.labels), ("ndcg@5",))
+                print(f"{split} w={weight:.0f} b={b:.0f}: ndcg@5 {sums['ndcg@5'] / sums['count']:.4f}", flush=True)
+
+
+def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str]) -> None:
+    base = load_config(None, ["finetune.task=comment"])
+    for signal in ("likes", "train_interactions"):
+        metrics = evaluate_model(fit_popularity(prepared, signal), "comment", prepared, base, progress=False)
+        print(f"popularity by {signal}: valid ndcg@5 {metrics['valid']['ndcg@5']:.4f} "
+              f"test {metrics['test']['ndcg@5']:.4f}", flush=True)
+    tables = load_item_tables(prepared)
+    for seed in seeds:
+        config = load_config(None, ["finetune.task=comment", "finetune.max_epochs=20", "finetune.patience=5",
+                                    f"finetune.seed={seed}", *overrides])
+        torch.manual_seed(seed)
+        state = train_loop_per_worker(make_loop_config(config, prepared, vectors, report_to="local"))
+        video_text, comment_text = load_text_tables(config, prepared, vectors)
+        model = build_model(config.model, tables.num_videos, video_text, comment_text,
+                            torch.from_numpy(tables.comment_likes))
+        model.load_state_dict(state["best_state"])
+        metrics = evaluate_model(model, "comment", prepared, config, progress=False)
+        print(f"LSVCR {config.model.mode} seed {seed} {' '.join(overrides) or '(defaults)'}: best epoch "
+              f"{state['best_epoch']}, valid ndcg@5 {metrics['valid']['ndcg@5']:.4f} "
+              f"test {metrics['test']['ndcg@5']:.4f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=["model-free", "train"])
+    parser.add_argument("--comment-open-rate", type=float, default=None, help="default: the demo preset's (0.09)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2024])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--work", default=str(HERE / "tmp" / "comment_signal"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prepared, vectors = demo_variant(Path(args.work), args.comment_open_rate)
+    if args.probe == "model-free":
+        model_free(prepared, vectors)
+    else:
+        train(prepared, vectors, args.seeds, args.overrides)
+
+
+if __name__ == "__main__":
+    main()
