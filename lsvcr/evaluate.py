@@ -8,17 +8,23 @@ Protocols:
   videos already in the (truncated) history from the ranking.
 Ties count against the positive (see lsvcr/metrics.py).
 
+Personalization check (`swapped_history` in metrics.json): the test split scored again with every
+sample's history swapped for another sample's (targets and candidates unchanged). A model that uses
+the user's history loses quality; one that ranks by item features alone scores the same.
+
 `lsvcr evaluate --model DIR` writes DIR/metrics.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,17 +146,41 @@ def evaluate_arrays(
     return accumulator
 
 
+SHUFFLE_SEED = 0
+
+
+def swap_histories(arrays: SampleArrays, seed: int = SHUFFLE_SEED) -> SampleArrays:
+    """The same samples, each with another sample's histories (video and comment): a seeded random
+    cycle, so no sample keeps its own. Targets, candidates and labels are unchanged."""
+    if len(arrays) < 2:
+        raise DataError(f"the history swap needs at least 2 {arrays.split} samples; got {len(arrays)}")
+    cycle = np.random.default_rng(seed).permutation(len(arrays))
+    donor = np.empty_like(cycle)
+    donor[cycle] = np.roll(cycle, -1)
+    return dataclasses.replace(
+        arrays,
+        video_history=arrays.video_history[donor],
+        comment_history_videos=arrays.comment_history_videos[donor],
+        comment_history_comments=arrays.comment_history_comments[donor],
+    )
+
+
 def evaluate_model(
     model: nn.Module, task: str, data_dir: str | Path, config: LSVCRConfig, *, device: str | torch.device = "cpu",
     full_ranking: bool = False, exclude_seen: bool = True, splits: tuple[str, ...] = ("valid", "test"),
-    progress: bool = True,
+    progress: bool = True, swapped_histories: bool = False,
 ) -> dict:
-    """{"protocol": ..., split: metrics} for one model on one PREPARED directory."""
+    """{"protocol": ..., split: metrics} for one model on one PREPARED directory (`swapped_histories`:
+    every sample scored with another sample's history, see `swap_histories`)."""
     tables = load_item_tables(data_dir)
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
+    if swapped_histories:
+        out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SHUFFLE_SEED})"
     for split in splits:
         arrays = load_sample_arrays(data_dir, task, split, config.finetune.history_length,
                                     config.data.max_comments_per_record)
+        if swapped_histories:
+            arrays = swap_histories(arrays)
         accumulator = evaluate_arrays(model, arrays, tables, device=device, batch_size=config.finetune.eval_batch_size,
                                       full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress)
         out[split] = accumulator.result()
@@ -176,6 +206,8 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     config = trained.config
     sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device)
     metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
+    metrics["swapped_history"] = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device,
+                                                 splits=("test",), progress=False, swapped_histories=True)
     full = config.finetune.full_ranking if full_ranking is None else full_ranking
     exclude_seen = config.finetune.exclude_seen if exclude_seen is None else exclude_seen
     if full and trained.task == "video":
@@ -201,6 +233,12 @@ def format_table(metrics: dict) -> str:
                 values = section[split]
                 lines.append(f"{label:<9}{split:<7}" + "".join(f"{values[name]:>11.4f}" for name in METRIC_NAMES)
                              + f"{values['samples']:>9}")
+    swapped = metrics.get("swapped_history", {}).get("test")
+    if swapped:
+        lines.append(f"{'sampled':<9}{'test*':<7}" + "".join(f"{swapped[name]:>11.4f}" for name in METRIC_NAMES)
+                     + f"{swapped['samples']:>9}")
+        lines.append("test* = personalization check: the test split with every sample given another sample's history "
+                     "(equal to test = the model ignores the user's history)")
     return "\n".join(lines)
 
 

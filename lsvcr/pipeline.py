@@ -172,6 +172,8 @@ def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
                            ("LSVCR (no alignment)", layout.model(task, aligned=False))):
             if storage.is_finished(uri):
                 rows[label] = json.loads((storage.pull(uri) / "metrics.json").read_text())
+                if "swapped_history" in rows[label]:  # the personalization check (lsvcr.evaluate.swap_histories)
+                    rows[f"{label}, another user's history"] = rows[label]["swapped_history"]
         prepared = storage.pull(layout.prepared)
         if task == "video":
             rows["popularity"] = popularity_metrics(prepared, task, _task_config(config, task))

@@ -71,6 +71,10 @@ def write_pipeline_report(out_dir: Path, layout, results: dict, timings: dict[st
                   f"history length {protocol['history_length']}.", "",
                   "Test split:", "", *_metric_table(rows, "test"), "",
                   "Validation split:", "", *_metric_table(rows, "valid"), ""]
+        if any(label.endswith("another user's history") for label in rows):
+            lines += ["Rows ending in \"another user's history\" are the personalization check: the same test samples "
+                      "and candidates, each scored with another sample's history. Equal to the model's own row = the "
+                      "model does not use the user's history.", ""]
         for label, uri in (("aligned", layout.model(task)), ("no alignment", layout.model(task, aligned=False))):
             curves = storage.local_dir(uri) / "curves.png"
             if curves.is_file():

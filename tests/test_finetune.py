@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,8 +20,10 @@ import torch
 from lsvcr.batching import (
     epoch_rows, load_item_tables, load_sample_arrays, make_batch, sample_comment_candidates,
 )
+from lsvcr.baselines import fit_popularity
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
+from lsvcr.evaluate import evaluate_model, format_table, swap_histories
 from lsvcr.finetune import (
     fit_like_prior_weight, load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker,
 )
@@ -159,6 +162,38 @@ def test_load_stage1_checkpoint_strips_prefixes_and_pads_positions(tmp_path):
     assert torch.allclose(positions[20:], original.mean(0, keepdim=True).expand(30, -1))
 
 
+def test_history_swap_gives_every_sample_another_samples_histories(tiny_prepared_dir):
+    arrays = load_sample_arrays(tiny_prepared_dir, "comment", "test", history_length=50)
+    rows = np.arange(len(arrays))
+    tagged = dataclasses.replace(  # each row's histories carry its row number, so the donor can be read back
+        arrays, video_history=np.repeat(rows[:, None], 3, axis=1), comment_history_videos=rows[:, None] + 1000,
+        comment_history_comments=rows[:, None, None] + 2000)
+    swapped = swap_histories(tagged)
+    donor = swapped.video_history[:, 0]
+    assert sorted(donor) == list(rows) and not (donor == rows).any()  # a permutation without fixed points
+    assert (swapped.comment_history_videos[:, 0] == donor + 1000).all()
+    assert (swapped.comment_history_comments[:, 0, 0] == donor + 2000).all()
+    for kept in ("target_video", "candidates", "labels", "pos_comments", "user"):
+        assert np.array_equal(getattr(swapped, kept), getattr(tagged, kept))
+    assert np.array_equal(swap_histories(tagged).video_history, swapped.video_history)  # seeded
+    with pytest.raises(DataError, match="at least 2 test samples"):
+        swap_histories(dataclasses.replace(tagged, target_video=tagged.target_video[:1]))
+
+
+def test_a_history_blind_ranker_passes_the_swap_unchanged(tiny_prepared_dir):
+    config = LSVCRConfig()
+    popularity = fit_popularity(tiny_prepared_dir, "likes")
+    for task in ("video", "comment"):
+        own = evaluate_model(popularity, task, tiny_prepared_dir, config, splits=("test",), progress=False)
+        swapped = evaluate_model(popularity, task, tiny_prepared_dir, config, splits=("test",), progress=False,
+                                 swapped_histories=True)
+        # equal up to float summation order (evaluation batches group samples by history length)
+        assert swapped["test"] == pytest.approx(own["test"], rel=1e-6)
+        assert "another sample's" in swapped["protocol"]["histories"]
+    table = format_table({**own, "valid": own["test"], "swapped_history": swapped})
+    assert "test*" in table and "ignores the user's history" in table
+
+
 # ----------------------------------------------------------------------------- training in-process
 
 
@@ -238,6 +273,7 @@ def test_killed_run_resumes_from_latest_checkpoint(ray_cluster, tiny_prepared_di
     assert saved["task"] == "video" and saved["text_dim"] == 384 and saved["num_videos"] == 150
     assert set(metrics["test"]) >= {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr@5", "mrr@10"}
     assert metrics["protocol"]["name"] == "sampled"
+    assert metrics["swapped_history"]["test"]["samples"] == metrics["test"]["samples"]  # the personalization check
 
     # lsvcr evaluate on the finished model, with full ranking
     from lsvcr.cli import main

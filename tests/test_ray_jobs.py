@@ -133,7 +133,8 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
         metrics = json.loads((run / "models" / model / "metrics.json").read_text())
         assert metrics["epochs_run"] >= 1 and 0 <= metrics["test"]["ndcg@5"] <= 1
     report = (run / "report" / "report.md").read_text()
-    for row in ("LSVCR (aligned)", "LSVCR (no alignment)", "popularity (likes)", "popularity (train interactions)"):
+    for row in ("LSVCR (aligned)", "LSVCR (no alignment)", "LSVCR (aligned), another user's history",
+                "popularity (likes)", "popularity (train interactions)"):
         assert row in report
     assert "Protocol:" in report and (run / "report" / "results.png").stat().st_size > 0
 
