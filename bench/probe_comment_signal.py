@@ -1,11 +1,16 @@
 """Probes behind docs/results.md's comment-task analysis: how much personal signal is there beyond like counts?
 
+    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py ceiling [--comment-open-rate 0.27]
     OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py model-free
     OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py train [--comment-open-rate 0.27]
         [--seeds 2024] [--set finetune.lr=0.0003 --set model.temperature=0.2 ...]
 
 Data: the demo preset (`--comment-open-rate` changes how often users open comment sections, i.e. how many
 comment records they get), prepared once under --work, with all-MiniLM-L6-v2 text vectors.
+- `ceiling`: what the data allows, from the generator's hidden truths (`synth.generate(latents=...)`):
+  the generator's own noise-free choice score (oracle: the true style preference), and a "style reader"
+  that knows each comment's style and estimates the user's preference from the styles of their past
+  comments (Dirichlet(0.4) posterior mean, the generator's prior). Beating likes needs this signal.
 - `model-free`: ranks each test/valid sample's frozen comment candidates by
   `w·z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for a grid of b, w ∈ {0, 1},
   scored with the project's metrics (pessimistic ties). No training: does the text carry taste beyond likes?
@@ -55,6 +60,45 @@ def demo_variant(work: Path, comment_open_rate: float | None) -> tuple[Path, Pat
     return prepared, vectors
 
 
+def ceiling(prepared: Path, comment_open_rate: float | None) -> None:
+    import pyarrow.parquet as pq
+
+    from lsvcr.data.synth import PRESETS, generate
+
+    params = PRESETS["demo"] if comment_open_rate is None else dataclasses.replace(
+        PRESETS["demo"], comment_open_rate=comment_open_rate)
+    latents: dict = {}
+    generate(params, latents)
+    comments = pq.read_table(prepared / "comments.parquet", columns=["comment_idx", "comment_id"])
+    users = pq.read_table(prepared / "users.parquet", columns=["user_idx", "user_id"])
+    style_of_id = dict(zip(latents["comment_id"].tolist(), latents["comment_style"].tolist()))
+    style = np.full(len(comments) + 1, -1)
+    style[comments["comment_idx"].to_numpy()] = [style_of_id[c] for c in comments["comment_id"].to_pylist()]
+    preference_of_id = dict(zip(latents["user_id"].tolist(), latents["style_preference"]))
+    num_styles = latents["style_preference"].shape[1]
+    preference = np.zeros((len(users) + 1, num_styles))
+    preference[users["user_idx"].to_numpy()] = [preference_of_id[u] for u in users["user_id"].to_pylist()]
+    style_weight, likes_weight = latents["comment_choice_weights"]
+    log_likes = np.log1p(load_item_tables(prepared).comment_likes.astype(np.float64))
+    for split in ("valid", "test"):
+        arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
+        candidate_style = np.maximum(style[arrays.candidates], 0)
+        past = arrays.comment_history_comments.reshape(len(arrays), -1)
+        counts = np.stack([((style[past] == s) & (past != 0)).sum(axis=1) for s in range(num_styles)], axis=1)
+        posterior = (counts + 0.4) / (counts.sum(axis=1, keepdims=True) + 0.4 * num_styles)
+        rankers = {
+            "likes only": log_likes[arrays.candidates],
+            "style reader (past comments' styles) + likes": likes_weight * log_likes[arrays.candidates]
+            + style_weight * np.take_along_axis(posterior, candidate_style, axis=1),
+            "oracle (true style preference) + likes": likes_weight * log_likes[arrays.candidates]
+            + style_weight * np.take_along_axis(preference[arrays.user], candidate_style, axis=1),
+        }
+        for name, scores in rankers.items():
+            scores = np.where(arrays.candidates == 0, -np.inf, scores)
+            sums = metric_sums(torch.from_numpy(scores), torch.from_numpy(arrays.labels), ("ndcg@5",))
+            print(f"{split} {name}: ndcg@5 {sums['ndcg@5'] / sums['count']:.4f}", flush=True)
+
+
 def model_free(prepared: Path, vectors: Path) -> None:
     from lsvcr.vectors import load_item_vectors
 
@@ -98,7 +142,7 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["model-free", "train"])
+    parser.add_argument("probe", choices=["ceiling", "model-free", "train"])
     parser.add_argument("--comment-open-rate", type=float, default=None, help="default: the demo preset's (0.09)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -106,7 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared, vectors = demo_variant(Path(args.work), args.comment_open_rate)
-    if args.probe == "model-free":
+    if args.probe == "ceiling":
+        ceiling(prepared, args.comment_open_rate)
+    elif args.probe == "model-free":
         model_free(prepared, vectors)
     else:
         train(prepared, vectors, args.seeds, args.overrides)

@@ -76,6 +76,8 @@ STYLES: dict[str, list[str]] = {
 STYLE_NAMES = list(STYLES)
 # How much each style tends to be liked by everyone (popularity of comment styles).
 STYLE_APPEAL = np.array([0.4, 0.3, 0.2, -0.3, 0.0, -0.1])
+# A user picks comments by Gumbel-top-k over STYLE_WEIGHT * preference(style) + LIKES_WEIGHT * log(1 + likes).
+COMMENT_STYLE_WEIGHT, COMMENT_LIKES_WEIGHT = 3.0, 0.6
 
 WINDOW_START_MS = 1_696_089_600_000  # 2023-09-30 16:00 UTC (KuaiComt's window starts 2023-09-30)
 WINDOW_DAYS = 35
@@ -147,8 +149,10 @@ def _calibrate_bias(logits: np.ndarray, target_rate: float) -> float:
     return (low + high) / 2
 
 
-def generate(params: SynthParams) -> dict[str, pa.Table]:
-    """The five KuaiComt tables, as Arrow tables with the documented schemas."""
+def generate(params: SynthParams, latents: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
+    """The five KuaiComt tables, as Arrow tables with the documented schemas. A `latents` dict, if given,
+    receives the hidden truths the comment choices were drawn from (for ceiling probes, never for training):
+    user_id, style_preference [U, S], comment_id, comment_style [C], comment_choice_weights."""
     rng = np.random.default_rng(params.seed)
     num_topics, num_styles = len(TOPIC_NAMES), len(STYLE_NAMES)
     topic_vocab = np.array([words[:12] for words in TOPICS.values()])
@@ -274,9 +278,13 @@ def generate(params: SynthParams) -> dict[str, pa.Table]:
     pair_offsets = np.concatenate([[0], np.cumsum(candidates_per_record)])
     pair_rank = np.arange(len(pair_record)) - pair_offsets[pair_record]
     pair_comment = comment_offsets[record_video[pair_record]] + pair_rank
-    score = (3.0 * style_preference[record_user[pair_record], comment_style[pair_comment]]
-             + 0.6 * np.log1p(comment_likes[pair_comment])
+    score = (COMMENT_STYLE_WEIGHT * style_preference[record_user[pair_record], comment_style[pair_comment]]
+             + COMMENT_LIKES_WEIGHT * np.log1p(comment_likes[pair_comment])
              + rng.gumbel(size=len(pair_record)))
+    if latents is not None:
+        latents.update(user_id=user_ids, style_preference=style_preference, comment_id=comment_ids,
+                       comment_style=comment_style,
+                       comment_choice_weights=np.array([COMMENT_STYLE_WEIGHT, COMMENT_LIKES_WEIGHT]))
     order = np.lexsort((-score, pair_record))
     chosen = order[(np.arange(len(order)) - pair_offsets[pair_record[order]]) < record_size[pair_record[order]]]
     chosen_record = pair_record[chosen]
