@@ -11,6 +11,7 @@ comment records they get), prepared once under --work, with all-MiniLM-L6-v2 tex
   the generator's own noise-free choice score (oracle: the true style preference), and a "style reader"
   that knows each comment's style and estimates the user's preference from the styles of their past
   comments (Dirichlet(0.4) posterior mean, the generator's prior). Beating likes needs this signal.
+  Also: how well a linear probe reads a comment's style from its text vector.
 - `model-free`: ranks each test/valid sample's frozen comment candidates by
   `w·z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for a grid of b, w ∈ {0, 1},
   scored with the project's metrics (pessimistic ties). No training: does the text carry taste beyond likes?
@@ -60,7 +61,28 @@ def demo_variant(work: Path, comment_open_rate: float | None) -> tuple[Path, Pat
     return prepared, vectors
 
 
-def ceiling(prepared: Path, comment_open_rate: float | None) -> None:
+def style_probe_accuracy(comment_vectors: np.ndarray, style: np.ndarray, seed: int = 0) -> float:
+    """Held-out accuracy (80/20 split) of a linear softmax probe from standardized text vectors to comment style."""
+    features = torch.from_numpy(comment_vectors).float()
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    labels = torch.from_numpy(style)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    train, held_out = order[: len(order) * 4 // 5], order[len(order) * 4 // 5:]
+    probe = torch.nn.Linear(features.shape[1], int(style.max()) + 1)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(probe(features[train]), labels[train]) + 1e-3 * probe.weight.square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        return float((probe(features[held_out]).argmax(1) == labels[held_out]).float().mean())
+
+
+def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> None:
     import pyarrow.parquet as pq
 
     from lsvcr.data.synth import PRESETS, generate
@@ -78,6 +100,11 @@ def ceiling(prepared: Path, comment_open_rate: float | None) -> None:
     num_styles = latents["style_preference"].shape[1]
     preference = np.zeros((len(users) + 1, num_styles))
     preference[users["user_idx"].to_numpy()] = [preference_of_id[u] for u in users["user_id"].to_pylist()]
+    from lsvcr.vectors import load_item_vectors
+
+    _, comment_text = load_item_vectors(vectors, prepared)
+    accuracy = style_probe_accuracy(comment_text[1:], style[1:])
+    print(f"comment style from the text vectors in {vectors}: linear probe held-out accuracy {accuracy:.3f}")
     style_weight, likes_weight = latents["comment_choice_weights"]
     log_likes = np.log1p(load_item_tables(prepared).comment_likes.astype(np.float64))
     for split in ("valid", "test"):
@@ -146,12 +173,14 @@ def main() -> None:
     parser.add_argument("--comment-open-rate", type=float, default=None, help="default: the demo preset's (0.09)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--vectors", default=None,
+                        help="ceiling: VECTORS of the same PREPARED to probe for style (default: the MiniLM ones)")
     parser.add_argument("--work", default=str(HERE / "tmp" / "comment_signal"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared, vectors = demo_variant(Path(args.work), args.comment_open_rate)
     if args.probe == "ceiling":
-        ceiling(prepared, args.comment_open_rate)
+        ceiling(prepared, Path(args.vectors) if args.vectors else vectors, args.comment_open_rate)
     elif args.probe == "model-free":
         model_free(prepared, vectors)
     else:
