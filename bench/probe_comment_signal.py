@@ -16,7 +16,8 @@ comment records they get), prepared once under --work, with all-MiniLM-L6-v2 tex
   `w·z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for a grid of b, w ∈ {0, 1},
   scored with the project's metrics (pessimistic ties). No training: does the text carry taste beyond likes?
 - `train`: popularity by likes and by training interactions, then LSVCR `id+text` on the comment task
-  (at most 20 epochs, patience 5, best valid epoch tested) with the `--set` overrides, per seed.
+  (at most 20 epochs, patience 5, best valid epoch tested) with the `--set` overrides, per seed; also the
+  personalization check (the test split with every sample given another sample's history).
 Prints one line per result; nothing is written.
 """
 
@@ -162,9 +163,12 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
                             torch.from_numpy(tables.comment_likes))
         model.load_state_dict(state["best_state"])
         metrics = evaluate_model(model, "comment", prepared, config, progress=False)
+        swapped = evaluate_model(model, "comment", prepared, config, splits=("test",), progress=False,
+                                 swapped_histories=True)
         print(f"LSVCR {config.model.mode} seed {seed} {' '.join(overrides) or '(defaults)'}: best epoch "
               f"{state['best_epoch']}, valid ndcg@5 {metrics['valid']['ndcg@5']:.4f} "
-              f"test {metrics['test']['ndcg@5']:.4f}", flush=True)
+              f"test {metrics['test']['ndcg@5']:.4f}, test with another user's history "
+              f"{swapped['test']['ndcg@5']:.4f}", flush=True)
 
 
 def main() -> None:

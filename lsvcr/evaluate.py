@@ -146,10 +146,10 @@ def evaluate_arrays(
     return accumulator
 
 
-SHUFFLE_SEED = 0
+SWAP_SEED = 0
 
 
-def swap_histories(arrays: SampleArrays, seed: int = SHUFFLE_SEED) -> SampleArrays:
+def swap_histories(arrays: SampleArrays, seed: int = SWAP_SEED) -> SampleArrays:
     """The same samples, each with another sample's histories (video and comment): a seeded random
     cycle, so no sample keeps its own. Targets, candidates and labels are unchanged."""
     if len(arrays) < 2:
@@ -175,7 +175,7 @@ def evaluate_model(
     tables = load_item_tables(data_dir)
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
     if swapped_histories:
-        out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SHUFFLE_SEED})"
+        out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
     for split in splits:
         arrays = load_sample_arrays(data_dir, task, split, config.finetune.history_length,
                                     config.data.max_comments_per_record)

@@ -76,7 +76,7 @@ STYLES: dict[str, list[str]] = {
 STYLE_NAMES = list(STYLES)
 # How much each style tends to be liked by everyone (popularity of comment styles).
 STYLE_APPEAL = np.array([0.4, 0.3, 0.2, -0.3, 0.0, -0.1])
-# A user picks comments by Gumbel-top-k over STYLE_WEIGHT * preference(style) + LIKES_WEIGHT * log(1 + likes).
+# A user picks comments by Gumbel-top-k over these weights times preference(style) and log(1 + likes).
 COMMENT_STYLE_WEIGHT, COMMENT_LIKES_WEIGHT = 3.0, 0.6
 
 WINDOW_START_MS = 1_696_089_600_000  # 2023-09-30 16:00 UTC (KuaiComt's window starts 2023-09-30)
