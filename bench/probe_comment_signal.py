@@ -87,6 +87,7 @@ def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> N
     import pyarrow.parquet as pq
 
     from lsvcr.data.synth import PRESETS, generate
+    from lsvcr.vectors import load_item_vectors
 
     params = PRESETS["demo"] if comment_open_rate is None else dataclasses.replace(
         PRESETS["demo"], comment_open_rate=comment_open_rate)
@@ -101,8 +102,6 @@ def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> N
     num_styles = latents["style_preference"].shape[1]
     preference = np.zeros((len(users) + 1, num_styles))
     preference[users["user_idx"].to_numpy()] = [preference_of_id[u] for u in users["user_id"].to_pylist()]
-    from lsvcr.vectors import load_item_vectors
-
     _, comment_text = load_item_vectors(vectors, prepared)
     accuracy = style_probe_accuracy(comment_text[1:], style[1:])
     print(f"comment style from the text vectors in {vectors}: linear probe held-out accuracy {accuracy:.3f}")
