@@ -168,11 +168,12 @@ def swap_histories(arrays: SampleArrays, seed: int = SWAP_SEED) -> SampleArrays:
 def evaluate_model(
     model: nn.Module, task: str, data_dir: str | Path, config: LSVCRConfig, *, device: str | torch.device = "cpu",
     full_ranking: bool = False, exclude_seen: bool = True, splits: tuple[str, ...] = ("valid", "test"),
-    progress: bool = True, swapped_histories: bool = False,
+    progress: bool = True, swapped_histories: bool = False, tables: ItemTables | None = None,
 ) -> dict:
     """{"protocol": ..., split: metrics} for one model on one PREPARED directory (`swapped_histories`:
-    every sample scored with another sample's history, see `swap_histories`)."""
-    tables = load_item_tables(data_dir)
+    every sample scored with another sample's history, see `swap_histories`; `tables`: the directory's
+    item tables, if the caller already has them)."""
+    tables = tables or load_item_tables(data_dir)
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
@@ -204,15 +205,17 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json."""
     trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
     config = trained.config
-    sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device)
+    tables = load_item_tables(trained.data_dir)
+    sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device, tables=tables)
     metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
     metrics["swapped_history"] = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device,
-                                                 splits=("test",), progress=False, swapped_histories=True)
+                                                 splits=("test",), progress=False, swapped_histories=True,
+                                                 tables=tables)
     full = config.finetune.full_ranking if full_ranking is None else full_ranking
     exclude_seen = config.finetune.exclude_seen if exclude_seen is None else exclude_seen
     if full and trained.task == "video":
         metrics["full_ranking"] = evaluate_model(trained.model, "video", trained.data_dir, config, device=device,
-                                                 full_ranking=True, exclude_seen=exclude_seen)
+                                                 full_ranking=True, exclude_seen=exclude_seen, tables=tables)
     if write:
         (Path(model_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
