@@ -173,7 +173,7 @@ def evaluate_model(
     """{"protocol": ..., split: metrics} for one model on one PREPARED directory (`swapped_histories`:
     every sample scored with another sample's history, see `swap_histories`; `tables`: the directory's
     item tables, if the caller already has them)."""
-    tables = tables or load_item_tables(data_dir)
+    tables = load_item_tables(data_dir) if tables is None else tables
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
