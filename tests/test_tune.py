@@ -26,6 +26,13 @@ def test_shipped_space_parses_and_round_trips():
     assert parse_space(space_to_dict(space)) == space
 
 
+def test_shipped_comment_space_parses_and_round_trips():
+    space = load_space(Path(__file__).parents[1] / "configs" / "tune_space_comment.yaml")
+    assert space["model.mode"].values == ("id+text", "text")
+    assert space["finetune.patience"].kind == "constant" and space["finetune.patience"].values == (20,)
+    assert parse_space(space_to_dict(space)) == space
+
+
 def test_space_values_are_typed_and_yaml_exponents_accepted():
     # PyYAML reads 1e-4 (no dot) as a string: bounds and float choices still become numbers.
     space = parse_space(yaml.safe_load("""
