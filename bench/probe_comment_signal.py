@@ -1,9 +1,10 @@
 """Probes behind docs/results.md's comment-task analysis: how much personal signal is there beyond like counts?
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py ceiling [--comment-open-rate 0.27]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py model-free
+    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py model-free [--vectors DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py reader-vectors --out DIR [--pca 16]
     OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py train [--comment-open-rate 0.27]
-        [--seeds 2024] [--set finetune.lr=0.0003 --set model.temperature=0.2 ...]
+        [--seeds 2024] [--vectors DIR] [--set finetune.lr=0.0003 --set model.temperature=0.2 ...]
 
 Data: the demo preset (`--comment-open-rate` changes how often users open comment sections, i.e. how many
 comment records they get), prepared once under --work, with all-MiniLM-L6-v2 text vectors.
@@ -13,12 +14,17 @@ comment records they get), prepared once under --work, with all-MiniLM-L6-v2 tex
   comments (Dirichlet(0.4) posterior mean, the generator's prior). Beating likes needs this signal.
   Also: how well a linear probe reads a comment's style from its text vector.
 - `model-free`: ranks each test/valid sample's frozen comment candidates by
-  `w·z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for a grid of b, w ∈ {0, 1},
-  scored with the project's metrics (pessimistic ties). No training: does the text carry taste beyond likes?
+  `z(log(1 + likes)) + b·cos(candidate, mean of the user's past comments)` for b ∈ {1, 2, 3} (and the
+  cosine alone), scored with the project's metrics (pessimistic ties), with the paired standard error of
+  the gain over likes. No training: does the text carry taste beyond likes? Readers: the raw vectors; the
+  vectors centered on their video's comment section (the shared part cannot rank one video's comments);
+  those on their top 8/16/32 principal components.
 - `train`: popularity by likes and by training interactions, then LSVCR `id+text` on the comment task
   (at most 20 epochs, patience 5, best valid epoch tested) with the `--set` overrides, per seed; also the
   personalization check (the test split with every sample given another sample's history).
-Prints one line per result; nothing is written.
+- `reader-vectors --out DIR [--pca 16]`: writes the model-free reader's features (section-centered, top-k
+  PCs) as a VECTORS directory, so `train --vectors DIR` can test whether the model learns from them.
+Prints one line per result; only `reader-vectors` writes anything.
 """
 
 from __future__ import annotations
@@ -126,23 +132,81 @@ def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> N
             print(f"{split} {name}: ndcg@5 {sums['ndcg@5'] / sums['count']:.4f}", flush=True)
 
 
+def section_centered(comment_text: np.ndarray, comment_pool: np.ndarray) -> np.ndarray:
+    """Each comment vector minus the mean vector of its video's comment section (row 0 stays 0): the
+    part every candidate of one video shares (mostly the video's topic) cannot rank them."""
+    centered = comment_text.astype(np.float64)
+    for pool in comment_pool[1:]:
+        section = pool[pool != 0]
+        if len(section):
+            centered[section] -= comment_text[section].mean(axis=0)
+    centered[0] = 0.0
+    return centered
+
+
+def top_components(vectors: np.ndarray, k: int) -> np.ndarray:
+    """Rows projected on the top-k principal axes of rows 1: (row 0, the pad, stays 0)."""
+    _, axes = np.linalg.eigh(np.cov(vectors[1:].T))
+    projected = vectors @ axes[:, ::-1][:, :k]
+    projected[0] = 0.0
+    return projected
+
+
+def per_sample_ndcg5(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    scores_t, labels_t = torch.from_numpy(scores), torch.from_numpy(labels)
+    return np.array([metric_sums(scores_t[i:i + 1], labels_t[i:i + 1], ("ndcg@5",))["ndcg@5"]
+                     for i in range(len(labels))])
+
+
 def model_free(prepared: Path, vectors: Path) -> None:
+    """Rank by `z(log(1 + likes)) + b·cos(candidate, sum of the user's past comments)` (b = 0: popularity by
+    likes) with the raw text vectors and with unsupervised readers of them: comment-section centering, then
+    the top-k principal components. Test rows also give the paired standard error of the gain over likes."""
     from lsvcr.vectors import load_item_vectors
 
     _, comment_text = load_item_vectors(vectors, prepared)
-    comment_text = comment_text / np.maximum(np.linalg.norm(comment_text, axis=1, keepdims=True), 1e-9)
-    prior = like_prior(torch.from_numpy(load_item_tables(prepared).comment_likes)).numpy()
-    for split in ("valid", "test"):
-        arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
-        past = arrays.comment_history_comments.reshape(len(arrays), -1)
-        profile = (comment_text[past] * (past != 0)[..., None]).sum(axis=1)
-        profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-9)
-        similarity = np.einsum("nmd,nd->nm", comment_text[arrays.candidates], profile)
-        for weight in (0.0, 1.0):
-            for b in (0.0, 1.0, 2.0, 3.0, 5.0, 8.0):
-                scores = np.where(arrays.candidates == 0, -np.inf, weight * prior[arrays.candidates] + b * similarity)
-                sums = metric_sums(torch.from_numpy(scores), torch.from_numpy(arrays.labels), ("ndcg@5",))
-                print(f"{split} w={weight:.0f} b={b:.0f}: ndcg@5 {sums['ndcg@5'] / sums['count']:.4f}", flush=True)
+    tables = load_item_tables(prepared)
+    prior = like_prior(torch.from_numpy(tables.comment_likes)).numpy()
+    centered = section_centered(comment_text, tables.comment_pool)
+    readers = {"raw vectors": comment_text, "section-centered": centered,
+               **{f"section-centered, top {k} PCs": top_components(centered, k) for k in (8, 16, 32)}}
+    for name, table in readers.items():
+        table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-9)
+        for split in ("valid", "test"):
+            arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
+            past = arrays.comment_history_comments.reshape(len(arrays), -1)
+            profile = (table[past] * (past != 0)[..., None]).sum(axis=1)
+            profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-9)
+            similarity = np.einsum("nmd,nd->nm", table[arrays.candidates], profile)
+            likes = per_sample_ndcg5(np.where(arrays.candidates == 0, -np.inf, prior[arrays.candidates]), arrays.labels)
+            text_alone = per_sample_ndcg5(np.where(arrays.candidates == 0, -np.inf, similarity), arrays.labels)
+            results = [f"text alone {text_alone.mean():.4f}"]
+            for b in (1.0, 2.0, 3.0):
+                scores = np.where(arrays.candidates == 0, -np.inf, prior[arrays.candidates] + b * similarity)
+                gain = per_sample_ndcg5(scores, arrays.labels) - likes
+                results.append(f"b={b:.0f} {likes.mean() + gain.mean():.4f} (gain {gain.mean():+.4f} ± "
+                               f"{gain.std(ddof=1) / np.sqrt(len(gain)):.4f})")
+            print(f"{split} {name}: likes only {likes.mean():.4f}; " + "; ".join(results), flush=True)
+
+
+def write_reader_vectors(prepared: Path, vectors: Path, out: Path, k: int) -> None:
+    """A VECTORS directory of the section-centered comment vectors on their top-k PCs (videos: centered, on
+    their own top-k PCs; k = 0: centered comments, every vector at full width): the model-free reader's
+    features, for `train --vectors OUT`."""
+    import pyarrow.parquet as pq
+
+    from lsvcr.vectors import load_item_vectors, write_item_vectors
+
+    video_text, comment_text = load_item_vectors(vectors, prepared)
+    comments = section_centered(comment_text, load_item_tables(prepared).comment_pool)
+    videos = video_text
+    if k > 0:
+        comments, videos = top_components(comments, k), top_components(video_text - video_text[1:].mean(axis=0), k)
+    video_ids = pq.read_table(prepared / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
+    comment_ids = pq.read_table(prepared / "comments.parquet", columns=["comment_id"])["comment_id"].to_numpy()
+    write_item_vectors(out, video_ids, videos[1:], comment_ids, comments[1:],
+                       {"model": f"section-centered, top {k} PCs, of {vectors}" if k else f"section-centered {vectors}"})
+    print(f"wrote {out}", flush=True)
 
 
 def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str]) -> None:
@@ -172,20 +236,28 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["ceiling", "model-free", "train"])
+    parser.add_argument("probe", choices=["ceiling", "model-free", "train", "reader-vectors"])
     parser.add_argument("--comment-open-rate", type=float, default=None, help="default: the demo preset's (0.09)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2024])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--vectors", default=None,
-                        help="ceiling: VECTORS of the same PREPARED to probe for style (default: the MiniLM ones)")
+                        help="VECTORS of the same PREPARED to use instead of the MiniLM ones (ceiling, model-free, "
+                             "train, reader-vectors)")
+    parser.add_argument("--pca", type=int, default=16, help="reader-vectors: principal components kept (0: centering only)")
+    parser.add_argument("--out", default=None, help="reader-vectors: the VECTORS directory to write")
     parser.add_argument("--work", default=str(HERE / "tmp" / "comment_signal"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared, vectors = demo_variant(Path(args.work), args.comment_open_rate)
+    vectors = Path(args.vectors) if args.vectors else vectors
     if args.probe == "ceiling":
-        ceiling(prepared, Path(args.vectors) if args.vectors else vectors, args.comment_open_rate)
+        ceiling(prepared, vectors, args.comment_open_rate)
     elif args.probe == "model-free":
         model_free(prepared, vectors)
+    elif args.probe == "reader-vectors":
+        if not args.out:
+            parser.error("reader-vectors needs --out DIR")
+        write_reader_vectors(prepared, vectors, Path(args.out), args.pca)
     else:
         train(prepared, vectors, args.seeds, args.overrides)
 
