@@ -21,7 +21,8 @@ comment records they get), prepared once under --work, with all-MiniLM-L6-v2 tex
   those on their top 8/16/32 principal components.
 - `train`: popularity by likes and by training interactions, then LSVCR `id+text` on the comment task
   (at most 20 epochs, patience 5, best valid epoch tested) with the `--set` overrides, per seed; also the
-  personalization check (the test split with every sample given another sample's history).
+  personalization check (the test split with every sample given another sample's history), and the
+  per-epoch valid NDCG@5 and training CE.
 - `reader-vectors --out DIR [--pca 16]`: writes the model-free reader's features (section-centered, top-k
   PCs) as a VECTORS directory, so `train --vectors DIR` can test whether the model learns from them.
 Prints one line per result; only `reader-vectors` writes anything.
@@ -228,6 +229,8 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
         metrics = evaluate_model(model, "comment", prepared, config, progress=False)
         swapped = evaluate_model(model, "comment", prepared, config, splits=("test",), progress=False,
                                  swapped_histories=True)
+        print("  per epoch: valid ndcg@5 " + " ".join(f"{row['valid_ndcg@5']:.4f}" for row in state["history"])
+              + "; train CE " + " ".join(f"{row['train_ce']:.3f}" for row in state["history"]), flush=True)
         print(f"LSVCR {config.model.mode} seed {seed} {' '.join(overrides) or '(defaults)'}: best epoch "
               f"{state['best_epoch']}, valid ndcg@5 {metrics['valid']['ndcg@5']:.4f} "
               f"test {metrics['test']['ndcg@5']:.4f}, test with another user's history "
