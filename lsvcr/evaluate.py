@@ -230,16 +230,15 @@ def format_table(metrics: dict) -> str:
         protocol = section["protocol"]
         lines.append(f"[{label}] task={protocol['task']}  candidates: {protocol['candidates']}; ties: {protocol['ties']}")
     lines.append(header)
+
+    def row(label: str, split: str, values: dict) -> str:
+        return f"{label:<9}{split:<7}" + "".join(f"{values[name]:>11.4f}" for name in METRIC_NAMES) + f"{values['samples']:>9}"
+
     for label, section in sections:
-        for split in ("valid", "test"):
-            if split in section:
-                values = section[split]
-                lines.append(f"{label:<9}{split:<7}" + "".join(f"{values[name]:>11.4f}" for name in METRIC_NAMES)
-                             + f"{values['samples']:>9}")
+        lines += [row(label, split, section[split]) for split in ("valid", "test") if split in section]
     swapped = metrics.get("swapped_history", {}).get("test")
     if swapped:
-        lines.append(f"{'sampled':<9}{'test*':<7}" + "".join(f"{swapped[name]:>11.4f}" for name in METRIC_NAMES)
-                     + f"{swapped['samples']:>9}")
+        lines.append(row("sampled", "test*", swapped))
         lines.append("test* = personalization check: the test split with every sample given another sample's history "
                      "(equal to test = the model ignores the user's history)")
     return "\n".join(lines)

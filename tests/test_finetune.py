@@ -314,8 +314,6 @@ def test_two_workers_match_one_worker(ray_cluster, tiny_prepared_dir, tiny_minil
 
 
 def test_popularity_baselines_count_training_targets_or_read_likes(tiny_prepared_dir):
-    from lsvcr.baselines import build_model, fit_popularity
-
     prepared = Path(tiny_prepared_dir)
     targets = pq.read_table(prepared / "video_samples.train.parquet")["target_video"].to_numpy()
     positives = [c for row in pq.read_table(prepared / "comment_samples.train.parquet")["pos_comments"].to_pylist()
