@@ -354,12 +354,15 @@ def user_sample_rows(num_rows: int, total_rows: int, max_samples: int, seed: int
     return np.sort(np.random.default_rng(seed).choice(num_rows, size=share, replace=False))
 
 
-def _user_samples(prepared_dir: Path, settings: EncodeConfig) -> dict[str, tuple[pa.Table, np.ndarray]]:
-    """{task: (its train samples, the rows of them to encode)} for the tasks the data set has."""
+PROMPT_COLUMNS = ["target_video", "video_history", "comment_history_videos", "comment_history_comments"]
+
+
+def _user_samples(prepared_dir: Path, settings: EncodeConfig,
+                  columns: list[str] = PROMPT_COLUMNS) -> dict[str, tuple[pa.Table, np.ndarray]]:
+    """{task: (`columns` of its train samples, the rows of them to encode)} for the tasks the data set has."""
     from lsvcr.data.prepared import load_manifest
 
     tasks = ("video", "comment") if load_manifest(prepared_dir).get("has_comments") else ("video",)
-    columns = ["target_video", "video_history", "comment_history_videos", "comment_history_comments"]
     samples = {task: pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns) for task in tasks}
     total = sum(table.num_rows for table in samples.values())
     return {task: (table, user_sample_rows(table.num_rows, total, settings.max_user_samples, settings.seed))
@@ -377,7 +380,7 @@ def check_prompt_budget(prepared_dir: Path, model_path: Path, settings: EncodeCo
                       hot_comments=np.zeros((1, 1), dtype=np.int64))
     builder = PromptBuilder(AutoTokenizer.from_pretrained(model_path), texts, language=settings.language,
                             max_prompt_tokens=settings.max_prompt_tokens)
-    for task, (table, selected) in _user_samples(prepared_dir, settings).items():
+    for task, (table, selected) in _user_samples(prepared_dir, settings, ["target_video"]).items():
         if len(selected):
             builder.check_budget(task, table["target_video"].to_numpy()[selected], settings.prompt_template)
 

@@ -277,9 +277,8 @@ class PromptBuilder:
     def check_budget(self, task: str, current_videos: np.ndarray, template_index: int) -> None:
         """The template-fits check of `build`, run once per distinct current video (a cheap pre-flight on
         the driver, so a too-small budget is reported before any encoding starts)."""
-        videos = np.unique(current_videos) if task == "comment" else np.zeros(1, dtype=np.int64)
-        titles = self.texts.captions[videos] if task == "comment" else np.full(1, "", dtype=object)
-        self.history_budget(task, titles, np.full(len(videos), template_index, dtype=np.int64))
+        titles = self.texts.captions[np.unique(current_videos)] if task == "comment" else np.full(1, "", dtype=object)
+        self.history_budget(task, titles, np.full(len(titles), template_index, dtype=np.int64))
 
     def build(self, task: str, histories: PromptHistories, template_index: int | np.ndarray = 0) -> list[str]:
         """One prompt per row; `template_index` a scalar or one 0/1 per row."""
