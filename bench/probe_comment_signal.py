@@ -171,15 +171,17 @@ def model_free(prepared: Path, vectors: Path) -> None:
     centered = section_centered(comment_text, tables.comment_pool)
     readers = {"raw vectors": comment_text, "section-centered": centered,
                **{f"section-centered, top {k} PCs": top_components(centered, k) for k in (8, 16, 32)}}
+    splits = {split: load_sample_arrays(prepared, "comment", split, history_length=50) for split in ("valid", "test")}
+    likes_of = {split: per_sample_ndcg5(np.where(arrays.candidates == 0, -np.inf, prior[arrays.candidates]), arrays.labels)
+                for split, arrays in splits.items()}
     for name, table in readers.items():
         table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-9)
-        for split in ("valid", "test"):
-            arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
+        for split, arrays in splits.items():
             past = arrays.comment_history_comments.reshape(len(arrays), -1)
             profile = (table[past] * (past != 0)[..., None]).sum(axis=1)
             profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-9)
             similarity = np.einsum("nmd,nd->nm", table[arrays.candidates], profile)
-            likes = per_sample_ndcg5(np.where(arrays.candidates == 0, -np.inf, prior[arrays.candidates]), arrays.labels)
+            likes = likes_of[split]
             text_alone = per_sample_ndcg5(np.where(arrays.candidates == 0, -np.inf, similarity), arrays.labels)
             results = [f"text alone {text_alone.mean():.4f}"]
             for b in (1.0, 2.0, 3.0):
@@ -226,9 +228,9 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
         model = build_model(config.model, tables.num_videos, video_text, comment_text,
                             torch.from_numpy(tables.comment_likes))
         model.load_state_dict(state["best_state"])
-        metrics = evaluate_model(model, "comment", prepared, config, progress=False)
+        metrics = evaluate_model(model, "comment", prepared, config, progress=False, tables=tables)
         swapped = evaluate_model(model, "comment", prepared, config, splits=("test",), progress=False,
-                                 swapped_histories=True)
+                                 swapped_histories=True, tables=tables)
         print("  per epoch: valid ndcg@5 " + " ".join(f"{row['valid_ndcg@5']:.4f}" for row in state["history"])
               + "; train CE " + " ".join(f"{row['train_ce']:.3f}" for row in state["history"]), flush=True)
         print(f"LSVCR {config.model.mode} seed {seed} {' '.join(overrides) or '(defaults)'}: best epoch "
