@@ -37,6 +37,12 @@ class PrepareConfig:
     # 0: every train target. N > 0: only each user's N most recent train targets per task (histories still
     # use all earlier interactions); bounds the cost of per-sample work such as LLM history prompts.
     max_train_targets_per_user: int = 0
+    # Order of a user's interactions with equal timestamps: raw_id (by raw video id) | file_order (as the
+    # raw rows come, RecBole's stable sort). configs/movielens.yaml sets RecBole's protocol (docs/model.md).
+    tie_break: str = "raw_id"
+    # Video history of a video sample: time (interactions strictly before the target time) | position
+    # (every earlier interaction in the sorted sequence, equal timestamps included: RecBole's prefixes).
+    history_before: str = "time"
 
 
 @dataclass
@@ -72,7 +78,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-5
     batch_size: int = 512
     max_epochs: int = 50
-    patience: int = 5  # validations without NDCG@5 improvement before stopping
+    patience: int = 5  # validations without selection_metric improvement before stopping
     history_length: int = 50
     comment_negatives: int = 19  # same-video negatives per positive comment (20-way softmax)
     id_text_loss_weight: float = 0.1
@@ -86,6 +92,10 @@ class FinetuneConfig:
     seed: int = 2024
     eval_batch_size: int = 1024
     full_ranking: bool = False  # also report full ranking over all videos
+    selection_metric: str = "ndcg@5"  # valid metric that picks the best epoch (ndcg@K, recall@K, mrr)
+    # sampled: valid on the frozen candidates; full: valid on full ranking over all videos (video task;
+    # finetune.exclude_seen decides the history masking), RecBole's model selection.
+    selection_ranking: str = "sampled"
     exclude_seen: bool = True  # in full ranking, drop videos already in the history
     checkpoints_to_keep: int = 2  # Ray Train CheckpointConfig(num_to_keep)
     max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint after a lost worker
@@ -323,6 +333,9 @@ def validate_config(config: LSVCRConfig) -> None:
         "model.mode": (config.model.mode, ("id+text", "text", "id")),
         "model.stacking": (config.model.stacking, ("faithful", "standard")),
         "model.architecture": (config.model.architecture, ("lsvcr", "sasrec")),
+        "data.tie_break": (config.data.tie_break, ("raw_id", "file_order")),
+        "data.history_before": (config.data.history_before, ("time", "position")),
+        "finetune.selection_ranking": (config.finetune.selection_ranking, ("sampled", "full")),
         "finetune.task": (config.finetune.task, ("video", "comment")),
         "finetune.use_gpu": (config.finetune.use_gpu, ("auto", "true", "false")),
         "align.mode": (config.align.mode, ("frozen", "lora")),
@@ -348,6 +361,8 @@ def validate_config(config: LSVCRConfig) -> None:
         "align.batch_size": config.align.batch_size,
         "encode.batch_size": config.encode.batch_size,
     }
+    if config.finetune.selection_ranking == "full" and config.finetune.task != "video":
+        raise ConfigError("finetune.selection_ranking=full ranks all videos: only for finetune.task=video")
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive; got {value}")

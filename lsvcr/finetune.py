@@ -4,8 +4,9 @@
 
 One model per task. Loss = CE (full softmax over all videos, pad masked | 20-way softmax over 1
 positive + 19 same-video comments) + id_text_loss_weight · L_IT. AdamW, constant lr. Validation
-every epoch on the frozen candidate lists; early stop after `patience` epochs without a better
-valid NDCG@5; the best epoch's weights are tested and saved.
+every epoch on the frozen candidate lists (`finetune.selection_ranking: full`: full ranking over all
+videos); early stop after `patience` epochs without a better valid `finetune.selection_metric`
+(NDCG@5 by default); the best epoch's weights are tested and saved.
 
 Ray Train (`TorchTrainer`, DDP, gloo on CPU / nccl on GPU): every worker reads PREPARED itself,
 trains on its shard of each epoch's permutation, validates its shard; metric sums are all-reduced,
@@ -47,7 +48,6 @@ from lsvcr.model import LIKE_PRIOR_RATE
 
 log = logging.getLogger("lsvcr.finetune")
 
-SELECTION_METRIC = "ndcg@5"
 STATE_FILE = "state.pt"
 
 
@@ -236,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     config = config_from_dict(loop_config["config"])
     settings = config.finetune
+    selection_metric = settings.selection_metric
     set_threads(settings.threads_per_worker)
     context = _worker_context(loop_config.get("report_to", "train"), settings.use_gpu)
     torch.manual_seed(settings.seed)
@@ -260,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state.pop("model"))
         state["resumed_after"].append(state["epoch"])
-        log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], SELECTION_METRIC,
+        log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], selection_metric,
                  state["best"], state["best_epoch"])
     else:
         if loop_config.get("init"):
@@ -308,6 +309,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         train_cpu_seconds = time.process_time() - cpu_started  # ≪ train_seconds when the machine is shared
         sums = _all_reduce_sum(sums, context)
         accumulator = evaluate_arrays(model, valid, tables, device=context.device, batch_size=settings.eval_batch_size,
+                                      full_ranking=settings.selection_ranking == "full",
+                                      exclude_seen=settings.exclude_seen,
                                       rank=context.rank, world_size=context.world_size)
         accumulator.load_tensor(_all_reduce_sum(accumulator.as_tensor(), context))
         valid_metrics = accumulator.result()
@@ -323,12 +326,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         }
         if getattr(model, "use_like_prior", False) and settings.task == "comment":
             row["like_prior_weight"] = model.comment_like_weight.item() * LIKE_PRIOR_RATE
-        if valid_metrics[SELECTION_METRIC] > state["best"]:
-            state.update(best=valid_metrics[SELECTION_METRIC], best_epoch=epoch, bad_epochs=0,
+        if valid_metrics[selection_metric] > state["best"]:
+            state.update(best=valid_metrics[selection_metric], best_epoch=epoch, bad_epochs=0,
                          best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
-        row[f"best_valid_{SELECTION_METRIC}"] = state["best"]
+        row[f"best_valid_{selection_metric}"] = state["best"]
         state["epoch"] = epoch
         state["history"].append(row)
         if log_path is not None:
@@ -336,7 +339,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 handle.write(json.dumps(row) + "\n")
         if context.rank == 0:
             log.info("epoch %d: loss %.4f  valid %s %.4f (best %.4f @ %d)  %.1f samples/s", epoch, row["train_loss"],
-                     SELECTION_METRIC, valid_metrics[SELECTION_METRIC], state["best"], state["best_epoch"],
+                     selection_metric, valid_metrics[selection_metric], state["best"], state["best_epoch"],
                      row["samples_per_second"])
         _report_epoch(context, row, state, model, optimizer)
     return state
@@ -383,6 +386,9 @@ def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) 
         raise DataError(f"{data_dir} is not a PREPARED directory (no manifest.json); run `lsvcr prepare` first")
     manifest = json.loads(manifest_path.read_text())
     task, model = config.finetune.task, config.model
+    if config.finetune.selection_metric not in METRIC_NAMES:
+        raise ConfigError(f"finetune.selection_metric must be one of {', '.join(METRIC_NAMES)}; "
+                          f"got {config.finetune.selection_metric!r}")
     if task == "comment" and not manifest.get("has_comments", True):
         raise DataError(f"{data_dir} has no comments (video-only data set): the comment task is disabled")
     if task == "comment" and (model.architecture == "sasrec" or model.mode == "id"):
@@ -479,7 +485,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
         "model_config": asdict(config.model), "task": config.finetune.task,
         "num_videos": _num_videos(data_dir), "text_dim": text_dim,
         "state_dict": state["best_state"], "best_epoch": state["best_epoch"],
-        "best_valid": {SELECTION_METRIC: state["best"]}, "init_report": state.get("init_report"),
+        "best_valid": {f"{config.finetune.selection_ranking}_{config.finetune.selection_metric}": state["best"]}, "init_report": state.get("init_report"),
     }, staging / "model.pt")
     write_jsonl(state["history"], staging / "train_log.jsonl")  # the checkpoint's log is the truth after resumes
     plot_curves(state["history"], staging / "curves.png",

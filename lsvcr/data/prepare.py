@@ -16,7 +16,10 @@ What becomes what:
   empty history is kept (the model handles an empty branch).
 - Split, per user and task: leave-last-out by time (last → test, second-to-last → valid, the rest →
   train) for users with at least `min_targets_per_user` samples; other users' samples go to train.
-  Ties in time are broken by the raw video id.
+  Ties in time are broken by the raw video id (`data.tie_break: file_order`: by raw row order, as
+  RecBole's stable sort). `data.history_before: position` gives each video sample of the video task
+  every earlier positive of the user in that order as its video history (RecBole's prefixes, equal
+  timestamps included) instead of those strictly before its time.
 - Candidates for valid/test are frozen with `data.seed` (METHOD 9.6): video task = target + 99 uniform
   negatives ≠ target; comment task = every positive + non-positive comments of the target video's
   pool (`hot_comments`, top `comment_pool_size` by likes), at most `comment_pool_size` in total when
@@ -56,9 +59,15 @@ SIGNAL_ORDER = ("like", "long_view", "click")  # sparse → dense
 SAMPLES_PER_CHUNK = 200_000
 SPLIT_TEXT = (
     "leave-last-out by time per user and task: last target -> test, second-to-last -> valid, earlier -> "
-    "train (users with fewer than {min_targets} targets: all train); ties broken by raw video id; "
-    "histories strictly precede the target time"
+    "train (users with fewer than {min_targets} targets: all train); ties broken by {tie_break}; "
+    "{history}"
 )
+TIE_BREAK_TEXT = {"raw_id": "raw video id", "file_order": "raw row order (file order)"}
+HISTORY_TEXT = {
+    "time": "histories strictly precede the target time",
+    "position": "video histories of video samples: every earlier positive in that order (equal timestamps "
+                "included, RecBole's prefixes); other histories strictly precede the target time",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +173,9 @@ def choose_signal(raw: RawTables, user_index: np.ndarray, num_users: int, config
     raise AssertionError("unreachable")
 
 
-def build_positives(raw: RawTables, signal: str, user_index: np.ndarray, video_index: np.ndarray) -> tuple[Positives, int]:
+def build_positives(raw: RawTables, signal: str, user_index: np.ndarray, video_index: np.ndarray,
+                    tie_break: str = "raw_id") -> tuple[Positives, int]:
+    """Positives sorted by (user, time, tie-break): the raw video id, or the raw row order (`file_order`)."""
     interactions = raw.interactions
     flags = np.ones(interactions.num_rows, bool) if raw.fixed_signal else (
         interactions.column(SIGNAL_COLUMNS[signal]).to_numpy() > 0)
@@ -172,7 +183,8 @@ def build_positives(raw: RawTables, signal: str, user_index: np.ndarray, video_i
     video = video_index[flags]
     time_ms = interactions.column("time_ms").to_numpy()[flags]
     video_raw = interactions.column("video_id").to_numpy()[flags]
-    order = np.lexsort((video_raw, time_ms, user))
+    tie_key = np.flatnonzero(flags) if tie_break == "file_order" else video_raw
+    order = np.lexsort((tie_key, time_ms, user))
     user, video, time_ms, video_raw = user[order], video[order], time_ms[order], video_raw[order]
     # Keep the first positive of each (user, video): a stable sort by (user, video) keeps time order.
     by_pair = np.lexsort((np.arange(len(user)), video, user))
@@ -250,7 +262,15 @@ class HistoryBuilder:
             comment_record = np.repeat(np.arange(len(self.records.user)), np.diff(self.records.comment_offsets))
             self.comment_keys = self.time_key(comment_record, self.records.comment_time_ms)
 
-    def video_slices(self, user: np.ndarray, time_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def video_slices(self, user: np.ndarray, time_ms: np.ndarray, positions: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(start, count) of each query's video history. `positions`: the queries are the positives at these
+        indices, and with `data.history_before: position` their history is every earlier positive of the
+        user in sorted order (equal timestamps included), as RecBole's sequence prefixes."""
+        if positions is not None and self.config.history_before == "position":
+            user_start = np.searchsorted(self.positives.user, user, side="left")
+            start = np.maximum(user_start, positions - self.config.max_history)
+            return start, positions - start
         return history_slices(self.positives.user, self.positives.time_ms, user, time_ms,
                               self.config.max_history, self.time_key)
 
@@ -260,9 +280,10 @@ class HistoryBuilder:
         return history_slices(self.records.user, self.records.first_time_ms, user, time_ms,
                               self.config.max_history, self.time_key)
 
-    def columns(self, user: np.ndarray, time_ms: np.ndarray) -> dict[str, pa.Array]:
+    def columns(self, user: np.ndarray, time_ms: np.ndarray, positions: np.ndarray | None = None
+                ) -> dict[str, pa.Array]:
         """video_history, comment_history_videos, comment_history_comments for the queries."""
-        start, count = self.video_slices(user, time_ms)
+        start, count = self.video_slices(user, time_ms, positions)
         video_history = list_array(count, self.positives.video[expand_ranges(start, count)])
         record_start, record_count = self.record_slices(user, time_ms)
         record = expand_ranges(record_start, record_count)
@@ -455,7 +476,8 @@ def prepare(
 
     signal, notes = choose_signal(raw, interaction_user, num_users, config)
     filters.extend(notes)
-    positives, duplicate_positives = build_positives(raw, signal, interaction_user, interaction_video)
+    positives, duplicate_positives = build_positives(raw, signal, interaction_user, interaction_video,
+                                                     config.tie_break)
     filters.append(f"video positives: rows with {signal}; {duplicate_positives} repeated (user, video) positives "
                    "dropped (first kept)")
 
@@ -495,7 +517,8 @@ def prepare(
     with atomic_output_dir(out_dir) as temporary:
         for task, (user, video, target_time) in tasks.items():
             # Samples are already sorted by (user, time, raw video id): positives and records are.
-            _, video_count = builder.video_slices(user, target_time)
+            positions = np.arange(len(user)) if task == "video" else None  # video samples are the positives
+            _, video_count = builder.video_slices(user, target_time, positions)
             _, record_count = builder.record_slices(user, target_time)
             keep = (video_count > 0) | (record_count > 0)
             counts["dropped_both_histories_empty"][task] = int((~keep).sum())
@@ -542,7 +565,9 @@ def prepare(
             "counts": counts,
             "filters": filters + [
                 "samples whose video history and comment history are both empty are dropped (METHOD 9.5)"],
-            "split": SPLIT_TEXT.format(min_targets=config.min_targets_per_user),
+            "split": SPLIT_TEXT.format(min_targets=config.min_targets_per_user,
+                                       tie_break=TIE_BREAK_TEXT[config.tie_break],
+                                       history=HISTORY_TEXT[config.history_before]),
             "protocol": {
                 "video": f"1 positive + {min(config.video_negatives, num_videos - 1)} uniform random negatives "
                          "(distinct, != target, history items not excluded), frozen by data.seed, shuffled",
@@ -585,7 +610,7 @@ def _write_samples(
                 "user_idx": pa.array(user[chunk].astype(np.int32)),
                 "target_video": pa.array(video[chunk].astype(np.int32)),
                 "target_time_ms": pa.array(target_time[chunk].astype(np.int64)),
-                **builder.columns(user[chunk], target_time[chunk]),
+                **builder.columns(user[chunk], target_time[chunk], chunk if task == "video" else None),
             }
             if task == "comment":
                 positive_counts = np.diff(records.comment_offsets)[chunk]
