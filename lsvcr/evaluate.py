@@ -30,7 +30,7 @@ from torch import nn
 
 from lsvcr.batching import (
     ItemTables, SampleArrays, epoch_rows, history_lengths, load_comment_likes, load_item_tables, load_sample_arrays,
-    make_batch,
+    make_batch, open_sample_stream,
 )
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.errors import DataError, ModelNotFoundError
@@ -178,10 +178,12 @@ def evaluate_model(
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
     for split in splits:
-        arrays = load_sample_arrays(data_dir, task, split, config.finetune.history_length,
-                                    config.data.max_comments_per_record)
         if swapped_histories:
-            arrays = swap_histories(arrays)
+            arrays = swap_histories(load_sample_arrays(data_dir, task, split, config.finetune.history_length,
+                                                       config.data.max_comments_per_record))
+        else:
+            arrays = open_sample_stream(data_dir, task, split, config.finetune.history_length,
+                                        config.data.max_comments_per_record)
         accumulator = evaluate_arrays(model, arrays, tables, device=device, batch_size=config.finetune.eval_batch_size,
                                       full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress)
         out[split] = accumulator.result()

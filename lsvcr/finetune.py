@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lsvcr import storage
 from lsvcr.batching import (
-    Batch, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, pool_negatives,
+    Batch, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream, pool_negatives,
 )
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
@@ -244,9 +244,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
 
     tables = load_item_tables(data_dir, config.data.hot_comments)
-    train = load_sample_arrays(data_dir, settings.task, "train", settings.history_length,
+    # Memory-mapped, padded per batch: a worker reads only the rows of its own batches (issue #16).
+    train = open_sample_stream(data_dir, settings.task, "train", settings.history_length,
                                config.data.max_comments_per_record)
-    valid = load_sample_arrays(data_dir, settings.task, "valid", settings.history_length,
+    valid = open_sample_stream(data_dir, settings.task, "valid", settings.history_length,
                                config.data.max_comments_per_record)
     train_lengths = history_lengths(train)
     video_text, comment_text = _load_text(config, data_dir, vectors_dir)

@@ -168,8 +168,8 @@ def mixed_epoch_batches(num_video: int, num_comment: int, batch_size: int, rng: 
 @dataclass
 class StageOneData:
     tables: Any  # lsvcr.batching.ItemTables
-    video: Any  # SampleArrays of video_samples.train
-    comment: Any | None  # SampleArrays of comment_samples.train (None: video-only data)
+    video: Any  # SampleStream of video_samples.train
+    comment: Any | None  # SampleStream of comment_samples.train (None: video-only data)
     raw_video: Tensor | None = None  # frozen: [V+1, D] LLM item vectors (row 0 zeros)
     raw_comment: Tensor | None = None  # frozen: [C+1, D]
     user_video: Tensor | None = None  # frozen: [Nv, D] LLM prompt vectors by sample row
@@ -205,24 +205,15 @@ def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[
     return rows[order], torch.from_numpy(np.nan_to_num(vectors[order]).astype(np.float32))
 
 
-def _subset(arrays, rows: np.ndarray):
-    """SampleArrays restricted to `rows` (the samples that have LLM user vectors)."""
-    import dataclasses
-
-    return dataclasses.replace(arrays, **{
-        f.name: getattr(arrays, f.name)[rows] for f in dataclasses.fields(arrays)
-        if isinstance(getattr(arrays, f.name), np.ndarray)})
-
-
 def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None, frozen: bool) -> StageOneData:
-    from lsvcr.batching import load_item_tables, load_sample_arrays
+    from lsvcr.batching import load_item_tables, open_sample_stream
     from lsvcr.data.prepared import load_manifest
 
     settings = config.align
     has_comments = bool(load_manifest(data_dir).get("has_comments"))
     tables = load_item_tables(data_dir)
-    video = load_sample_arrays(data_dir, "video", "train", settings.history_length, config.data.max_comments_per_record)
-    comment = (load_sample_arrays(data_dir, "comment", "train", settings.history_length,
+    video = open_sample_stream(data_dir, "video", "train", settings.history_length, config.data.max_comments_per_record)
+    comment = (open_sample_stream(data_dir, "comment", "train", settings.history_length,
                                   config.data.max_comments_per_record) if has_comments else None)
     data = StageOneData(tables, video, comment)
     if frozen:
@@ -234,11 +225,11 @@ def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path |
                                             else np.zeros((1, video_text.shape[1]), np.float32))
         # Train on the samples whose prompts were encoded (all, or encode.max_user_samples of them).
         rows, data.user_video = _read_user_vectors(vectors_dir, "users_video", len(video))
-        data.video = _subset(video, rows)
+        data.video = video.select(rows)  # the samples that have LLM user vectors
         data.user_comment = torch.zeros(0, video_text.shape[1])
         if comment is not None:
             rows, data.user_comment = _read_user_vectors(vectors_dir, "users_comment", len(comment))
-            data.comment = _subset(comment, rows)
+            data.comment = comment.select(rows)
     return data
 
 

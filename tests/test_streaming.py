@@ -1,0 +1,109 @@
+"""The streamed (memory-mapped, padded per batch) sample loader of issue #16 against the in-memory one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lsvcr.batching import (
+    STREAM_DIR, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, open_sample_stream,
+)
+
+HISTORY_FIELDS = ("video_history", "video_history_hot_comment", "comment_history_videos", "comment_history_comments")
+
+
+def _assert_same_batch(expected, got) -> None:
+    for name in HISTORY_FIELDS:
+        a, b = getattr(expected.history, name), getattr(got.history, name)
+        assert a.shape == b.shape and bool((a == b).all()), name
+    assert bool((expected.target_video == got.target_video).all())
+    assert (expected.candidates is None) == (got.candidates is None)
+    if expected.candidates is not None:
+        assert expected.candidates.shape == got.candidates.shape
+        assert bool((expected.candidates == got.candidates).all()) and bool((expected.labels == got.labels).all())
+
+
+@pytest.mark.parametrize("task", ["video", "comment"])
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_streamed_batches_equal_the_in_memory_loader(tiny_prepared_dir, task, split):
+    tables = load_item_tables(tiny_prepared_dir)
+    arrays = load_sample_arrays(tiny_prepared_dir, task, split, history_length=5, max_comments_per_record=2)
+    stream = open_sample_stream(tiny_prepared_dir, task, split, history_length=5, max_comments_per_record=2)
+    assert len(stream) == len(arrays)
+    assert np.array_equal(history_lengths(stream), history_lengths(arrays))
+    training = split == "train"
+    for rank in range(2):  # each DDP rank's shard of a seeded epoch, bucketed by length
+        batches = epoch_rows(len(arrays), 16, np.random.default_rng([7, 1]), rank, 2, lengths=history_lengths(stream))
+        expected_rng, got_rng = np.random.default_rng([7, 1, rank]), np.random.default_rng([7, 1, rank])
+        for rows in batches:
+            expected = make_batch(arrays, tables, rows, rng=expected_rng if training else None, comment_negatives=4)
+            got = make_batch(stream, tables, rows, rng=got_rng if training else None, comment_negatives=4)
+            _assert_same_batch(expected, got)
+    if task == "comment":
+        assert np.array_equal(stream.pos_comments, arrays.pos_comments)
+
+
+def test_stream_select_is_a_view_and_a_changed_table_is_converted_again(tiny_prepared_dir, tmp_path):
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared_dir, prepared, ignore=shutil.ignore_patterns(STREAM_DIR))
+    stream = open_sample_stream(prepared, "video", "train", history_length=50)
+    rows = np.array([5, 2, 9])
+    view = stream.select(rows)
+    assert len(view) == 3 and np.array_equal(view.target_video, stream.target_video[rows])
+    assert np.array_equal(view.take(np.array([1])).video_history, stream.take(np.array([2])).video_history)
+    # A rewritten PREPARED table (another size) must not be served from the old conversion.
+    import pyarrow.parquet as pq
+
+    path = prepared / "video_samples.train.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 10), path)
+    assert len(open_sample_stream(prepared, "video", "train", history_length=50)) == 10
+    assert [p.name for p in (prepared / STREAM_DIR).iterdir()] == ["video.train.L50.K64"]  # no temporary left
+
+
+MEASURE = r"""
+import json, sys
+import numpy as np
+from lsvcr.batching import epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, open_sample_stream
+def peak_rss_bytes():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+prepared, loader = sys.argv[1], sys.argv[2]
+tables = load_item_tables(prepared)
+before = peak_rss_bytes()
+samples = (open_sample_stream if loader == "stream" else load_sample_arrays)(prepared, "video", "train", 50, 64)
+rng = np.random.default_rng(0)
+for rows in epoch_rows(len(samples), 256, rng, lengths=history_lengths(samples)):
+    make_batch(samples, tables, rows, rng=rng)
+print(json.dumps({"growth_bytes": peak_rss_bytes() - before}))
+"""
+
+
+def test_streamed_epoch_memory_is_bounded_against_the_whole_split(tmp_path):
+    """Peak RSS growth over one training epoch of 5x the demo users (~100k video samples): the
+    in-memory loader holds the whole padded split, the stream a few batches."""
+    import dataclasses
+
+    from lsvcr.data.prepare import prepare
+    from lsvcr.data.synth import PRESETS, write_synthetic
+
+    write_synthetic(tmp_path / "raw", dataclasses.replace(PRESETS["demo"], users=4000), "parquet")
+    prepare(tmp_path / "raw", tmp_path / "prepared")
+    open_sample_stream(tmp_path / "prepared", "video", "train", 50, 64)  # convert outside the measurement
+    padded = load_sample_arrays(tmp_path / "prepared", "video", "train", 50, 64)
+    split_bytes = sum(a.nbytes for a in (padded.video_history, padded.comment_history_videos,
+                                         padded.comment_history_comments))
+    assert split_bytes > 150e6, "the data set is too small to measure"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    growth = {loader: json.loads(subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "prepared"), loader], env=env, check=True,
+        capture_output=True, text=True).stdout.splitlines()[-1])["growth_bytes"] for loader in ("arrays", "stream")}
+    print(f"whole split {split_bytes / 1e6:.0f} MB; RSS growth: in-memory {growth['arrays'] / 1e6:.0f} MB, "
+          f"stream {growth['stream'] / 1e6:.0f} MB")
+    assert growth["arrays"] > 0.9 * split_bytes  # the measurement sees a whole split
+    assert growth["stream"] < 0.1 * split_bytes
