@@ -125,6 +125,11 @@ class EncodeConfig:
     # tasks in proportion; frozen alignment trains on it). -1: all. History prompts are the expensive part.
     max_user_samples: int = -1
     seed: int = 2024
+    # llm: the model above (vLLM). hashed: hashed bag of words + fixed random projection (lsvcr.vectors),
+    # items only, for scale and smoke runs on CPU; never reported as LLM results.
+    encoder: str = "llm"
+    hashed_dim: int = 64
+    storage_dtype: str = "float32"  # float32 | float16 (VECTORS on disk and their memory maps)
 
 
 @dataclass

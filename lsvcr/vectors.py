@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lsvcr.errors import DataError, ModelNotFoundError
@@ -23,11 +26,17 @@ from lsvcr.errors import DataError, ModelNotFoundError
 log = logging.getLogger("lsvcr.vectors")
 
 
-def _vector_table(ids: np.ndarray, vectors: np.ndarray, id_column: str) -> pa.Table:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+VECTOR_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+def _vector_table(ids: np.ndarray, vectors: np.ndarray, id_column: str, dtype: str = "float32") -> pa.Table:
+    if dtype not in VECTOR_DTYPES:
+        raise DataError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype!r}")
+    numpy_dtype, arrow_type = VECTOR_DTYPES[dtype]
+    vectors = np.ascontiguousarray(vectors, dtype=numpy_dtype)
     if vectors.ndim != 2 or len(vectors) != len(ids):
         raise DataError(f"{id_column}: {len(ids)} ids but vectors of shape {vectors.shape}")
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    flat = pa.array(vectors.reshape(-1), type=arrow_type)
     return pa.table({
         id_column: pa.array(np.asarray(ids, dtype=np.int64)),
         "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
@@ -41,17 +50,19 @@ def write_item_vectors(
     comment_ids: np.ndarray | None,
     comment_vectors: np.ndarray | None,
     manifest: dict,
+    dtype: str = "float32",
 ) -> None:
     """Write `videos.parquet`, `comments.parquet` (if any) and `manifest.json` into `out_dir`
-    (the caller owns the temporary-directory-then-rename of its stage)."""
+    (the caller owns the temporary-directory-then-rename of its stage). `dtype` float16 halves the
+    storage (and the memory-mapped tables of `open_item_vectors`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_vector_table(video_ids, video_vectors, "video_id"), out_dir / "videos.parquet")
+    pq.write_table(_vector_table(video_ids, video_vectors, "video_id", dtype), out_dir / "videos.parquet")
     counts = {"videos": int(len(video_ids))}
     if comment_ids is not None and comment_vectors is not None:
-        pq.write_table(_vector_table(comment_ids, comment_vectors, "comment_id"), out_dir / "comments.parquet")
+        pq.write_table(_vector_table(comment_ids, comment_vectors, "comment_id", dtype), out_dir / "comments.parquet")
         counts["comments"] = int(len(comment_ids))
-    full_manifest = {"dim": int(np.asarray(video_vectors).shape[1]), "counts": counts} | dict(manifest)
+    full_manifest = {"dim": int(np.asarray(video_vectors).shape[1]), "counts": counts, "storage_dtype": dtype} | dict(manifest)
     (out_dir / "manifest.json").write_text(json.dumps(full_manifest, indent=2) + "\n")
 
 
@@ -77,7 +88,7 @@ def _dense_table(table: pa.Table, id_column: str, wanted_ids: np.ndarray, what: 
     vector_column = table["vector"].combine_chunks()
     dim = vector_column.type.list_size if pa.types.is_fixed_size_list(vector_column.type) else None
     if dim is None:
-        raise DataError(f"VECTORS {what}: column 'vector' must be fixed_size_list<float32>, got {vector_column.type}")
+        raise DataError(f"VECTORS {what}: column 'vector' must be fixed_size_list<float32|float16>, got {vector_column.type}")
     vectors = vector_column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
@@ -120,6 +131,52 @@ def load_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path) -> tupl
         comment_text = _dense_table(comment_table, "comment_id", comment_ids, "comments")
         if comment_text.shape[1] != video_text.shape[1]:
             raise DataError(f"VECTORS: comment dim {comment_text.shape[1]} != video dim {video_text.shape[1]}")
+    return video_text, comment_text
+
+
+DENSE_DIR = ".dense"  # VECTORS/.dense/: the tables of `open_item_vectors`, per PREPARED
+
+
+def _dense_cache_key(prepared_dir: Path) -> str:
+    """Which PREPARED the dense rows are ordered for (its id tables' sizes and mtimes)."""
+    parts = []
+    for name in ("videos.parquet", "comments.parquet"):
+        path = prepared_dir / name
+        if path.is_file():
+            stat = path.stat()
+            parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}:{path.resolve()}")
+    return f"{zlib.crc32('|'.join(parts).encode()):08x}"
+
+
+def open_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """`load_item_vectors` as read-only memory maps (`VECTORS/.dense/*.npy`, written once per PREPARED,
+    temporary file then rename): every process of a node shares the same pages, and a reader holds only
+    the rows it touches (serving: the candidate pools it ranks). `dtype`: float32 or float16 (default:
+    the manifest's `storage_dtype`, float32 when absent)."""
+    vectors_dir, prepared_dir = Path(vectors_dir), Path(prepared_dir)
+    if dtype is None:
+        manifest_path = vectors_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        dtype = manifest.get("storage_dtype", "float32")
+    if dtype not in VECTOR_DTYPES:
+        raise DataError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype!r}")
+    key = _dense_cache_key(prepared_dir)
+    cache = vectors_dir / DENSE_DIR
+    paths = {name: cache / f"{name}.{key}.{dtype}.npy" for name in ("videos", "comments")}
+    has_comments = (prepared_dir / "comments.parquet").is_file()
+    if not paths["videos"].is_file() or (has_comments and not paths["comments"].is_file()):
+        video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
+        cache.mkdir(exist_ok=True)
+        for name, table in (("videos", video_text), ("comments", comment_text)):
+            if table is None:
+                continue
+            partial = paths[name].with_name(f".{paths[name].name}.{os.getpid()}.partial.npy")
+            np.save(partial, table.astype(VECTOR_DTYPES[dtype][0], copy=False))
+            os.replace(partial, paths[name])
+        del video_text, comment_text
+    video_text = np.load(paths["videos"], mmap_mode="r")
+    comment_text = np.load(paths["comments"], mmap_mode="r") if has_comments else None
     return video_text, comment_text
 
 
@@ -174,5 +231,80 @@ def write_minilm_vectors(prepared_dir: str | Path, out_dir: str | Path) -> Path:
         out_dir, videos["video_id"].to_numpy(), video_vectors, comment_ids, comment_vectors,
         {"model": "all-MiniLM-L6-v2", "pooling": "mean", "dtype": "float32", "prompt_template": None,
          "language": "en", "throughput": {}},
+    )
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- hashed bag of words (scale runs)
+#
+# For scale and smoke runs only, where an LLM pass over millions of texts is out of reach on CPU:
+# lower-cased whitespace tokens, each hashed (CRC-32) into one of 2**20 buckets, each bucket a fixed
+# Gaussian vector drawn from (seed, bucket); a text is the L2-normalised sum of its tokens' vectors
+# (a hashed bag of words times a fixed random projection). Deterministic, real, fast. Never an LLM
+# result: the manifest says `"model": "hashed-bow"`.
+
+HASHED_BUCKETS = 2 ** 20
+_HASHED_CHUNK = 8192
+
+
+class HashedBagOfWords:
+    def __init__(self, dim: int = 64, seed: int = 0):
+        if dim < 1:
+            raise DataError(f"hashed encoder: dim must be >= 1, got {dim}")
+        self.dim, self.seed = dim, seed
+        self._bucket_vectors: dict[int, np.ndarray] = {}
+
+    def _vectors_of(self, tokens: list[str]) -> np.ndarray:
+        """[len(tokens), dim]: each token's fixed random vector (cached by bucket)."""
+        out = np.empty((len(tokens), self.dim), dtype=np.float32)
+        for i, token in enumerate(tokens):
+            bucket = zlib.crc32(token.encode("utf-8")) % HASHED_BUCKETS
+            vector = self._bucket_vectors.get(bucket)
+            if vector is None:
+                vector = np.random.default_rng([self.seed, bucket]).standard_normal(self.dim).astype(np.float32)
+                self._bucket_vectors[bucket] = vector
+            out[i] = vector
+        return out
+
+    def encode(self, texts: pa.Array | list[str]) -> np.ndarray:
+        """[N, dim] float32, L2-normalised (a text without tokens: zeros)."""
+        texts = pa.array(texts, pa.string()) if isinstance(texts, list) else texts
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), _HASHED_CHUNK):
+            chunk = pc.fill_null(texts.slice(start, _HASHED_CHUNK), "")
+            words = pc.split_pattern_regex(pc.utf8_lower(chunk), r"\s+")
+            offsets = words.offsets.to_numpy()
+            flat = words.values
+            keep = pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False)
+            row_of_word = np.repeat(np.arange(len(chunk)), np.diff(offsets))[keep]
+            encoded = pc.dictionary_encode(flat.filter(pa.array(keep)))
+            word_vectors = self._vectors_of(encoded.dictionary.to_pylist())
+            summed = np.zeros((len(chunk), self.dim), dtype=np.float32)
+            np.add.at(summed, row_of_word, word_vectors[encoded.indices.to_numpy()]) if len(row_of_word) else None
+            norms = np.linalg.norm(summed, axis=1, keepdims=True)
+            out[start:start + len(chunk)] = summed / np.maximum(norms, 1e-12)
+        return out
+
+
+def write_hashed_vectors(prepared_dir: str | Path, out_dir: str | Path, dim: int = 64, seed: int = 0,
+                         dtype: str = "float32") -> Path:
+    """Every caption and comment of PREPARED, hashed-bag-of-words encoded, into a VECTORS directory."""
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    encoder = HashedBagOfWords(dim, seed)
+    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id", "caption"])
+    video_vectors = encoder.encode(videos["caption"].combine_chunks())
+    comment_ids = comment_vectors = None
+    if (prepared_dir / "comments.parquet").is_file():
+        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_id", "content"])
+        comment_ids = comments["comment_id"].to_numpy()
+        comment_vectors = encoder.encode(comments["content"].combine_chunks())
+        del comments
+    write_item_vectors(
+        out_dir, videos["video_id"].to_numpy(), video_vectors, comment_ids, comment_vectors,
+        {"model": "hashed-bow", "pooling": "sum+l2", "dtype": dtype, "prompt_template": None, "language": None,
+         "hashed": {"buckets": HASHED_BUCKETS, "dim": dim, "seed": seed,
+                    "note": "scale/smoke runs only; not an LLM encoding"},
+         "throughput": {}},
+        dtype=dtype,
     )
     return out_dir

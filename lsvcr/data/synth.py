@@ -104,6 +104,10 @@ PRESETS: dict[str, SynthParams] = {
     # Benchmark scale: about 1M video impressions.
     "bench": SynthParams(users=8000, videos=20000, comments_per_video=10, impressions_per_user=135.0,
                          like_rate=0.1, comment_open_rate=0.03),
+    # KuaiComt's published sizes (../shared/KUAICOMT_SCHEMA.md): 34,701 users, 82,452 videos, ~16.3M
+    # comments, ~1.0M comment interactions (6.8M impressions). Rates pinned: issue #16 measured these.
+    "kuaicomt": SynthParams(users=34_701, videos=82_452, comments_per_video=198, impressions_per_user=200.0,
+                            like_rate=0.28, comment_open_rate=0.09, seed=7),
 }
 
 

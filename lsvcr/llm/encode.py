@@ -434,6 +434,12 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     if not (prepared_dir / "videos.parquet").is_file():
         raise DataError(f"PREPARED directory {prepared_dir} has no videos.parquet: run `lsvcr prepare` first")
+    if settings.encoder == "hashed":
+        return _run_hashed_encode(settings, prepared_dir, out_dir, what)
+    if settings.encoder != "llm":
+        raise ConfigError(f"encode.encoder must be llm or hashed; got {settings.encoder!r}")
+    if settings.storage_dtype != "float32":
+        raise ConfigError("encode.storage_dtype=float16 is available with encode.encoder=hashed only")
     model_name = model or settings.model
     model_path = resolve_model(model_name)
     if what in ("users", "all"):
@@ -469,6 +475,27 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
                                   .field("vector").type.list_size)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     storage.mark_finished(partial)
+    partial.rename(out_dir)
+    return manifest
+
+
+def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path, what: str) -> dict:
+    """`encode.encoder=hashed`: the items with `lsvcr.vectors.write_hashed_vectors` (scale/smoke runs)."""
+    from lsvcr.vectors import write_hashed_vectors
+
+    if what != "items":
+        raise ConfigError("encode.encoder=hashed encodes items only (--what items): user prompts need the LLM")
+    partial = _partial_dir(out_dir)
+    if partial.exists():
+        shutil.rmtree(partial)
+    started = time.perf_counter()
+    write_hashed_vectors(prepared_dir, partial, settings.hashed_dim, settings.seed, settings.storage_dtype)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest.update(format_version=1, throughput={"items": {"seconds": round(time.perf_counter() - started, 2)}})
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.mark_finished(partial)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     partial.rename(out_dir)
     return manifest
 
