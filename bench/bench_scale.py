@@ -1,0 +1,214 @@
+"""Scale benchmark (issue #16): wall time and peak RSS of every process, per stage, at growing sizes.
+
+Sizes: `demo` (the demo preset), `demo10` (10x its users and videos), `kuaicomt` (KuaiComt's published
+sizes, `lsvcr synth --preset kuaicomt`). Stages, each the real CLI in a subprocess watched with psutil
+(the whole process tree, Ray's raylet and workers included, sampled every 0.25 s): synth, prepare,
+encode (the hashed bag-of-words encoder: scale runs only, not LLM results), finetune_video and
+finetune_comment (1 epoch each), evaluate_video, evaluate_comment. Serving is not benchmarked here
+(issue #13 rewrites it; see the `serve` row's note).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes demo demo10
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes kuaicomt --stages synth
+
+Results merge into bench/results/scale.json (`{"sizes": {NAME: {"stages": {STAGE: {"seconds",
+"peak_rss_gb", ...}}, "counts": {...}}}}`; a stage that did not run is absent or carries its error),
+and bench/results/scale.png plots time and peak RSS against the number of video training samples.
+RSS counts the pages a process has resident, memory-mapped file pages included (shared by processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lsvcr.data.synth import PRESETS  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+PLOT = ROOT / "bench" / "results" / "scale.png"
+STAGES = ("synth", "prepare", "encode", "finetune_video", "finetune_comment", "evaluate_video", "evaluate_comment")
+GB = 1024 ** 3
+
+
+def size_params(name: str):
+    demo = PRESETS["demo"]
+    if name == "demo":
+        return demo
+    if name == "demo10":
+        return dataclasses.replace(demo, users=demo.users * 10, videos=demo.videos * 10)
+    if name == "kuaicomt":
+        return PRESETS["kuaicomt"]
+    raise SystemExit(f"unknown size {name!r}: demo, demo10 or kuaicomt")
+
+
+def stage_command(stage: str, work: Path, params) -> list[str]:
+    lsvcr = [sys.executable, "-m", "lsvcr"]
+    raw, prepared, vectors = work / "raw", work / "prepared", work / "vectors"
+    one_epoch = ["--set", "finetune.max_epochs=1", "--set", "finetune.num_workers=1"]
+    if stage == "synth":
+        preset = "kuaicomt" if params == PRESETS["kuaicomt"] else "demo"
+        return lsvcr + ["synth", "--out", str(raw), "--preset", preset, "--users", str(params.users),
+                        "--videos", str(params.videos)]
+    if stage == "prepare":
+        return lsvcr + ["prepare", "--raw", str(raw), "--out", str(prepared), "--force"]
+    if stage == "encode":
+        return lsvcr + ["encode", "--data", str(prepared), "--out", str(vectors), "--what", "items",
+                        "--set", "encode.encoder=hashed", "--set", "encode.hashed_dim=64"]
+    if stage.startswith("finetune_"):
+        task = stage.split("_", 1)[1]
+        return lsvcr + ["finetune", "--data", str(prepared), "--vectors", str(vectors), "--task", task,
+                        "--out", str(work / f"model_{task}")] + one_epoch
+    if stage.startswith("evaluate_"):
+        task = stage.split("_", 1)[1]
+        return lsvcr + ["evaluate", "--model", str(work / f"model_{task}")]
+    raise SystemExit(f"unknown stage {stage!r}")
+
+
+def run_watched(command: list[str], log_path: Path) -> dict:
+    """Run `command`; wall time, the peak RSS of each process of its tree, and the peak total."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        process = psutil.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        peaks: dict[int, tuple[str, int]] = {}
+        peak_total = 0
+        while process.poll() is None:
+            total = 0
+            try:
+                tree = [process] + process.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for member in tree:
+                try:
+                    rss = member.memory_info().rss
+                    label = peaks.get(member.pid, (None, 0))[0] or _label(member)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                total += rss
+                if rss > peaks.get(member.pid, ("", 0))[1]:
+                    peaks[member.pid] = (label, rss)
+            peak_total = max(peak_total, total)
+            time.sleep(0.25)
+    seconds = time.perf_counter() - started
+    by_process = sorted(peaks.values(), key=lambda item: -item[1])
+    result = {
+        "seconds": round(seconds, 2),
+        "peak_rss_gb": round(by_process[0][1] / GB, 3) if by_process else None,
+        "peak_total_rss_gb": round(peak_total / GB, 3),
+        "processes": [{"process": label, "peak_rss_gb": round(rss / GB, 3)} for label, rss in by_process[:6]],
+        "returncode": process.returncode,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    training = [rss for label, rss in by_process if "TrainWorker" in label or "RayTrainWorker" in label]
+    if training:
+        result["peak_rss_gb_training_worker"] = round(max(training) / GB, 3)
+    return result
+
+
+def _label(process: psutil.Process) -> str:
+    cmdline = process.cmdline()
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0]
+    if "-m" in cmdline and "lsvcr" in cmdline:
+        return "lsvcr " + cmdline[cmdline.index("lsvcr") + 1]
+    return process.name()
+
+
+def counts(work: Path) -> dict:
+    out: dict = {}
+    manifest = work / "prepared" / "manifest.json"
+    if manifest.is_file():
+        out["prepared"] = json.loads(manifest.read_text()).get("counts", {})
+    for path in sorted((work / "prepared").glob("*_samples.*.parquet")):
+        out.setdefault("samples", {})[path.name.removesuffix(".parquet")] = pq.ParquetFile(path).metadata.num_rows
+    raw = work / "raw"
+    for name in ("user_video_inter", "user_comment_inter", "comment_features", "video_features"):
+        path = raw / f"{name}.parquet"
+        if path.is_file():
+            out.setdefault("raw", {})[name] = pq.ParquetFile(path).metadata.num_rows
+    return out
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = sorted(results["sizes"].items(),
+                   key=lambda kv: kv[1].get("counts", {}).get("samples", {}).get("video_samples.train", 0))
+    for stage in STAGES:
+        xs, times, mems = [], [], []
+        for _, row in sizes:
+            entry = row["stages"].get(stage)
+            samples = row.get("counts", {}).get("samples", {}).get("video_samples.train")
+            if entry and samples and entry.get("returncode") == 0:
+                xs.append(samples)
+                times.append(entry["seconds"])
+                mems.append(entry["peak_rss_gb"])
+        if xs:
+            ax_time.plot(xs, times, marker="o", label=stage)
+            ax_mem.plot(xs, mems, marker="o", label=stage)
+    for ax, title in ((ax_time, "wall time (s)"), (ax_mem, "peak RSS of the largest process (GB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("video training samples")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_mem.axhline(6.0, color="grey", linestyle="--", linewidth=1)
+    ax_time.legend(fontsize=7)
+    fig.suptitle("lsvcr scale benchmark (bench/bench_scale.py; 2-core shared machine)")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="scratch directory (one subdirectory per size)")
+    parser.add_argument("--sizes", nargs="+", default=["demo", "demo10"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
+    results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
+                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
+                           "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
+    for name in args.sizes:
+        params = size_params(name)
+        work = args.work / name
+        work.mkdir(parents=True, exist_ok=True)
+        row = results["sizes"].setdefault(name, {"stages": {}})
+        row["params"] = dataclasses.asdict(params)
+        for stage in args.stages:
+            command = stage_command(stage, work, params)
+            print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
+            entry = run_watched(command, work / f"{stage}.log")
+            entry["command"] = " ".join(["python"] + command[1:])
+            row["stages"][stage] = entry
+            row["counts"] = counts(work)
+            print(f"[{name}] {stage}: {entry['seconds']} s, peak {entry['peak_rss_gb']} GB "
+                  f"(tree {entry['peak_total_rss_gb']} GB), rc {entry['returncode']}, load {entry['load_average']}",
+                  flush=True)
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            if entry["returncode"] != 0:
+                print(f"[{name}] {stage} failed: see {work / f'{stage}.log'}", flush=True)
+                break
+        row["stages"]["serve"] = {"skipped": "serving is being rewritten (issue #13); not measured here"}
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
