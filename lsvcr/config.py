@@ -43,6 +43,9 @@ class PrepareConfig:
     # Video history of a video sample: time (interactions strictly before the target time) | position
     # (every earlier interaction in the sorted sequence, equal timestamps included: RecBole's prefixes).
     history_before: str = "time"
+    # The video task's comment history may hold a record on the target video itself (the user opened its
+    # comments before liking it). Counted in the manifest; true drops such records from that sample's history.
+    exclude_target_video_comment_records: bool = False
 
 
 @dataclass

@@ -68,6 +68,12 @@ HISTORY_TEXT = {
     "position": "video histories of video samples: every earlier positive in that order (equal timestamps "
                 "included, RecBole's prefixes); other histories strictly precede the target time",
 }
+TRAIN_CAP_TEXT = (
+    "train samples of each task end before the user's earliest valid/test target time of the other task "
+    "(train target time < that time; the task's own split already puts its train targets first). Stage 1 "
+    "and 2 train on both tasks jointly, so no train sample holds a valid/test target of either task in its "
+    "histories or as its target"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +286,27 @@ class HistoryBuilder:
         return history_slices(self.records.user, self.records.first_time_ms, user, time_ms,
                               self.config.max_history, self.time_key)
 
-    def columns(self, user: np.ndarray, time_ms: np.ndarray, positions: np.ndarray | None = None
-                ) -> dict[str, pa.Array]:
-        """video_history, comment_history_videos, comment_history_comments for the queries."""
+    def target_records(self, user: np.ndarray, time_ms: np.ndarray, target_video: np.ndarray) -> np.ndarray:
+        """Per query: whether its comment history holds a record on `target_video` (the query's target)."""
+        if self.records is None:
+            return np.zeros(len(user), bool)
+        record_start, record_count = self.record_slices(user, time_ms)
+        row = np.repeat(np.arange(len(user)), record_count)
+        on_target = self.records.video[expand_ranges(record_start, record_count)] == target_video[row]
+        return np.bincount(row[on_target], minlength=len(user)) > 0
+
+    def columns(self, user: np.ndarray, time_ms: np.ndarray, positions: np.ndarray | None = None,
+                exclude_video: np.ndarray | None = None) -> dict[str, pa.Array]:
+        """video_history, comment_history_videos, comment_history_comments for the queries; records on
+        `exclude_video[i]` are left out of query i's comment history when given."""
         start, count = self.video_slices(user, time_ms, positions)
         video_history = list_array(count, self.positives.video[expand_ranges(start, count)])
         record_start, record_count = self.record_slices(user, time_ms)
         record = expand_ranges(record_start, record_count)
+        if exclude_video is not None and self.records is not None:
+            row = np.repeat(np.arange(len(user)), record_count)
+            kept_record = self.records.video[record] != exclude_video[row]
+            record, record_count = record[kept_record], np.bincount(row[kept_record], minlength=len(user))
         if self.records is None:
             record_videos = list_array(record_count, np.zeros(0, np.int32))
             record_comments = pa.ListArray.from_arrays(
@@ -312,9 +332,8 @@ class HistoryBuilder:
 # Splits and candidates
 
 
-def assign_splits(user: np.ndarray, min_targets: int, max_train: int = 0) -> np.ndarray:
-    """0 train, 1 valid, 2 test, -1 dropped (older than the `max_train` most recent train targets of the
-    user, when max_train > 0). Samples must be sorted by (user, time, tie-break)."""
+def assign_splits(user: np.ndarray, min_targets: int) -> np.ndarray:
+    """0 train, 1 valid, 2 test per task. Samples must be sorted by (user, time, tie-break)."""
     starts = group_starts(user)
     sizes = np.diff(np.append(starts, len(user)))
     group = np.repeat(np.arange(len(starts)), sizes)
@@ -323,10 +342,37 @@ def assign_splits(user: np.ndarray, min_targets: int, max_train: int = 0) -> np.
     split = np.zeros(len(user), np.int8)
     split[eligible & (rank_from_end == 1)] = 1
     split[eligible & (rank_from_end == 0)] = 2
-    if max_train > 0:
-        train_rank = rank_from_end - np.where(eligible, 2, 0)
-        split[(split == 0) & (train_rank >= max_train)] = -1
     return split
+
+
+def cap_train_at_first_eval(
+    task_users: dict[str, np.ndarray], task_times: dict[str, np.ndarray], task_splits: dict[str, np.ndarray],
+    num_users: int, max_train: int,
+) -> dict[str, int]:
+    """Stage 1 and 2 train on both tasks, so a train sample of one task dated at or after the user's earliest
+    valid/test target of the *other* task would carry that target (in its history, or as its own target).
+    Marks such train samples -1 in place (the task's own split already puts train before valid/test), then
+    keeps each user's `max_train` most recent remaining train samples per task (max_train > 0). Returns how
+    many train samples the time cap dropped per task."""
+    first_eval = {}
+    for task, split in task_splits.items():
+        first_eval[task] = np.full(num_users + 1, np.iinfo(np.int64).max, np.int64)
+        evaluated = split > 0
+        np.minimum.at(first_eval[task], task_users[task][evaluated], task_times[task][evaluated].astype(np.int64))
+    dropped = {}
+    for task, split in task_splits.items():
+        others = [first_eval[other] for other in task_splits if other != task]
+        cutoff = np.minimum.reduce(others) if others else np.full(num_users + 1, np.iinfo(np.int64).max, np.int64)
+        late = (split == 0) & (task_times[task].astype(np.int64) >= cutoff[task_users[task]])
+        split[late] = -1
+        dropped[task] = int(late.sum())
+        if max_train > 0:
+            train = np.flatnonzero(split == 0)  # sorted by (user, time)
+            starts = group_starts(task_users[task][train])
+            sizes = np.diff(np.append(starts, len(train)))
+            rank_from_end = np.repeat(starts + sizes - 1, sizes) - np.arange(len(train))
+            split[train[rank_from_end >= max_train]] = -1
+    return dropped
 
 
 def candidate_rng(seed: int, task: str, split: str) -> np.random.Generator:
@@ -514,18 +560,35 @@ def prepare(
         "comment_records": len(records.user) if records is not None else 0,
         "dropped_both_histories_empty": {},
     }
+    sample_indices, splits = {}, {}
+    for task, (user, video, target_time) in tasks.items():
+        # Samples are already sorted by (user, time, raw video id): positives and records are.
+        positions = np.arange(len(user)) if task == "video" else None  # video samples are the positives
+        _, video_count = builder.video_slices(user, target_time, positions)
+        _, record_count = builder.record_slices(user, target_time)
+        keep = (video_count > 0) | (record_count > 0)
+        counts["dropped_both_histories_empty"][task] = int((~keep).sum())
+        sample_indices[task] = np.flatnonzero(keep)
+        splits[task] = assign_splits(user[sample_indices[task]], config.min_targets_per_user)
+    counts["dropped_train_after_first_eval"] = cap_train_at_first_eval(
+        {task: tasks[task][0][rows] for task, rows in sample_indices.items()},
+        {task: tasks[task][2][rows] for task, rows in sample_indices.items()},
+        splits, num_users, config.max_train_targets_per_user)
+    if config.max_train_targets_per_user > 0:
+        counts["dropped_old_train_targets"] = {
+            task: int((split == -1).sum()) - counts["dropped_train_after_first_eval"][task]
+            for task, split in splits.items()}
+    video_user, video_target, video_time = tasks["video"]
+    video_rows = sample_indices["video"]
+    counts["video_samples_with_target_in_comment_history"] = int(builder.target_records(
+        video_user[video_rows], video_time[video_rows], video_target[video_rows]).sum())
+    if config.exclude_target_video_comment_records:
+        filters.append(f"video task: {counts['video_samples_with_target_in_comment_history']} samples had a "
+                       "comment-history record on their own target video; those records are excluded "
+                       "(data.exclude_target_video_comment_records)")
     with atomic_output_dir(out_dir) as temporary:
         for task, (user, video, target_time) in tasks.items():
-            # Samples are already sorted by (user, time, raw video id): positives and records are.
-            positions = np.arange(len(user)) if task == "video" else None  # video samples are the positives
-            _, video_count = builder.video_slices(user, target_time, positions)
-            _, record_count = builder.record_slices(user, target_time)
-            keep = (video_count > 0) | (record_count > 0)
-            counts["dropped_both_histories_empty"][task] = int((~keep).sum())
-            sample_index = np.flatnonzero(keep)
-            split = assign_splits(user[sample_index], config.min_targets_per_user, config.max_train_targets_per_user)
-            if config.max_train_targets_per_user > 0:
-                counts.setdefault("dropped_old_train_targets", {})[task] = int((split == -1).sum())
+            sample_index, split = sample_indices[task], splits[task]
             counts[f"{task}_samples"] = {}
             for split_id, split_name in enumerate(schema.SPLITS):
                 rows = sample_index[split == split_id]
@@ -568,6 +631,7 @@ def prepare(
             "split": SPLIT_TEXT.format(min_targets=config.min_targets_per_user,
                                        tie_break=TIE_BREAK_TEXT[config.tie_break],
                                        history=HISTORY_TEXT[config.history_before]),
+            "train_cap": TRAIN_CAP_TEXT,
             "protocol": {
                 "video": f"1 positive + {min(config.video_negatives, num_videos - 1)} uniform random negatives "
                          "(distinct, != target, history items not excluded), frozen by data.seed, shuffled",
@@ -610,7 +674,9 @@ def _write_samples(
                 "user_idx": pa.array(user[chunk].astype(np.int32)),
                 "target_video": pa.array(video[chunk].astype(np.int32)),
                 "target_time_ms": pa.array(target_time[chunk].astype(np.int64)),
-                **builder.columns(user[chunk], target_time[chunk], chunk if task == "video" else None),
+                **builder.columns(user[chunk], target_time[chunk], chunk if task == "video" else None,
+                                  video[chunk] if task == "video" and config.exclude_target_video_comment_records
+                                  else None),
             }
             if task == "comment":
                 positive_counts = np.diff(records.comment_offsets)[chunk]
