@@ -67,9 +67,9 @@ class ModelConfig:
     stacking: str = "faithful"
     # "lsvcr": the paper's backbone; "sasrec": the ID-only SASRec baseline (lsvcr/baselines.py).
     architecture: str = "lsvcr"
-    # Beyond the paper: add w * z(log1p(comment like count)) to every comment logit (w learned, starting at
-    # the popularity-only fit). KuaiComt ships the like count in comment_features; false = the paper's scoring.
-    comment_like_prior: bool = True
+    # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
+    # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
+    comment_like_prior: bool = False
 
 
 @dataclass

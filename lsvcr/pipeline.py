@@ -54,6 +54,10 @@ class StageLayout:
     def model(self, task: str, aligned: bool = True) -> str:
         return self.uri("models", task if aligned else f"{task}-noalign")
 
+    def like_prior_model(self) -> str:
+        """The comment model with the like prior (an extension beyond the paper), from the aligned checkpoint."""
+        return self.uri("models", "comment-likeprior")
+
     @property
     def report(self) -> str:
         return self.uri("report")
@@ -132,16 +136,26 @@ def stage_align(config: LSVCRConfig, run: PipelineRun) -> None:
     _timed(run, "align", storage.is_finished(layout.aligned), work)
 
 
-def _task_config(config: LSVCRConfig, task: str) -> LSVCRConfig:
+def _task_config(config: LSVCRConfig, task: str, like_prior: bool | None = None) -> LSVCRConfig:
     import copy
 
     task_config = copy.deepcopy(config)
     task_config.finetune.task = task
+    if like_prior is not None:
+        task_config.model.comment_like_prior = like_prior
     return task_config
 
 
+def model_label(config: LSVCRConfig, task: str, aligned: bool) -> str:
+    """The table row of a fine-tuned model; the like prior (beyond the paper) always shows in the name."""
+    prior = " + like prior" if task == "comment" and config.model.comment_like_prior else ""
+    return f"LSVCR{prior} ({'aligned' if aligned else 'no alignment'})"
+
+
 def stage_finetune(config: LSVCRConfig, run: PipelineRun, compare_no_alignment: bool = True) -> None:
-    """Both tasks from the aligned checkpoint; optionally also from scratch on the raw LLM vectors."""
+    """Both tasks from the aligned checkpoint; optionally also from scratch on the raw LLM vectors. With the
+    paper's comment scoring (`model.comment_like_prior` false), the comment model is also fine-tuned once more
+    from the aligned checkpoint with the like prior, reported as its own row ("LSVCR + like prior")."""
     from lsvcr.finetune import run_finetune
 
     layout = run.layout
@@ -158,6 +172,11 @@ def stage_finetune(config: LSVCRConfig, run: PipelineRun, compare_no_alignment: 
             uri = layout.model(task, aligned=False)
             _timed(run, f"finetune-{task}-noalign", storage.is_finished(uri),
                    lambda: run_finetune(_task_config(config, task), layout.prepared, layout.vectors, uri))
+        if task == "comment" and not config.model.comment_like_prior:
+            uri = layout.like_prior_model()
+            _timed(run, "finetune-comment-likeprior", storage.is_finished(uri),
+                   lambda: run_finetune(_task_config(config, task, like_prior=True), layout.prepared,
+                                        storage.join(layout.aligned, "vectors"), uri, init=aligned / "checkpoint.pt"))
 
 
 def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
@@ -168,8 +187,12 @@ def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
     results: dict = {}
     for task in TASKS if run.has_comments else ("video",):
         rows = {}
-        for label, uri in (("LSVCR (aligned)", layout.model(task)),
-                           ("LSVCR (no alignment)", layout.model(task, aligned=False))):
+        models = [(model_label(config, task, True), layout.model(task)),
+                  (model_label(config, task, False), layout.model(task, aligned=False))]
+        if task == "comment" and not config.model.comment_like_prior:
+            models.append((model_label(_task_config(config, task, like_prior=True), task, True),
+                           layout.like_prior_model()))
+        for label, uri in models:
             if storage.is_finished(uri):
                 rows[label] = json.loads((storage.pull(uri) / "metrics.json").read_text())
                 if "swapped_history" in rows[label]:  # the personalization check (lsvcr.evaluate.swap_histories)

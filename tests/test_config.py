@@ -14,6 +14,9 @@ def test_defaults_are_the_papers():
     assert (config.finetune.comment_negatives, config.finetune.id_text_loss_weight) == (19, 0.1)
     assert (config.align.lora_r, config.align.lora_alpha, config.align.lora_dropout) == (8, 32, 0.1)
     assert (config.align.rec_loss_weight, config.align.contrast_loss_weight) == (1.0, 0.5)
+    # The comment row is the paper's scoring (METHOD 2.7); the like prior is an extension, off unless asked for.
+    assert config.model.comment_like_prior is False
+    assert load_config().model.comment_like_prior is False
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -151,7 +151,8 @@ def test_load_stage1_checkpoint_strips_prefixes_and_pads_positions(tmp_path):
     (tmp_path / "aligned").mkdir()
     torch.save({"model_config": {}, "state_dict": prefixed, "mode": "frozen"}, tmp_path / "aligned" / "checkpoint.pt")
 
-    stage2 = LSVCRModel(ModelConfig(mode="id+text", max_position=50), 10, text, text, torch.arange(11))
+    stage2 = LSVCRModel(ModelConfig(mode="id+text", max_position=50, comment_like_prior=True), 10, text, text,
+                        torch.arange(11))
     report = load_stage1_checkpoint(stage2, tmp_path / "aligned")
     assert "llm_adapter.weight" in report["loaded"] and "video_encoder.layers.1.feed_forward.dense_in.weight" in report["loaded"]
     assert set(report["missing"]) == {"video_embedding.weight", "gate", "comment_like_weight"}
@@ -214,7 +215,7 @@ def test_a_trained_video_model_loses_quality_with_another_users_history(tiny_pre
 def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_dir, tiny_video_only_prepared_dir,
                                                                  tiny_minilm_vectors_dir, tmp_path):
     log_path = tmp_path / "log.jsonl"
-    config = _tiny_config("comment", epochs=2)
+    config = _tiny_config("comment", epochs=2, comment_like_prior=True)
     state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir,
                                                    log_path=log_path, report_to="local"))
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]

@@ -331,7 +331,8 @@ def test_comment_like_prior_adds_a_learned_bias_per_comment():
     assert with_prior.comment_like_weight.grad.abs() > 0
     video_text, comment_text, comment_likes = _tables()
     with pytest.raises(ConfigError, match="like counts"):
-        LSVCRModel(ModelConfig(max_position=10), NUM_VIDEOS, video_text, comment_text)
+        LSVCRModel(ModelConfig(max_position=10, comment_like_prior=True), NUM_VIDEOS, video_text, comment_text)
     with pytest.raises(DataError, match="like counts have 5 rows"):
-        LSVCRModel(ModelConfig(max_position=10), NUM_VIDEOS, video_text, comment_text, comment_likes[:5])
+        LSVCRModel(ModelConfig(max_position=10, comment_like_prior=True), NUM_VIDEOS, video_text, comment_text,
+                   comment_likes[:5])
     assert not hasattr(_model("text", like_prior=False), "comment_like_weight")

@@ -129,12 +129,12 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
     run = tmp_path / "run"
     for stage in ("prepared", "vectors", "aligned", "report"):
         assert (run / stage / "_SUCCESS").exists(), f"{stage} is not finished"
-    for model in ("video", "video-noalign", "comment", "comment-noalign"):
+    for model in ("video", "video-noalign", "comment", "comment-noalign", "comment-likeprior"):
         metrics = json.loads((run / "models" / model / "metrics.json").read_text())
         assert metrics["epochs_run"] >= 1 and 0 <= metrics["test"]["ndcg@5"] <= 1
     report = (run / "report" / "report.md").read_text()
     for row in ("LSVCR (aligned)", "LSVCR (no alignment)", "LSVCR (aligned), another user's history",
-                "popularity (likes)", "popularity (train interactions)"):
+                "LSVCR + like prior (aligned)", "popularity (likes)", "popularity (train interactions)"):
         assert row in report
     assert "Protocol:" in report and (run / "report" / "results.png").stat().st_size > 0
 
@@ -142,5 +142,5 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     skipped = again.stdout.split('"skipped"')[1]
     for stage in ("prepare", "encode", "align", "finetune-video", "finetune-video-noalign", "finetune-comment",
-                  "finetune-comment-noalign"):
+                  "finetune-comment-noalign", "finetune-comment-likeprior"):
         assert f'"{stage}"' in skipped, f"{stage} ran again on re-submit"
