@@ -88,7 +88,10 @@ class FinetuneConfig:
     contrast_negatives: int = 99
     # Anchors of L_IT that share one draw of negatives: 1 = a draw per anchor (the official code); larger
     # blocks replace an [N, 99, 64] gather by one matmul per block (same negatives per anchor in expectation).
-    contrast_negatives_shared_by: int = 256
+    contrast_negatives_shared_by: int = 256  # CPU speed; the paper's code: 1 (configs/paper.yaml)
+    # L_IT's two directions (id->text, text->id) draw their negatives independently, as the official code does
+    # (METHOD 2.8: two disjoint sets of 99 per anchor); false reuses one draw for both (half the sampling).
+    contrast_negatives_per_direction: bool = True
     num_workers: int = 1  # Ray Train workers
     threads_per_worker: int = 1
     use_gpu: str = "auto"  # auto | true | false

@@ -58,8 +58,9 @@ class FinetuneObjective(nn.Module):
     """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
 
     def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int,
-                 contrast_negatives_shared_by: int):
+                 contrast_negatives_shared_by: int, contrast_negatives_per_direction: bool = True):
         super().__init__()
+        self.contrast_negatives_per_direction = contrast_negatives_per_direction
         self.model = model
         self.task = task
         self.id_text_weight = id_text_weight
@@ -77,13 +78,15 @@ class FinetuneObjective(nn.Module):
         id_text = torch.zeros((), device=ce.device)
         if self.id_text_weight > 0:
             id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives,
-                                                          self.contrast_negatives_shared_by)
+                                                          self.contrast_negatives_shared_by,
+                                                          self.contrast_negatives_per_direction)
         return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
 
 
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
     return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
-                             config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by)
+                             config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by,
+                             config.finetune.contrast_negatives_per_direction)
 
 
 # ----------------------------------------------------------------------------- the comment like prior

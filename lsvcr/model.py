@@ -504,12 +504,15 @@ class LSVCRModel(nn.Module):
     # ------------------------------------------------------------------ L_IT (§2.8)
 
     def id_text_contrastive_loss(self, batch: HistoryBatch, states: HistoryStates | None = None,
-                                 num_negatives: int = 99, negatives_shared_by: int = 1) -> Tensor:
+                                 num_negatives: int = 99, negatives_shared_by: int = 1,
+                                 independent_directions: bool = True) -> Tensor:
         """Symmetric InfoNCE between E_id[v] (no gate) and the pc_merge text vector of every non-pad
         history position, per history set, summed over the two sets. Each anchor gets `num_negatives`
         uniform in-batch negatives (with replacement; an anchor's own pair is never its negative; all
         others if fewer exist). `negatives_shared_by` consecutive anchors share one draw, which turns the
-        [N, K, H] gather into one small matmul per block: 1 = independent draws, as in the official code."""
+        [N, K, H] gather into one small matmul per block: 1 = independent draws, as in the official code.
+        `independent_directions`: the id→text and text→id terms draw their negatives separately (the official
+        code takes two disjoint sets of 99 from one rand+topk, METHOD 2.8); False reuses one draw for both."""
         if not (self.use_id and self.use_text):
             return self.video_position.weight.new_zeros(())
         if states is None:
@@ -523,10 +526,12 @@ class LSVCRModel(nn.Module):
             text_vectors = F.normalize(item_text[mask], dim=-1)
             if id_vectors.shape[0] < 2:
                 continue
-            negatives = _negative_draws(id_vectors.shape[0], num_negatives, negatives_shared_by, id_vectors.device)
+            id_to_text = _negative_draws(id_vectors.shape[0], num_negatives, negatives_shared_by, id_vectors.device)
+            text_to_id = (_negative_draws(id_vectors.shape[0], num_negatives, negatives_shared_by, id_vectors.device)
+                          if independent_directions else id_to_text)
             loss = loss + 0.5 * (
-                _sampled_info_nce(id_vectors, text_vectors, negatives, negatives_shared_by, self.config.temperature)
-                + _sampled_info_nce(text_vectors, id_vectors, negatives, negatives_shared_by, self.config.temperature)
+                _sampled_info_nce(id_vectors, text_vectors, id_to_text, negatives_shared_by, self.config.temperature)
+                + _sampled_info_nce(text_vectors, id_vectors, text_to_id, negatives_shared_by, self.config.temperature)
             )
         return loss
 

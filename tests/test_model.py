@@ -208,6 +208,31 @@ def test_sampled_info_nce_with_drawn_negatives_by_hand(shared_by):
     assert torch.isclose(_sampled_info_nce(anchors, targets, negatives, shared_by, 0.07), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("independent", [True, False])
+def test_id_text_directions_draw_their_own_negatives(independent):
+    """METHOD 2.8: id→text and text→id score separately drawn negatives (the official code takes two disjoint
+    sets from one rand+topk); `independent_directions=False` reuses the id→text draw for text→id."""
+    model = _model().eval()
+    batch = _batch()
+    states = model.encode_histories(batch)
+    sets = [(batch.video_history, states.video_item_text, states.video_mask),
+            (batch.comment_history_videos, states.comment_item_text, states.comment_mask)]
+    torch.manual_seed(5)  # the draws the model will make, in its order: per set, id→text then text→id
+    expected = 0.0
+    for videos, text, mask in sets:
+        ids = F.normalize(model.video_embedding.weight[videos[mask]], dim=-1)
+        texts = F.normalize(text[mask], dim=-1)
+        first = torch.randint(0, len(ids), (len(ids), 2))
+        second = torch.randint(0, len(ids), (len(ids), 2)) if independent else first
+        assert independent is not torch.equal(first, second)
+        expected = expected + 0.5 * (_sampled_info_nce(ids, texts, first, 1, 0.07)
+                                     + _sampled_info_nce(texts, ids, second, 1, 0.07))
+    torch.manual_seed(5)
+    loss = model.id_text_contrastive_loss(batch, states, num_negatives=2, negatives_shared_by=1,
+                                          independent_directions=independent)
+    assert torch.isclose(loss, expected, atol=1e-5)
+
+
 def test_text_adapter_projects_only_used_rows_with_the_same_values():
     """A(title) and A(mean of comments) equal projecting the whole table, whatever the batch repeats or lacks."""
     model = _model()
