@@ -78,7 +78,7 @@ class SASRec(nn.Module):
         raise ConfigError("SASRec is a video recommender (ID only): it cannot rank comments")
 
     def id_text_contrastive_loss(self, batch: HistoryBatch, states=None, num_negatives: int = 99,
-                                 negatives_shared_by: int = 1) -> Tensor:
+                                 negatives_shared_by: int = 1, independent_directions: bool = True) -> Tensor:
         return self.item_embedding.weight.new_zeros(())
 
 
