@@ -134,7 +134,8 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
 def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> dict:
     """`Recommender.recommend_videos` called directly on batches of 1, 8 and 32 requests. Every tenth
     batch is run a second time in stages (not counted) to split its time."""
-    from lsvcr.serving import Recommender, VideoRequest, build_history_batch
+    from lsvcr.serve.recommender import Recommender, build_history_batch
+    from lsvcr.serve.schemas import VideoRequest
 
     recommender = Recommender.from_model_dirs(model_dir, None)
     requests = [VideoRequest.model_validate_json(body) for body in bodies]
@@ -287,7 +288,8 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     import ray
     from ray import serve
 
-    from lsvcr.serving import APP_NAME, VideoRequest, start_serving, stop_serving
+    from lsvcr.serve.app import APP_NAME, start_serving, stop_serving
+    from lsvcr.serve.schemas import VideoRequest
 
     # address="local": never join a cluster another process started with `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

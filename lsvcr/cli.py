@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lsvcr.finetune", "stage 2: recommendation-oriented fine-tuning on Ray Train"),
     "evaluate": ("lsvcr.evaluate", "ranking metrics of a fine-tuned model with the protocol beside them"),
     "tune": ("lsvcr.tune", "Ray Tune sweep over fine-tuning / alignment hyper-parameters"),
-    "serve": ("lsvcr.serving", "Ray Serve HTTP endpoints for video and comment recommendation"),
+    "serve": ("lsvcr.serve.cli", "Ray Serve HTTP endpoints for video and comment recommendation"),
     "demo": ("lsvcr.pipeline", "raw tables -> prepare -> encode -> align -> finetune -> evaluate -> serve"),
 }
 

@@ -248,7 +248,7 @@ def serve_check(config: LSVCRConfig, run: PipelineRun, seconds: float = 0.0) -> 
     """Serve the fine-tuned models briefly, send one sample request per endpoint, print and return the answers."""
     import urllib.request
 
-    from lsvcr.serving import start_serving, stop_serving
+    from lsvcr.serve.app import start_serving, stop_serving
 
     layout = run.layout
     video_model = storage.pull(layout.model("video"))

@@ -1,1 +1,1 @@
-"""Ray Serve entry points (`serve run serve/config.yaml`); the logic lives in `lsvcr.serving`."""
+"""Ray Serve entry points (`serve run serve/config.yaml`); the logic lives in the `lsvcr.serve` package."""

@@ -1,5 +1,5 @@
 """Serving: the `Recommender` against the offline model, cold videos, input validation, and the Ray Serve
-app over real HTTP on 127.0.0.1 (docs: lsvcr/serving.py)."""
+app over real HTTP on 127.0.0.1 (docs: lsvcr/serve/__init__.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from lsvcr.batching import load_item_tables, load_sample_arrays, make_batch
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config
 from lsvcr.errors import ConfigError, ModelNotFoundError
 from lsvcr.model import LSVCRModel
-from lsvcr.serving import (
-    CommentRequest, Recommender, RequestError, RequestRejected, VideoRequest, parse_request,
-)
+from lsvcr.serve.recommender import Recommender
+from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest, parse_request
 from lsvcr.vectors import load_item_vectors, write_item_vectors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def recommender(model_dirs) -> Recommender:
 
 
 def _offline_model(model_dir: Path, prepared_dir: Path, vectors_dir: Path) -> LSVCRModel:
-    """The model rebuilt independently of lsvcr.serving, straight from the MODEL files."""
+    """The model rebuilt independently of lsvcr.serve, straight from the MODEL files."""
     checkpoint = torch.load(model_dir / "model.pt", weights_only=False)
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     model = LSVCRModel(LSVCRConfig().model.__class__(**checkpoint["model_config"]), checkpoint["num_videos"],
@@ -378,6 +377,21 @@ def test_serve_app_builder_takes_args(model_dirs, monkeypatch):
         builder({})
 
 
+def test_serve_app_builder_is_typed():
+    """Serve validates the config's args into `ServeAppArgs` before calling the builder."""
+    import inspect
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from lsvcr.serve.app import ServeAppArgs, build_app
+
+    assert inspect.signature(build_app).parameters["args"].annotation is ServeAppArgs
+    with pytest.raises(Exception, match=r"unknown Serve application arg\(s\) \['colour'\]"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"colour": "red"})
+    with pytest.raises(Exception, match="overrides"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"overrides": "serve.max_k=5"})
+
+
 # ----------------------------------------------------------------------------------------------------
 # the Ray Serve app over real HTTP
 
@@ -396,7 +410,7 @@ def served_recommender(model_dirs) -> Recommender:
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, model_dirs):
-    from lsvcr.serving import start_serving, stop_serving
+    from lsvcr.serve.app import start_serving, stop_serving
 
     config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
                          max_k=500, max_history_items=200, max_body_bytes=20_000)

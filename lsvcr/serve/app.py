@@ -1,0 +1,169 @@
+"""Building and running the Serve application: the typed app builder of `serve run` / `serve deploy`
+(`ServeAppArgs`, Serve's `app_builder` pattern), `start_serving` / `stop_serving` for Python callers, and
+`serve_until_interrupted` behind `lsvcr serve`.
+
+No `from __future__ import annotations` here: Serve reads the builder's parameter annotation at run
+time to turn the config's `args:` into a `ServeAppArgs`.
+"""
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from ray import serve
+from ray.serve import Application
+
+from lsvcr.config import LSVCRConfig, ServeConfig, load_config
+from lsvcr.errors import ConfigError
+from lsvcr.runtime import ensure_ray
+from lsvcr.serve.deployments import Gateway, RecommenderModel
+from lsvcr.serve.model_dir import check_model_dir
+
+APP_NAME = "lsvcr"
+
+
+class ServeAppArgs(BaseModel):
+    """The `args:` of an application in serve/config.yaml.
+
+    `video_model` / `comment_model`: MODEL dirs (either optional), `config`: an LSVCR YAML file whose
+    `serve:` section is used, `overrides`: a list of `section.key=value`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    video_model: str | None = None
+    comment_model: str | None = None
+    config: str | None = None
+    overrides: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_args_only(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            unknown = set(raw) - set(cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown Serve application arg(s) {sorted(unknown)} (known: {sorted(cls.model_fields)})")
+            if raw.get("overrides") is None:
+                raw = {**raw, "overrides": []}
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ServeAppArgs":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ConfigError(first["msg"].removeprefix("Value error, ")) from None
+
+
+def build_application(video_model_dir: str | None, comment_model_dir: str | None,
+                      serve_config: ServeConfig) -> Application:
+    """Bind the two deployments with the resources and autoscaling of `serve_config`."""
+    if not video_model_dir and not comment_model_dir:
+        raise ConfigError("serving needs at least one model: give --video-model and/or --comment-model")
+    for task, model_dir in (("video", video_model_dir), ("comment", comment_model_dir)):
+        if model_dir:
+            check_model_dir(model_dir, task)
+    settings = {f: getattr(serve_config, f) for f in serve_config.__dataclass_fields__}
+    model = RecommenderModel.options(
+        autoscaling_config={
+            "min_replicas": serve_config.min_replicas,
+            "max_replicas": serve_config.max_replicas,
+            "target_ongoing_requests": serve_config.target_ongoing_requests,
+        },
+        # Enough in flight per replica for @serve.batch to fill a batch.
+        max_ongoing_requests=max(2 * serve_config.max_batch_size, 8),
+        ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
+    ).bind(
+        str(Path(video_model_dir).resolve()) if video_model_dir else None,
+        str(Path(comment_model_dir).resolve()) if comment_model_dir else None,
+        settings,
+    )
+    gateway = Gateway.options(
+        ray_actor_options={"num_cpus": 0},  # I/O only: the proxy-like ingress must not hold a core
+        max_ongoing_requests=max(4 * serve_config.max_batch_size, 64),
+    )
+    return gateway.bind(model, settings)
+
+
+def build_app(args: ServeAppArgs) -> Application:
+    """Ray Serve application builder (`import_path: serve.app:app` with `args:` in serve/config.yaml).
+    Serve passes a validated `ServeAppArgs`; a plain dict (a Python caller) is validated here."""
+    if not isinstance(args, ServeAppArgs):
+        args = ServeAppArgs.from_dict(args)
+    config = load_config(args.config, list(args.overrides))
+    return build_application(args.video_model, args.comment_model, config.serve)
+
+
+def start_serving(video_model_dir: str | Path | None, comment_model_dir: str | Path | None,
+                  config: LSVCRConfig | ServeConfig | None = None) -> str:
+    """Start Serve on this Ray cluster (starting a local one if needed) and return the base URL."""
+    serve_config = config.serve if isinstance(config, LSVCRConfig) else (config or ServeConfig())
+    application = build_application(
+        str(video_model_dir) if video_model_dir else None,
+        str(comment_model_dir) if comment_model_dir else None,
+        serve_config,
+    )
+    ensure_ray()
+    serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    base_url = f"http://{serve_config.host}:{serve_config.port}"
+    _wait_until_healthy(base_url)
+    return base_url
+
+
+def _wait_until_healthy(base_url: str, timeout_s: float = 20.0) -> None:
+    """The app is RUNNING when `serve.run` returns; this also proves the proxy answers on *our* port
+    (Serve keeps the HTTP options of an instance that was already running in the cluster)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as error:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"Serve started but {base_url}/healthz does not answer ({error}); if Serve was already "
+                    "running on this cluster with other HTTP options, call stop_serving() (serve.shutdown) first"
+                ) from None
+        time.sleep(0.5)
+
+
+def stop_serving() -> None:
+    serve.shutdown()
+
+
+
+def serve_until_interrupted(video_model_dir: str | None, comment_model_dir: str | None, config: LSVCRConfig) -> int:
+    """`lsvcr serve`: start Serve, print how to call it, and serve until Ctrl-C or SIGTERM."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and `kill` both stop Serve cleanly (a background job may start with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    base_url = start_serving(video_model_dir, comment_model_dir, config)
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/model", timeout=30) as response:
+            catalog = json.loads(response.read())["catalog"]
+        endpoint = "videos" if video_model_dir else "comments"
+        body = {"user_id": catalog["example_user_id"], "k": 5}
+        if endpoint == "comments":
+            body["video_id"] = catalog["example_video_id"]
+        print(f"LSVCR serving at {base_url}  (GET {base_url}/healthz, GET {base_url}/v1/model)")
+        print(f"try: curl -s -X POST {base_url}/v1/recommend/{endpoint} "
+              f"-H 'content-type: application/json' -d '{json.dumps(body)}'")
+        print("Ctrl-C to stop")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+        return 0
+    finally:
+        stop_serving()
