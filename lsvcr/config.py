@@ -70,6 +70,10 @@ class ModelConfig:
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
     comment_like_prior: bool = False
+    # Text vectors wider than this (raw LLM states, e.g. the no-alignment ablation) pass through a freshly
+    # initialised llm_emb_mlp (hidden -> 1024 -> GELU -> this), trained with the model, as the authors' stage 2
+    # does for its 4096-d ChatGLM3 vectors (METHOD 3, 7.3). Aligned vectors already have this width (align.text_dim).
+    text_mlp_dim: int = 256
 
 
 @dataclass
@@ -168,6 +172,14 @@ class AlignConfig:
     max_response_tokens: int = 64  # lora: target text tokens in the L_LM response
     bf16: bool = True  # lora: bf16 autocast where the device supports it
     max_failures: int = 2  # Ray Train restarts of the worker group from the latest checkpoint
+    # View augmentation (METHOD 5.1; the authors' phis_aug_p, chis_aug_p, inter_aug_p): a sample's video /
+    # comment history is in "aug mode" with these probabilities, and then each item with view_aug_item_p shows
+    # the LLM and the SR model different hot comments / different halves of (own + popular other) comments.
+    # 0 turns a part off.
+    video_view_aug_p: float = 0.5
+    comment_view_aug_p: float = 0.5
+    view_aug_item_p: float = 0.3
+    view_aug_popular: int = 10  # the popular pool the comment-record augmentation draws from (top 10 by likes)
 
 
 @dataclass
@@ -369,6 +381,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "finetune.num_workers": config.finetune.num_workers,
         "finetune.contrast_negatives_shared_by": config.finetune.contrast_negatives_shared_by,
         "model.temperature": config.model.temperature,
+        "model.text_mlp_dim": config.model.text_mlp_dim,
         "align.batch_size": config.align.batch_size,
         "encode.batch_size": config.encode.batch_size,
     }
@@ -377,6 +390,9 @@ def validate_config(config: LSVCRConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive; got {value}")
+    for name in ("video_view_aug_p", "comment_view_aug_p", "view_aug_item_p"):
+        if not 0.0 <= getattr(config.align, name) <= 1.0:
+            raise ConfigError(f"align.{name} must be a probability in [0, 1]; got {getattr(config.align, name)}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = N
     vectors = vectors_dir or inputs.get("vectors")
     vectors_dir = Path(vectors) if vectors else None
     config.model.comment_like_prior = False  # models saved before the option existed were trained without it
+    config.model.text_mlp_dim = 1 << 30  # ... and without an llm_emb_mlp on raw vectors
     for key, value in checkpoint["model_config"].items():
         setattr(config.model, key, value)
     video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)

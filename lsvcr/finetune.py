@@ -484,7 +484,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
 
     text_dim = 0
     if config.model.architecture == "lsvcr" and config.model.mode != "id":
-        text_dim = int(state["model"]["llm_adapter.weight"].shape[1])
+        text_dim = int(state["model"].get("text_mlp.0.weight", state["model"]["llm_adapter.weight"]).shape[1])
     torch.save({
         "model_config": asdict(config.model), "task": config.finetune.task,
         "num_videos": _num_videos(data_dir), "text_dim": text_dim,

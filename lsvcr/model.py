@@ -34,6 +34,14 @@ from lsvcr.errors import ConfigError, DataError
 # ----------------------------------------------------------------------------- building blocks
 
 
+TEXT_MLP_HIDDEN = 1024  # llm_emb_mlp's inner width (METHOD 3: 4096 -> 1024 -> 256 for ChatGLM3)
+
+
+def text_mlp(input_dim: int, output_dim: int, hidden: int = TEXT_MLP_HIDDEN) -> nn.Sequential:
+    """`llm_emb_mlp` (METHOD 3, 4.4): Linear(input -> hidden) -> GELU -> Linear(hidden -> output)."""
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, output_dim))
+
+
 # The like-prior weight must travel O(1) in logit units while Adam moves every parameter ~lr per step;
 # scaling it in the forward pass gives it this many times the learning rate of the other weights.
 LIKE_PRIOR_RATE = 30.0
@@ -237,11 +245,17 @@ class LSVCRModel(nn.Module):
                 raise DataError(f"comment text dim {comment_text.shape[1]} != video text dim {text_dim}")
             self.register_buffer("video_text", video_text.float().clone(), persistent=False)
             self.register_buffer("comment_text", comment_text.float().clone(), persistent=False)
-            self.llm_adapter = nn.Linear(text_dim, hidden, bias=False)
+            adapter_input = text_dim
+            if text_dim > config.text_mlp_dim:  # raw LLM vectors: a fresh llm_emb_mlp first (METHOD 7.3)
+                self.text_mlp = text_mlp(text_dim, config.text_mlp_dim)
+                adapter_input = config.text_mlp_dim
+            self.llm_adapter = nn.Linear(adapter_input, hidden, bias=False)
             self.pc_merge = nn.Linear(2 * hidden, hidden)
         else:
             self.video_text = None
             self.comment_text = None
+        if not hasattr(self, "text_mlp"):
+            self.text_mlp = None
         self.text_dim = text_dim
         self.use_like_prior = self.use_text and config.comment_like_prior
         if self.use_like_prior:
@@ -301,13 +315,30 @@ class LSVCRModel(nn.Module):
     def _gated_id(self, video_idx: Tensor) -> Tensor:
         return self.gate * self.video_embedding(video_idx)
 
+    @staticmethod
+    def _used_rows(index: Tensor) -> tuple[Tensor, Tensor]:
+        """(distinct ids of `index`, 0 first; `index` re-expressed as positions in that list)."""
+        with_pad = torch.cat([index.new_zeros(1), index.flatten()])  # the pad id 0 is always used row 0
+        used, remapped = torch.unique(with_pad, return_inverse=True)
+        return used, remapped[1:].view(index.shape)
+
+    def _mlp(self, vectors: Tensor, keep: Tensor) -> Tensor:
+        """llm_emb_mlp of raw vectors (identity without one); rows where `keep` is False stay zeros (padding)."""
+        if self.text_mlp is None:
+            return vectors
+        return self.text_mlp(vectors) * keep.unsqueeze(-1).to(vectors.dtype)
+
+    def project_text(self, vectors: Tensor) -> Tensor:
+        """A(llm_emb_mlp(vectors)) of real (non-pad) item vectors [N, D] → [N, H] (e.g. cold-start items)."""
+        return self.llm_adapter(self._mlp(vectors, torch.ones(vectors.shape[:-1], dtype=torch.bool,
+                                                              device=vectors.device)))
+
     def _adapted_rows(self, table: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """(A(table[used rows]), index into them). A is linear, so projecting only the distinct rows a
         batch uses gives the same values as A(table)[index] at a fraction of the cost of either
         projecting the whole table or every lookup (a batch repeats popular items many times)."""
-        with_pad = torch.cat([index.new_zeros(1), index.flatten()])  # the pad id 0 is always used row 0
-        used, remapped = torch.unique(with_pad, return_inverse=True)
-        return self.llm_adapter(table[used]), remapped[1:].view(index.shape)
+        used, remapped = self._used_rows(index)
+        return self.llm_adapter(self._mlp(table[used], used != 0)), remapped
 
     def adapt_text(self, table: Tensor, index: Tensor) -> Tensor:
         """A(table[index]) [..., H]."""
@@ -316,7 +347,14 @@ class LSVCRModel(nn.Module):
 
     def adapt_text_mean(self, table: Tensor, index: Tensor) -> Tensor:
         """A(mean of table[index] over the last axis, pad entries excluded) [..., H]; all-pad → zeros.
-        A commutes with the mean; `embedding_bag` never materialises the [..., K, H] gather."""
+        A commutes with the mean; `embedding_bag` never materialises the [..., K, H] gather. With an
+        llm_emb_mlp the raw vectors are averaged first and the mean goes through it (the official
+        scatter_mean, then the MLP)."""
+        if self.text_mlp is not None:
+            used, remapped = self._used_rows(index)
+            bags = remapped.reshape(-1, index.shape[-1])
+            raw_mean = F.embedding_bag(bags, table[used], mode="mean", padding_idx=0)
+            return self.llm_adapter(self._mlp(raw_mean, (bags != 0).any(dim=-1))).view(*index.shape[:-1], -1)
         rows, remapped = self._adapted_rows(table, index)
         mean = F.embedding_bag(remapped.reshape(-1, index.shape[-1]), rows, mode="mean", padding_idx=0)
         return mean.view(*index.shape[:-1], -1)

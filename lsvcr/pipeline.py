@@ -117,7 +117,8 @@ def stage_encode(config: LSVCRConfig, run: PipelineRun) -> None:
 
     def work() -> None:
         local = storage.local_dir(layout.vectors)
-        run_encode(config, storage.pull(layout.prepared), local, what="all")
+        # LoRA alignment renders and runs its prompts live: only frozen alignment needs the user prompt vectors.
+        run_encode(config, storage.pull(layout.prepared), local, what="all" if config.align.mode == "frozen" else "items")
         storage.push(local, layout.vectors)
 
     _timed(run, "encode", storage.is_finished(layout.vectors), work)

@@ -224,6 +224,8 @@ def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_di
     assert state["like_prior_init"] > 0.2 and all(np.isfinite(r["like_prior_weight"]) for r in rows)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[0]["train_id_text"] > 0 and 0 <= rows[1]["valid_ndcg@5"] <= 1
+    # No --init on raw (384-d MiniLM) vectors: a fresh llm_emb_mlp is trained with the model (METHOD 7.3).
+    assert state["best_state"]["text_mlp.0.weight"].shape[1] == 384
 
     for model in ({"architecture": "sasrec"}, {"mode": "id"}):
         video_log = tmp_path / f"{model}.jsonl"
@@ -370,3 +372,14 @@ def test_like_prior_weight_is_the_popularity_only_maximum_likelihood_fit():
     assert abs(fit_like_prior_weight(prior, pools, draw(1.5)) - 1.5) < 0.15
     assert abs(fit_like_prior_weight(prior, pools, draw(0.0))) < 0.15
     assert fit_like_prior_weight(prior, pools, np.zeros((3000, 2), dtype=np.int64)) == 0.0  # no positives
+
+
+def test_a_tiny_run_with_the_paper_preset_finishes(tiny_prepared_dir, tiny_minilm_vectors_dir):
+    """Stage 2 with configs/paper.yaml (history 50, L_IT with a draw per anchor and direction, no bucketing),
+    made tiny with overrides on top of the preset: one epoch trains and validates."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml",
+                         ["finetune.task=comment", "finetune.max_epochs=1", "finetune.batch_size=64"])
+    state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir,
+                                                   report_to="local"))
+    row = state["history"][0]
+    assert row["epoch"] == 1 and row["train_id_text"] > 0 and 0 <= row["valid_ndcg@5"] <= 1

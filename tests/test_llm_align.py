@@ -43,12 +43,16 @@ def tiny_llm_dir(tiny_prepared_dir, tmp_path_factory):
     return out
 
 
-def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny_prepared_dir, tiny_llm_dir):
+@pytest.mark.parametrize("preset", [None, "paper"])
+def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny_prepared_dir, tiny_llm_dir, preset):
     from lsvcr.llm.align import (AlignmentObjective, LiveLLM, _batch_to, load_stage_one_data, lora_prompt_inputs,
-                                 make_align_batch)
+                                 make_align_batch, view_augmentation)
     from lsvcr.llm.prompts import PromptBuilder, load_item_texts
 
-    config = load_config(None, ["align.mode=lora", "align.history_length=5", "encode.max_prompt_tokens=400",
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "paper.yaml" if preset else None  # + view augmentation
+    config = load_config(path, ["align.mode=lora", "align.history_length=5", "encode.max_prompt_tokens=400",
                                 "encode.max_text_tokens=16", "align.max_response_tokens=16", "align.bf16=false",
                                 "model.hidden_dropout=0", "model.attn_dropout=0", "align.lora_dropout=0"])
     device = torch.device("cpu")
@@ -58,7 +62,7 @@ def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny
     objective = AlignmentObjective(config, data.tables.num_videos, llm.hidden_size, llm)
     builder = PromptBuilder(llm.tokenizer, texts, max_prompt_tokens=config.encode.max_prompt_tokens)
     rng = np.random.default_rng(0)
-    batch = make_align_batch(data, np.arange(6), np.arange(4), rng)
+    batch = make_align_batch(data, np.arange(6), np.arange(4), rng, view_augmentation(config))
     prompts = lora_prompt_inputs(llm, builder, batch, rng)
     batch = _batch_to(batch, device)
 
@@ -174,3 +178,53 @@ def test_lora_alignment_end_to_end_merges_and_reencodes(ray_cluster, tiny_prepar
     assert np.isfinite(video_text).all() and np.abs(comment_text[1:]).sum(axis=1).min() > 0
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["mode"] == "lora" and checkpoint["llm_hidden"] == 64
+
+
+def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_prepared_dir):
+    """METHOD 5.1, seeded: in aug mode an item shows the SR model another of the video's top-3 hot comments than
+    the prompt, and a record splits (own comments + as many popular ones the user did not touch) between the
+    prompt (even positions) and the SR model (odd); frozen keeps the prompt's view; probability 0 = no change."""
+    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views, load_item_tables
+    from lsvcr.batching import load_sample_arrays, make_batch
+    from lsvcr.config import LSVCRConfig
+    from lsvcr.llm.align import view_augmentation
+
+    defaults = view_augmentation(LSVCRConfig())
+    assert (defaults.video_p, defaults.comment_p, defaults.item_p, defaults.popular) == (0.5, 0.5, 0.3, 10)
+    tables = load_item_tables(tiny_prepared_dir)
+    arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", 20, 8)
+    history = make_batch(arrays, tables, np.arange(len(arrays)), rng=np.random.default_rng(0), comment_negatives=1,
+                         comments_per_record=STAGE_ONE_COMMENTS_PER_RECORD).history
+    inputs = (history.video_history.numpy(), history.video_history_hot_comment.numpy(),
+              history.comment_history_videos.numpy(), history.comment_history_comments.numpy(), tables)
+    videos, hot, record_videos, records = inputs[0], inputs[1], inputs[2], inputs[3]
+
+    always = ViewAugmentation(1.0, 1.0, 1.0)
+    prompt_hot, sr_hot, prompt_records, sr_records = augment_views(*inputs, np.random.default_rng(3), always, False)
+    assert np.array_equal(prompt_hot, hot)
+    several = (videos != 0) & (tables.hot_count[videos] >= 2)
+    assert several.any() and (sr_hot[several] != hot[several]).all()
+    top = tables.comment_pool[videos, :3]
+    assert ((top == sr_hot[..., None]).any(-1) | (videos == 0)).all()  # still one of the top 3
+    for row, slot in zip(*np.nonzero((record_videos != 0) & (records != 0).any(-1))):
+        own = records[row, slot][records[row, slot] != 0]
+        llm = prompt_records[row, slot][prompt_records[row, slot] != 0]
+        sr = sr_records[row, slot][sr_records[row, slot] != 0]
+        assert len(llm) == len(sr) == len(own)  # 2n shuffled, n each
+        assert set(own) <= set(llm) | set(sr)
+        popular = set(tables.comment_pool[record_videos[row, slot], :10].tolist()) - set(own.tolist()) - {0}
+        if popular:
+            assert (set(llm) | set(sr)) - set(own) <= popular
+    again = augment_views(*inputs, np.random.default_rng(3), always, False)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (prompt_hot, sr_hot, prompt_records, sr_records)))
+
+    frozen = augment_views(*inputs, np.random.default_rng(3), always, True)
+    assert np.array_equal(frozen[0], hot) and np.array_equal(frozen[2], records)
+    assert not np.array_equal(frozen[3], records)
+
+    off = augment_views(*inputs, np.random.default_rng(3), ViewAugmentation(0.0, 0.0, 0.3), False)
+    assert all(np.array_equal(a, b) for a, b in zip(off, (hot, hot, records, records)))
+    assert not ViewAugmentation(0.5, 0.5, 0.0).enabled
+    half = augment_views(*inputs, np.random.default_rng(3), defaults, False)
+    changed = (half[1] != hot)[several].mean()
+    assert 0.05 < changed < 0.3  # about 0.5 * 0.3 of the items with two or more hot comments

@@ -148,3 +148,41 @@ def test_encode_reports_a_too_small_budget_before_starting_ray(tiny_prepared_dir
         run_encode(load_config(None, ["encode.max_prompt_tokens=30"]), tiny_prepared_dir, tmp_path / "vectors", "all")
     assert ray.is_initialized() == was_running
     assert not any(tmp_path.iterdir())
+
+
+def test_prompt_and_sr_batches_show_the_same_comments(tiny_prepared_dir):
+    """One rule (lsvcr.batching) picks each history item's hot comment and each record's comments for both the
+    LLM prompt and the SR input: frozen alignment's SR batches equal the encoded prompts' view (top-1 hot
+    comment, the record's first 3); training draws show at most 3 of the record's own comments."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, load_item_tables, load_sample_arrays, make_batch
+    from lsvcr.llm.prompts import histories_from_samples, load_item_texts
+
+    table = pq.read_table(Path(tiny_prepared_dir) / "comment_samples.train.parquet")
+    arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", 20, 8)
+    tables = load_item_tables(tiny_prepared_dir)
+    prompt = histories_from_samples(table, load_item_texts(tiny_prepared_dir), 20, max_comments_per_record=8)
+    rows = np.arange(len(arrays))
+    rng = np.random.default_rng(0)
+    frozen = make_batch(arrays, tables, rows, rng=rng, comment_negatives=1,
+                        comments_per_record=STAGE_ONE_COMMENTS_PER_RECORD, deterministic_views=True).history
+    width = frozen.video_history.shape[1]
+    assert np.array_equal(frozen.video_history_hot_comment.numpy(), prompt.hot_comment[:, :width])
+    records = frozen.comment_history_comments.numpy()
+    kept = prompt.comment_history_comments[:, :records.shape[1], :records.shape[2]]
+    assert np.array_equal(records, kept) and records.shape[2] <= 3
+    assert (arrays.comment_history_comments[:, :, 3:] != 0).any()  # the data has records with more than 3
+
+    drawn = make_batch(arrays, tables, rows, rng=np.random.default_rng(1), comment_negatives=1,
+                       comments_per_record=STAGE_ONE_COMMENTS_PER_RECORD).history
+    shown = drawn.comment_history_comments.numpy()
+    assert shown.shape[2] <= 3
+    full = arrays.comment_history_comments[:, :shown.shape[1]]
+    for row, slot in zip(*np.nonzero(drawn.comment_history_videos.numpy())):
+        own = set(full[row, slot][full[row, slot] != 0].tolist())
+        picked = shown[row, slot][shown[row, slot] != 0].tolist()
+        assert len(picked) == min(3, len(own)) and set(picked) <= own
+    assert not np.array_equal(drawn.video_history_hot_comment.numpy(), frozen.video_history_hot_comment.numpy())

@@ -233,6 +233,30 @@ def test_id_text_directions_draw_their_own_negatives(independent):
     assert torch.isclose(loss, expected, atol=1e-5)
 
 
+def test_raw_llm_vectors_pass_through_a_fresh_llm_emb_mlp():
+    """The no-alignment ablation (METHOD 7.3): text vectors wider than model.text_mlp_dim go through a freshly
+    initialised llm_emb_mlp before A: titles and candidates as A(mlp(e)), a record as A(mlp(mean of its raw
+    comment vectors)); padding stays zero. Vectors of that width (aligned) are used as they are."""
+    video_text, comment_text, _ = _tables()  # 16-d
+    narrow = LSVCRModel(ModelConfig(max_position=10, text_mlp_dim=16), NUM_VIDEOS, video_text, comment_text)
+    assert narrow.text_mlp is None and narrow.llm_adapter.in_features == 16
+    torch.manual_seed(0)
+    model = LSVCRModel(ModelConfig(max_position=10, text_mlp_dim=4), NUM_VIDEOS, video_text, comment_text).eval()
+    assert model.llm_adapter.in_features == 4 and model.text_mlp[0].in_features == 16
+    assert model.text_mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.2)  # N(0, 0.02) like every Linear
+    mlp, adapter = model.text_mlp, model.llm_adapter
+    index = torch.tensor([[3, 0, 7]])
+    expected = adapter(mlp(video_text[index]))
+    expected[0, 1] = 0  # padding
+    assert torch.allclose(model.adapt_text(model.video_text, index), expected, atol=1e-6)
+    bags = torch.tensor([[[4, 9, 0], [0, 0, 0]]])
+    record = adapter(mlp(comment_text[[4, 9]].mean(0)))
+    means = model.adapt_text_mean(model.comment_text, bags)
+    assert torch.allclose(means[0, 0], record, atol=1e-6) and torch.equal(means[0, 1], torch.zeros(64))
+    assert torch.allclose(model.project_text(video_text[[3]]), adapter(mlp(video_text[[3]])), atol=1e-6)
+    assert torch.isfinite(model.score_videos(_batch())[:, 1:]).all()
+
+
 def test_text_adapter_projects_only_used_rows_with_the_same_values():
     """A(title) and A(mean of comments) equal projecting the whole table, whatever the batch repeats or lacks."""
     model = _model()

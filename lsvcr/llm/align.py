@@ -124,22 +124,29 @@ def _localize(indices: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
 
 
 def make_align_batch(data: "StageOneData", video_rows: np.ndarray, comment_rows: np.ndarray,
-                     rng: np.random.Generator) -> AlignBatch:
-    from lsvcr.batching import make_batch
+                     rng: np.random.Generator, augmentation: Any = None) -> AlignBatch:
+    """A stage-1 batch; `augmentation` (lsvcr.batching.ViewAugmentation, METHOD 5.1) gives the SR model and the
+    prompt different views (`history` vs `global_history`)."""
+    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, make_batch
     from lsvcr.model import HistoryBatch
 
+    # The SR model sees the comments the LLM prompt shows (lsvcr.batching's rule): lora renders its prompts from
+    # this batch's own draw (`global_history`); frozen prompts were encoded once with the deterministic view.
+    views = {"comments_per_record": STAGE_ONE_COMMENTS_PER_RECORD, "deterministic_views": data.raw_video is not None}
     parts, current, target_videos, target_comments = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
     if len(video_rows):
-        batch = make_batch(data.video, data.tables, video_rows, rng=rng)
+        batch = make_batch(data.video, data.tables, video_rows, rng=rng, **views)
         parts.append(batch.history)
         current.append(batch.target_video)
         target_videos = batch.target_video.numpy()
     if len(comment_rows):
-        batch = make_batch(data.comment, data.tables, comment_rows, rng=rng, comment_negatives=1)
+        batch = make_batch(data.comment, data.tables, comment_rows, rng=rng, comment_negatives=1, **views)
         parts.append(batch.history)
         current.append(batch.target_video)
         target_comments = batch.candidates[:, 0].numpy()  # column 0: a random positive comment
-    history = concat_histories(parts)
+    history = prompt_history = concat_histories(parts)
+    if augmentation is not None and augmentation.enabled:
+        history, prompt_history = _augmented(history, data, rng, augmentation)
     current_video = torch.cat(current)
     videos, (video_history, comment_history_videos, current_local, target_video_local) = _localize(
         [history.video_history, history.comment_history_videos, current_video, torch.from_numpy(target_videos)])
@@ -148,7 +155,34 @@ def make_align_batch(data: "StageOneData", video_rows: np.ndarray, comment_rows:
     local = HistoryBatch(video_history=video_history, video_history_hot_comment=hot_local,
                          comment_history_videos=comment_history_videos, comment_history_comments=record_comments_local)
     return AlignBatch(local, len(video_rows), current_local, target_video_local, target_comment_local, videos, comments,
-                      video_rows, comment_rows, history, current_video.numpy(), (target_videos, target_comments))
+                      video_rows, comment_rows, prompt_history, current_video.numpy(), (target_videos, target_comments))
+
+
+def _augmented(history, data: "StageOneData", rng: np.random.Generator, augmentation) -> tuple[Any, Any]:
+    """(SR view, prompt view) of a batch's histories under METHOD 5.1's view augmentation."""
+    from lsvcr.batching import augment_views
+    from lsvcr.model import HistoryBatch
+
+    prompt_hot, sr_hot, prompt_records, sr_records = augment_views(
+        history.video_history.numpy(), history.video_history_hot_comment.numpy(),
+        history.comment_history_videos.numpy(), history.comment_history_comments.numpy(), data.tables, rng,
+        augmentation, prompt_fixed=data.raw_video is not None)
+
+    def view(hot: np.ndarray, records: np.ndarray) -> HistoryBatch:
+        return HistoryBatch(video_history=history.video_history, video_history_hot_comment=torch.from_numpy(hot),
+                            comment_history_videos=history.comment_history_videos,
+                            comment_history_comments=torch.from_numpy(records))
+
+    return view(sr_hot, sr_records), view(prompt_hot, prompt_records)
+
+
+def view_augmentation(config: LSVCRConfig):
+    """The stage-1 view augmentation of `config.align` (lsvcr.batching.ViewAugmentation)."""
+    from lsvcr.batching import ViewAugmentation
+
+    settings = config.align
+    return ViewAugmentation(settings.video_view_aug_p, settings.comment_view_aug_p, settings.view_aug_item_p,
+                            settings.view_aug_popular)
 
 
 def mixed_epoch_batches(num_video: int, num_comment: int, batch_size: int, rng: np.random.Generator, rank: int,
@@ -464,6 +498,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 max_prompt_tokens=config.encode.max_prompt_tokens)
     objective = AlignmentObjective(config, data.tables.num_videos, llm_hidden, llm).to(device)
     trainable = [p for p in objective.parameters() if p.requires_grad]
+    augmentation = view_augmentation(config)
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
 
     per_rank_batch = max(1, settings.batch_size // world_size)  # align.batch_size is the global batch
@@ -505,7 +540,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                            world_size)}
         video_rows, comment_rows = batches_of_epoch[epoch][index]
         batch_rng = np.random.default_rng([settings.seed, step, rank, 1])
-        batch = make_align_batch(data, video_rows, comment_rows, batch_rng)
+        batch = make_align_batch(data, video_rows, comment_rows, batch_rng, augmentation)
         prompt_inputs = lora_prompt_inputs(llm, builder, batch, batch_rng) if llm is not None else None
         model.train()
         losses = model(_batch_to(batch, device), data, prompt_inputs)

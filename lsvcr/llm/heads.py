@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lsvcr.model import TEXT_MLP_HIDDEN, text_mlp
+
 
 class LLMHeads(nn.Module):
-    def __init__(self, llm_hidden: int, text_dim: int = 256, preference_dim: int = 64, mlp_hidden: int = 1024):
+    def __init__(self, llm_hidden: int, text_dim: int = 256, preference_dim: int = 64, mlp_hidden: int = TEXT_MLP_HIDDEN):
         super().__init__()
-        self.llm_emb_mlp = nn.Sequential(nn.Linear(llm_hidden, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, text_dim))
+        self.llm_emb_mlp = text_mlp(llm_hidden, text_dim, mlp_hidden)
         self.contrast_adapter = nn.Linear(llm_hidden, preference_dim)
         for module in self.modules():
             if isinstance(module, nn.Linear):

@@ -316,22 +316,22 @@ def histories_from_samples(table, texts: ItemTexts, history_length: int, *, rng:
                            max_comments_per_record: int = 64) -> PromptHistories:
     """Sample rows (PREPARED `*_samples.*.parquet` as an Arrow table) → padded prompt histories.
 
-    `rng=None` (encoding, evaluation): the top hot comment and the record's first comments;
-    with an `rng` (training): a random hot comment among the top 3 and a random order of comments.
+    `rng=None` (encoding, evaluation): the top hot comment and the record's first 3 comments;
+    with an `rng` (training): a random hot comment among the top 3 and a random subset of ≤3 comments.
+    The rule is `lsvcr.batching`'s (`hot_comment_picks`, `record_comments_for`), so the SR model of frozen
+    alignment (`make_batch(..., deterministic_views=True)`) sees exactly what these prompts show.
     """
-    from lsvcr.batching import HOT_COMMENTS, last_items_padded, last_records_padded
+    from lsvcr.batching import (
+        HOT_COMMENTS, STAGE_ONE_COMMENTS_PER_RECORD, hot_comment_picks, last_items_padded, last_records_padded,
+        record_comments_for,
+    )
 
     video_history = last_items_padded(table["video_history"], history_length)
     hot_count = np.minimum((texts.hot_comments != 0).sum(axis=1), HOT_COMMENTS)
-    if rng is None:
-        pick = np.zeros(video_history.shape, dtype=np.int64)
-    else:
-        pick = (rng.random(video_history.shape) * np.maximum(hot_count[video_history], 1)).astype(np.int64)
-    hot_comment = np.where(video_history != 0, texts.hot_comments[video_history, pick], 0)
-    records = last_records_padded(table["comment_history_comments"], history_length, max_comments_per_record)
-    if rng is not None:  # a random subset of ≤3 comments per record (METHOD 4.2): shuffle, non-pad first
-        keys = np.where(records != 0, rng.random(records.shape), 2.0)
-        records = np.take_along_axis(records, np.argsort(keys, axis=-1), axis=-1)
+    hot_comment = hot_comment_picks(video_history, texts.hot_comments, hot_count, rng)
+    records = record_comments_for(
+        last_records_padded(table["comment_history_comments"], history_length, max_comments_per_record), rng,
+        STAGE_ONE_COMMENTS_PER_RECORD)
     return PromptHistories(
         video_history=video_history,
         hot_comment=hot_comment,

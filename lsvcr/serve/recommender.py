@@ -116,7 +116,7 @@ class Recommender:
         model = self.video.model
         known = model.video_candidate_vectors(None)
         if cold_video_text is not None and len(cold_video_text):
-            cold = F.normalize(model.llm_adapter(cold_video_text.float()), dim=-1)
+            cold = F.normalize(model.project_text(cold_video_text.float()), dim=-1)
             known = torch.cat([known, cold], dim=0)
             self.row_video_ids = np.concatenate([self.catalog.video_ids, self.cold_video_ids])
         self.video_matrix = known.contiguous()
