@@ -18,8 +18,10 @@ Modes:
 - `lora` (faithful): the LLM carries a peft LoRA adapter trained jointly; prompts are rendered per
   batch (random template, random hot comment among the top 3), item texts are embedded live with
   gradients, L_LM is the causal-LM loss of the target text after the prompt. bf16 autocast where the
-  device supports it; optional gradient checkpointing. Not implemented from the paper: the view
-  augmentation of 5.1 (the LLM and the SR model see the same hot comments and record comments).
+  device supports it; optional gradient checkpointing.
+Both: the prompt and the SR model see the same hot comments and ≤3 record comments (lsvcr.batching's one
+rule; frozen: the deterministic view the prompts were encoded with), except where METHOD 5.1's view
+augmentation (`align.*view_aug*`, on by default) deliberately gives them different views.
 
 Both run as a `TorchTrainer` with `align.num_workers` workers (DDP; gloo on CPU), checkpoint every
 `align.checkpoint_every` steps, and resume from the latest checkpoint when re-run with the same
