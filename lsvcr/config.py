@@ -46,6 +46,12 @@ class PrepareConfig:
     # The video task's comment history may hold a record on the target video itself (the user opened its
     # comments before liking it). Counted in the manifest; true drops such records from that sample's history.
     exclude_target_video_comment_records: bool = False
+    # comment_like_cnt is a snapshot that includes the data's own users' likes (the test user's too).
+    # outside_users: subtract every is_like of user_comment_inter (one per user and comment), so no like of a
+    # user in the data (no label) is in any like count; snapshot: the table's count as it is.
+    like_counts: str = "outside_users"
+    # Comment candidates of valid/test keep at least this many negatives (the authors train with 19).
+    comment_min_negatives: int = 19
 
 
 @dataclass
@@ -358,6 +364,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "model.architecture": (config.model.architecture, ("lsvcr", "sasrec")),
         "data.tie_break": (config.data.tie_break, ("raw_id", "file_order")),
         "data.history_before": (config.data.history_before, ("time", "position")),
+        "data.like_counts": (config.data.like_counts, ("outside_users", "snapshot")),
         "finetune.selection_ranking": (config.finetune.selection_ranking, ("sampled", "full")),
         "finetune.task": (config.finetune.task, ("video", "comment")),
         "finetune.use_gpu": (config.finetune.use_gpu, ("auto", "true", "false")),

@@ -46,7 +46,7 @@ def _cross_task_raw(directory):
     split the comment train sample at 55 s holds the video task's valid and test targets in its history."""
     likes = [(100, 11, 10), (100, 12, 20), (100, 13, 30), (100, 14, 40), (100, 15, 50)]
     comment_videos = [(11, 12), (12, 22), (13, 32), (15, 55), (16, 60), (17, 70)]
-    comments = [(1000 + v, v, 5) for v, _ in comment_videos]
+    comments = [(1000 + v, v, 5) for v, _ in comment_videos] + [(2000 + v, v, 1) for v, _ in comment_videos]
     interactions = [(100, 1000 + v, t, v, 1) for v, t in comment_videos]
     return _write_raw(directory, likes, comments, interactions)
 
@@ -90,3 +90,45 @@ def test_video_comment_history_record_on_the_target_video_is_counted_and_can_be_
     assert [[list(c) for c in h] for h in test.comment_history_comments] == [[[1]]]
     assert excluded["counts"]["video_samples_with_target_in_comment_history"] == 1
     assert "excluded" in " ".join(excluded["filters"])
+
+
+def _pool_raw(directory):
+    """Videos v20..v24 with six comments each, likes 100, 90, 80 (the pool of 3) and 3, 2, 1 (outside it).
+    User 100 picks one pool comment and one low-like comment on v20..v23, and four comments (all three of
+    the pool) on v24. Under the old rule low-like candidates were always positives, and v24 had no negative."""
+    likes = [(100, 11, 10), (100, 12, 20), (100, 13, 30), (100, 14, 50), (100, 15, 60)]
+    comments = [(video * 10 + rank, video, n) for video in range(20, 25)
+                for rank, n in enumerate([100, 90, 80, 3, 2, 1], start=1)]
+    picks = {20: (15, [1, 4]), 21: (25, [2, 5]), 22: (35, [1, 4]), 23: (45, [3, 6]), 24: (55, [1, 2, 3, 4])}
+    interactions = [(100, video * 10 + rank, second, video, 1)
+                    for video, (second, ranks) in picks.items() for rank in ranks]
+    return _write_raw(directory, likes, comments, interactions)
+
+
+def test_comment_positives_and_negatives_come_from_one_population(tmp_path):
+    out = tmp_path / "out"
+    manifest = prepare(_pool_raw(tmp_path / "raw"), out,
+                       PrepareConfig(min_median_positives=1, comment_pool_size=3, like_counts="snapshot"))
+    pool = {int(row.video_idx): set(row.hot_comments) for row in prepared.read_videos(out).to_pandas().itertuples()}
+    for split in ("train", "valid", "test"):
+        for row in _samples(out, "comment", split).itertuples():
+            assert set(row.pos_comments) <= pool[row.target_video], split
+            if split != "train":
+                assert set(row.candidates) <= pool[row.target_video]
+                assert 0 < sum(row.labels) < len(row.labels)  # positives and at least one negative
+    counts = manifest["counts"]
+    assert counts["comment_positives_outside_pool"] == 5
+    assert counts["comment_records_without_negative"] == 1  # v24: its whole pool is positive
+    assert counts["comment_samples"] == {"train": 2, "valid": 1, "test": 1}
+
+
+def test_like_counts_leave_out_the_data_users_own_likes(tmp_path):
+    raw = _cross_task_raw(tmp_path / "raw")  # comments 1011..1017: 5 likes, one of them user 100's
+    manifest = prepare(raw, tmp_path / "out", PrepareConfig(min_median_positives=1))
+    assert manifest["like_counts"] == "outside_users"
+    likes = dict(zip(*prepared.read_comments(tmp_path / "out").to_pandas()[["comment_id", "like_count"]].T.values))
+    assert likes[1011] == 4 and likes[2011] == 1
+    snapshot = prepare(raw, tmp_path / "snapshot", PrepareConfig(min_median_positives=1, like_counts="snapshot"))
+    assert snapshot["like_counts"] == "snapshot"
+    likes = dict(zip(*prepared.read_comments(tmp_path / "snapshot").to_pandas()[["comment_id", "like_count"]].T.values))
+    assert likes[1011] == 5 and likes[2011] == 1

@@ -69,7 +69,8 @@ def test_manifest_contents(tiny_prepared_dir, raw):
             rows = pq.read_metadata(tiny_prepared_dir / f"{task}_samples.{split}.parquet").num_rows
             assert counts[f"{task}_samples"][split] == rows
         total = (sum(counts[f"{task}_samples"].values()) + counts["dropped_both_histories_empty"][task]
-                 + counts["dropped_train_after_first_eval"][task])
+                 + counts["dropped_train_after_first_eval"][task]
+                 + (counts["dropped_outside_comment_population"] if task == "comment" else 0))
         assert total == (counts["video_positives"] if task == "video" else counts["comment_records"])
     assert counts["dropped_both_histories_empty"]["video"] > 0
     assert "leave-last-out" in manifest["split"]
@@ -254,7 +255,7 @@ def _write_hand_made(directory):
     }), directory / "user_video_inter.parquet")
     pq.write_table(pa.table({"video_id": list(range(11, 17)), "caption": [f"video {v}" for v in range(11, 17)]}),
                    directory / "video_features.parquet")
-    comments = [(121, 12, 5), (122, 12, 50), (151, 15, 1), (152, 15, 2), (153, 15, 3)]
+    comments = [(121, 12, 5), (122, 12, 50), (123, 12, 0), (151, 15, 1), (152, 15, 2), (153, 15, 3)]
     pq.write_table(pa.table({
         "comment_id": [c for c, *_ in comments], "comment_content": [f"comment {c}" for c, *_ in comments],
         "video_id": [v for _, v, _ in comments], "comment_like_cnt": [n for *_, n in comments],
@@ -274,8 +275,8 @@ def test_hand_made_ties_prefixes_and_splits(tmp_path):
     assert not (out / "SYNTHETIC.txt").exists()
     assert manifest["counts"]["dropped_both_histories_empty"] == {"video": 2, "comment": 0}
     videos = prepared.read_videos(out).to_pandas()
-    assert [list(h) for h in videos.hot_comments] == [[], [1, 2], [], [], [3, 4, 5], []]  # by likes desc
-    assert prepared.read_comments(out).column("comment_id").to_pylist() == [122, 121, 153, 152, 151]
+    assert [list(h) for h in videos.hot_comments] == [[], [1, 2, 3], [], [], [4, 5, 6], []]  # by likes desc
+    assert prepared.read_comments(out).column("comment_id").to_pylist() == [122, 121, 123, 153, 152, 151]
     v = {raw_id: raw_id - 10 for raw_id in range(11, 17)}  # video_idx
     train = _samples(out, "video", "train")
     rows = {(r.user_idx, r.target_video): r for r in train.itertuples()}

@@ -49,7 +49,7 @@ class RawTables:
 
     interactions: pa.Table  # user_id, video_id, time_ms, is_like, long_view, is_click
     videos: pa.Table  # video_id, caption, category
-    comment_interactions: pa.Table | None  # user_id, comment_id, video_id, time_ms
+    comment_interactions: pa.Table | None  # user_id, comment_id, video_id, time_ms, is_like (null: unknown)
     comments: pa.Table | None  # comment_id, video_id, content, like_count
     source: str
     synthetic: bool = False
@@ -153,6 +153,9 @@ def load_kuaicomt(raw_dir: Path) -> RawTables:
             "comment_id": user_comment_inter.column("comment_id"),
             "video_id": user_comment_inter.column("photo_id"),
             "time_ms": pc.multiply(user_comment_inter.column("time_stamp"), 1000),
+            # null when the table has no is_like column (prepare then keeps the like-count snapshot as it is)
+            "is_like": (pc.fill_null(user_comment_inter.column("is_like"), 0) if "is_like" in
+                        user_comment_inter.column_names else pa.nulls(user_comment_inter.num_rows, pa.int64())),
         })
 
     category = (

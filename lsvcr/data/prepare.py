@@ -407,9 +407,10 @@ def video_candidates(target: np.ndarray, num_videos: int, num_negatives: int, rn
 
 def comment_candidates(
     positive_counts: np.ndarray, positives: np.ndarray, pool_counts: np.ndarray, pool: np.ndarray,
-    cap: int, num_comments: int, rng: np.random.Generator,
+    cap: int, min_negatives: int, num_comments: int, rng: np.random.Generator,
 ) -> tuple[pa.Array, pa.Array]:
-    """Per row: all positives + seeded random non-positives of the pool up to `cap` in total, shuffled."""
+    """Per row: all positives + seeded random non-positives of the pool up to `cap` in total, but at least
+    `min_negatives` of them (as many as the pool has), shuffled."""
     rows = len(positive_counts)
     positive_row = np.repeat(np.arange(rows), positive_counts)
     pool_row = np.repeat(np.arange(rows), pool_counts)
@@ -420,7 +421,7 @@ def comment_candidates(
     negative_row, negative = negative_row[order], negative[order]
     negative_rank = np.arange(len(negative)) - np.repeat(
         offsets_from_counts(np.bincount(negative_row, minlength=rows))[:-1], np.bincount(negative_row, minlength=rows))
-    keep = negative_rank < np.maximum(0, cap - positive_counts)[negative_row]
+    keep = negative_rank < np.maximum(min_negatives, cap - positive_counts)[negative_row]
     row = np.concatenate([positive_row, negative_row[keep]])
     comment = np.concatenate([positives, negative[keep]])
     label = np.concatenate([np.ones(len(positives), np.int8), np.zeros(int(keep.sum()), np.int8)])
@@ -433,16 +434,41 @@ def comment_candidates(
 # The whole preparation
 
 
+def like_counts(raw: RawTables, comment_raw: np.ndarray, rule: str, filters: list[str]) -> tuple[np.ndarray, str]:
+    """Like count per comment row. comment_like_cnt is a snapshot that counts the data's own users' likes,
+    the test user's included (a label leak into the like prior and popularity by likes). outside_users:
+    subtract one per (user, comment) with is_like in user_comment_inter, clipped at 0."""
+    snapshot = raw.comments.column("like_count").to_numpy().astype(np.int64)
+    is_like = raw.comment_interactions.column("is_like")
+    if rule == "snapshot" or is_like.null_count == len(is_like):
+        reason = "data.like_counts=snapshot" if rule == "snapshot" else "user_comment_inter has no is_like"
+        filters.append(f"comment like counts: comment_like_cnt as it is ({reason}); it may include the "
+                       "evaluated users' own likes")
+        return snapshot, "snapshot"
+    interactions = raw.comment_interactions
+    liked = pc.fill_null(is_like, 0).to_numpy() > 0
+    pairs = np.unique(np.stack([interactions.column("user_id").to_numpy()[liked],
+                                interactions.column("comment_id").to_numpy()[liked]]), axis=1)
+    by_raw = np.argsort(comment_raw, kind="stable")
+    row = by_raw[np.searchsorted(comment_raw[by_raw], pairs[1])]
+    own_likes = np.bincount(row, minlength=len(comment_raw))
+    adjusted = np.maximum(snapshot - own_likes, 0)
+    filters.append(f"comment like counts: comment_like_cnt minus the {int(own_likes.sum())} (user, comment) "
+                   f"likes of user_comment_inter, so no like of a user in the data is counted "
+                   f"(data.like_counts=outside_users; {int((snapshot < own_likes).sum())} counts clipped at 0)")
+    return adjusted, "outside_users"
+
+
 def index_comments(
-    raw: RawTables, video_ids: np.ndarray, pool_size: int, filters: list[str]
-) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    raw: RawTables, video_ids: np.ndarray, pool_size: int, filters: list[str], rule: str = "outside_users",
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, str]:
     """comments.parquet rows, ordered by (video, likes desc, raw id): each video's pool (top `pool_size`
     by likes) plus every interacted comment. Returns (table, pool size per video, pool comment_idx flat in
-    video order, comment_idx of every comment interaction)."""
+    video order, comment_idx of every comment interaction, the like-count rule applied)."""
     comments = raw.comments
     comment_video = _index_of(video_ids, comments.column("video_id").to_numpy())
-    like_count = comments.column("like_count").to_numpy()
     comment_raw = comments.column("comment_id").to_numpy()
+    like_count, applied_rule = like_counts(raw, comment_raw, rule, filters)
     order = np.lexsort((comment_raw, -like_count, comment_video))
     starts = group_starts(comment_video[order])
     rank_in_video = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
@@ -463,7 +489,25 @@ def index_comments(
     pool_counts = np.bincount(comment_video[keep][pool_index] - 1, minlength=len(video_ids))
     by_raw = np.argsort(comment_raw[keep], kind="stable")
     interaction_comment = by_raw[np.searchsorted(comment_raw[keep][by_raw], interaction_raw)] + 1
-    return table, pool_counts, (pool_index + 1).astype(np.int32), interaction_comment.astype(np.int32)
+    return (table, pool_counts, (pool_index + 1).astype(np.int32), interaction_comment.astype(np.int32),
+            applied_rule)
+
+
+def comment_population_filter(records: Records, pool_member: np.ndarray, hot_counts: np.ndarray,
+                              counts: dict) -> np.ndarray:
+    """Which comment records can be samples. Negatives (train and frozen eval) come from the target video's
+    pool (top `comment_pool_size` by likes), so positives must too: an interacted comment outside the pool
+    is kept in histories but is not a positive (a low-like candidate would otherwise almost surely be one).
+    Records with no positive in the pool, or whose pool holds no negative, are not samples. Counted."""
+    record_of_comment = np.repeat(np.arange(len(records.user)), np.diff(records.comment_offsets))
+    in_pool = pool_member[records.comment]
+    pool_positives = np.bincount(record_of_comment[in_pool], minlength=len(records.user))
+    negatives_left = hot_counts[records.video - 1] - pool_positives
+    counts["comment_positives"] = int(len(records.comment))
+    counts["comment_positives_outside_pool"] = int((~in_pool).sum())
+    counts["comment_records_without_pool_positive"] = int((pool_positives == 0).sum())
+    counts["comment_records_without_negative"] = int(((pool_positives > 0) & (negatives_left <= 0)).sum())
+    return (pool_positives > 0) & (negatives_left > 0)
 
 
 def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -530,9 +574,10 @@ def prepare(
     comments_table = records = None
     hot_counts = np.zeros(num_videos, np.int64)
     hot_values = np.zeros(0, np.int32)
+    like_rule = None
     if raw.has_comments:
-        comments_table, hot_counts, hot_values, interaction_comment = index_comments(
-            raw, video_ids, config.comment_pool_size, filters)
+        comments_table, hot_counts, hot_values, interaction_comment, like_rule = index_comments(
+            raw, video_ids, config.comment_pool_size, filters, config.like_counts)
         records, duplicate_comment_interactions = build_records(
             raw,
             _index_of(user_ids, raw.comment_interactions.column("user_id").to_numpy()),
@@ -560,6 +605,8 @@ def prepare(
         "comment_records": len(records.user) if records is not None else 0,
         "dropped_both_histories_empty": {},
     }
+    pool_member = np.zeros(counts["comments"] + 1, bool)
+    pool_member[hot_values] = True
     sample_indices, splits = {}, {}
     for task, (user, video, target_time) in tasks.items():
         # Samples are already sorted by (user, time, raw video id): positives and records are.
@@ -568,6 +615,10 @@ def prepare(
         _, record_count = builder.record_slices(user, target_time)
         keep = (video_count > 0) | (record_count > 0)
         counts["dropped_both_histories_empty"][task] = int((~keep).sum())
+        if task == "comment":
+            population = comment_population_filter(records, pool_member, hot_counts, counts)
+            counts["dropped_outside_comment_population"] = int((keep & ~population).sum())
+            keep = keep & population
         sample_indices[task] = np.flatnonzero(keep)
         splits[task] = assign_splits(user[sample_indices[task]], config.min_targets_per_user)
     counts["dropped_train_after_first_eval"] = cap_train_at_first_eval(
@@ -595,7 +646,7 @@ def prepare(
                 counts[f"{task}_samples"][split_name] = len(rows)
                 _write_samples(temporary / f"{task}_samples.{split_name}.parquet", task, split_name, rows,
                                user, video, target_time, records, builder, config, num_videos,
-                               hot_counts, hot_values, counts["comments"])
+                               hot_counts, hot_values, pool_member)
 
         hot_comments = list_array(hot_counts, hot_values)
         write_parquet(pa.table({
@@ -632,6 +683,7 @@ def prepare(
                                        tie_break=TIE_BREAK_TEXT[config.tie_break],
                                        history=HISTORY_TEXT[config.history_before]),
             "train_cap": TRAIN_CAP_TEXT,
+            "like_counts": like_rule,
             "protocol": {
                 "video": f"1 positive + {min(config.video_negatives, num_videos - 1)} uniform random negatives "
                          "(distinct, != target, history items not excluded), frozen by data.seed, shuffled",
@@ -661,7 +713,7 @@ def prepare(
 def _write_samples(
     path: Path, task: str, split: str, rows: np.ndarray, user: np.ndarray, video: np.ndarray,
     target_time: np.ndarray, records: Records | None, builder: HistoryBuilder, config: PrepareConfig,
-    num_videos: int, hot_counts: np.ndarray, hot_values: np.ndarray, num_comments: int,
+    num_videos: int, hot_counts: np.ndarray, hot_values: np.ndarray, pool_member: np.ndarray,
 ) -> None:
     """Build and write one samples file in chunks (bounded memory, 32-bit list offsets)."""
     target_schema = schema.sample_schema(task, split)
@@ -679,8 +731,13 @@ def _write_samples(
                                   else None),
             }
             if task == "comment":
-                positive_counts = np.diff(records.comment_offsets)[chunk]
-                positives = records.comment[expand_ranges(records.comment_offsets[chunk], positive_counts)]
+                # Positives and negatives come from one population: the target video's pool.
+                record_counts = np.diff(records.comment_offsets)[chunk]
+                interacted = records.comment[expand_ranges(records.comment_offsets[chunk], record_counts)]
+                in_pool = pool_member[interacted]
+                positives = interacted[in_pool]
+                positive_counts = np.bincount(np.repeat(np.arange(len(chunk)), record_counts)[in_pool],
+                                              minlength=len(chunk))
                 columns["pos_comments"] = list_array(positive_counts, positives)
             if split != "train":
                 if task == "video":
@@ -690,7 +747,8 @@ def _write_samples(
                     pool_counts = hot_counts[target]
                     pool = hot_values[expand_ranges(hot_offsets[target], pool_counts)]
                     candidates, labels = comment_candidates(
-                        positive_counts, positives, pool_counts, pool, config.comment_pool_size, num_comments, rng)
+                        positive_counts, positives, pool_counts, pool, config.comment_pool_size,
+                        config.comment_min_negatives, len(pool_member) - 1, rng)
                 columns["candidates"], columns["labels"] = candidates, labels
             writer.write_table(pa.table(columns, schema=target_schema))
 

@@ -69,6 +69,7 @@ USER_COMMENT_INTER = RawTableSpec(
         ("is_reply", pa.int64()),
     ]),
     required=frozenset({"user_id", "comment_id", "time_stamp", "photo_id"}),
+    optional_used=frozenset({"is_like"}),  # like counts without the data's own users' likes (prepare)
     id_columns=("user_id", "comment_id", "photo_id"),
 )
 

@@ -99,8 +99,9 @@ PRESETS: dict[str, SynthParams] = {
     # Unit tests: prepare in well under 2 s.
     "tiny": SynthParams(users=120, videos=150, comments_per_video=8, impressions_per_user=100.0,
                         like_rate=0.3, comment_open_rate=0.12),
-    # The demo: ~30 likes and ~8 comment records per user; the LLM can encode every text in minutes.
-    "demo": SynthParams(),
+    # The demo: ~30 likes and ~29 comment interactions per user (KuaiComt: 1,002,672 / 34,701 users = 28.9);
+    # the LLM can encode every text in minutes.
+    "demo": SynthParams(comment_open_rate=0.165),
     # Benchmark scale: about 1M video impressions.
     "bench": SynthParams(users=8000, videos=20000, comments_per_video=10, impressions_per_user=135.0,
                          like_rate=0.1, comment_open_rate=0.03),
@@ -109,6 +110,12 @@ PRESETS: dict[str, SynthParams] = {
     "kuaicomt": SynthParams(users=34_701, videos=82_452, comments_per_video=198, impressions_per_user=200.0,
                             like_rate=0.28, comment_open_rate=0.09, seed=7),
 }
+
+
+def _own_likes(user: np.ndarray, comment: np.ndarray, is_like: np.ndarray, num_comments: int) -> np.ndarray:
+    """Per comment: how many distinct users of the data set liked it."""
+    pairs = np.unique(user[is_like].astype(np.int64) * num_comments + comment[is_like])
+    return np.bincount(pairs % num_comments, minlength=num_comments)
 
 
 def _unique_ids(rng: np.random.Generator, count: int, low: int, max_gap: int) -> np.ndarray:
@@ -346,7 +353,9 @@ def generate(params: SynthParams, latents: dict[str, np.ndarray] | None = None) 
         "comment_id": comment_ids,
         "comment_content": content,
         "video_id": video_ids[comment_video],
-        "comment_like_cnt": comment_likes,
+        # A snapshot, as the real one: the crowd's likes plus the data set's own users' likes.
+        "comment_like_cnt": comment_likes + _own_likes(record_user[chosen_record], chosen_comment, comment_is_like,
+                                                       num_comments),
         "comment_reply_out": rng.poisson(comment_likes * 0.08).astype(np.int64),
         "show_comment_cnt_td": (comment_likes * rng.uniform(3, 12, num_comments)).astype(np.int64) + 10,
     }, schema=RAW_TABLES["comment_features"].schema)
