@@ -110,8 +110,8 @@ COMMENT_POPULARITY = ("likes", "train_interactions")
 
 def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> Popularity:
     """Video popularity = how often a video is a target in the video task's training split. Comment
-    popularity = the comment's like count (`likes`: a feature snapshot which, in real crawls, may include
-    likes given after the test interactions) or how often it is a positive in the comment task's training
+    popularity = the comment's like count (`likes`: comments.parquet's count, which by default leaves out
+    every like of the data's own users, data.like_counts; it still holds the crowd's later likes) or how often it is a positive in the comment task's training
     split (`train_interactions`: the same leak-free rule as for videos)."""
     if comment_signal not in COMMENT_POPULARITY:
         raise ConfigError(f"comment popularity signal must be one of {COMMENT_POPULARITY}; got {comment_signal!r}")

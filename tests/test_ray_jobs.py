@@ -134,7 +134,8 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
         assert metrics["epochs_run"] >= 1 and 0 <= metrics["test"]["ndcg@5"] <= 1
     report = (run / "report" / "report.md").read_text()
     for row in ("LSVCR (aligned)", "LSVCR (no alignment)", "LSVCR (aligned), another user's history",
-                "LSVCR + like prior (aligned)", "popularity (likes)", "popularity (train interactions)"):
+                "LSVCR + like prior (aligned)", "popularity (like count, reference)",
+                "popularity (train interactions, the bar)"):
         assert row in report
     assert "Protocol:" in report and (run / "report" / "results.png").stat().st_size > 0
 

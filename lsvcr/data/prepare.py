@@ -20,10 +20,15 @@ What becomes what:
   RecBole's stable sort). `data.history_before: position` gives each video sample of the video task
   every earlier positive of the user in that order as its video history (RecBole's prefixes, equal
   timestamps included) instead of those strictly before its time.
+- Each task's train samples end before the user's first valid/test time of the other task (stage 1 and
+  2 train both tasks jointly: no train sample may hold another task's evaluation target).
 - Candidates for valid/test are frozen with `data.seed` (METHOD 9.6): video task = target + 99 uniform
   negatives ≠ target; comment task = every positive + non-positive comments of the target video's
-  pool (`hot_comments`, top `comment_pool_size` by likes), at most `comment_pool_size` in total when
-  positives allow, random (seeded) among the non-positives. Both shuffled.
+  pool (`hot_comments`, top `comment_pool_size` by likes), at most `comment_pool_size` in total but at
+  least `comment_min_negatives` negatives, random (seeded) among the non-positives. Both shuffled.
+  Positives and negatives come from the same population, the pool: interacted comments outside it stay
+  in histories but are not positives (counted).
+- Like counts leave out the data's own users' likes (`data.like_counts`), so no label is in them.
 - Comments kept in comments.parquet: each video's pool plus every comment some user interacted with.
 
 Everything is vectorised: sort + offsets + searchsorted, lists built with `ListArray.from_arrays`.
@@ -687,9 +692,11 @@ def prepare(
             "protocol": {
                 "video": f"1 positive + {min(config.video_negatives, num_videos - 1)} uniform random negatives "
                          "(distinct, != target, history items not excluded), frozen by data.seed, shuffled",
-                "comment": f"all positives + random non-positive comments of the target video's pool (top "
-                           f"{config.comment_pool_size} by likes), at most {config.comment_pool_size} candidates "
-                           "unless positives exceed it, frozen by data.seed, shuffled",
+                "comment": f"all positives in the target video's pool (top {config.comment_pool_size} by likes; "
+                           "positives outside it are not positives) + random non-positive comments of that pool, "
+                           f"at most {config.comment_pool_size} candidates but at least "
+                           f"{config.comment_min_negatives} negatives when the pool has them, frozen by "
+                           "data.seed, shuffled",
                 "seed": config.seed,
             },
             "id_maps": {name: f"id_map.{name}.parquet" for name in raw.id_maps},
