@@ -205,8 +205,9 @@ def test_a_trained_video_model_loses_quality_with_another_users_history(tiny_pre
     own = evaluate_model(model, "video", tiny_prepared_dir, config, splits=("test",), progress=False)
     swapped = evaluate_model(model, "video", tiny_prepared_dir, config, splits=("test",), progress=False,
                              swapped_histories=True)
-    # measured: 0.071 with the user's own history, 0.037 with another user's (120 test samples)
-    assert swapped["test"]["ndcg@5"] < 0.75 * own["test"]["ndcg@5"]
+    # measured: 0.070 with the user's own history, 0.055 with another user's (120 test samples; 0.037 before the
+    # issue-14 data protocol changed the tiny data's hot-comment order and training samples)
+    assert swapped["test"]["ndcg@5"] < 0.85 * own["test"]["ndcg@5"]
 
 
 # ----------------------------------------------------------------------------- training in-process
