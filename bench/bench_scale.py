@@ -140,7 +140,7 @@ def counts(work: Path) -> dict:
     return out
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, out: Path = PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +171,7 @@ def plot(results: dict) -> None:
     ax_time.legend(fontsize=7)
     fig.suptitle("lsvcr scale benchmark (bench/bench_scale.py; 2-core shared machine)")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(out, dpi=110)
 
 
 def main() -> int:
@@ -179,8 +179,10 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (one subdirectory per size)")
     parser.add_argument("--sizes", nargs="+", default=["demo", "demo10"])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into (default: %(default)s)")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
+    results_path = args.results
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
     results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
                            "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
                            "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
@@ -200,13 +202,13 @@ def main() -> int:
             print(f"[{name}] {stage}: {entry['seconds']} s, peak {entry['peak_rss_gb']} GB "
                   f"(tree {entry['peak_total_rss_gb']} GB), rc {entry['returncode']}, load {entry['load_average']}",
                   flush=True)
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
             if entry["returncode"] != 0:
                 print(f"[{name}] {stage} failed: see {work / f'{stage}.log'}", flush=True)
                 break
         row["stages"]["serve"] = {"skipped": "serving is being rewritten (issue #13); not measured here"}
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, results_path.with_suffix(".png"))
     return 0
 
 
