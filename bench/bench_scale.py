@@ -39,6 +39,7 @@ RESULTS = ROOT / "bench" / "results" / "scale.json"
 PLOT = ROOT / "bench" / "results" / "scale.png"
 STAGES = ("synth", "prepare", "encode", "finetune_video", "finetune_comment", "evaluate_video", "evaluate_comment")
 GB = 1024 ** 3
+RAY_START_TIMEOUT = "timed out during startup"
 
 
 def size_params(name: str):
@@ -196,6 +197,12 @@ def main() -> int:
             command = stage_command(stage, work, params)
             print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
             entry = run_watched(command, work / f"{stage}.log")
+            for retry in range(2):  # Ray's local start has a fixed 30 s timeout, short on a loaded machine
+                if entry["returncode"] == 0 or RAY_START_TIMEOUT not in (work / f"{stage}.log").read_text():
+                    break
+                print(f"[{name}] {stage}: Ray did not start in time (load {os.getloadavg()[0]:.1f}); retrying",
+                      flush=True)
+                entry = run_watched(command, work / f"{stage}.log") | {"ray_start_retries": retry + 1}
             entry["command"] = " ".join(["python"] + command[1:])
             row["stages"][stage] = entry
             row["counts"] = counts(work)
