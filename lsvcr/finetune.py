@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from lsvcr import storage
 from lsvcr.batching import (
-    Batch, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream, pool_negatives,
+    Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
+    pool_negatives,
 )
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
@@ -404,6 +405,18 @@ def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) 
     return manifest
 
 
+def prepare_worker_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) -> None:
+    """Convert, once and in the driver, what the workers map: the streamed train/valid samples and the
+    dense text tables (so the workers neither race to convert nor pay the conversion's peak)."""
+    from lsvcr.evaluate import load_text_tables
+
+    for split in ("train", "valid"):
+        build_sample_stream(data_dir, config.finetune.task, split, config.finetune.history_length,
+                            config.data.max_comments_per_record)
+    if vectors_dir is not None and config.model.architecture != "sasrec" and config.model.mode != "id":
+        load_text_tables(config, data_dir, vectors_dir)
+
+
 @dataclass
 class FinetuneResult:
     out_dir: Path
@@ -461,6 +474,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     inputs = {"data": str(data_dir), "vectors": str(vectors_dir) if vectors_dir else None,
               "init": str(Path(init).resolve()) if init else None}
     (staging / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
+    prepare_worker_inputs(config, data_dir, vectors_dir)
 
     ensure_ray()
     use_gpu = wants_gpu(config.finetune.use_gpu) or (resources_per_worker or {}).get("GPU", 0) > 0
