@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
+from lsvcr.batching import HistoryBatch
 from lsvcr.config import ModelConfig
 from lsvcr.errors import ConfigError
-from lsvcr.model import Dropout, HistoryBatch, HistoryStates, LSVCRModel, TransformerEncoder
+from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder
 
 
 class SASRec(nn.Module):

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor
 
 from lsvcr.errors import DataError
-from lsvcr.model import HistoryBatch
+
+
+@dataclass
+class HistoryBatch:
+    """Padded index tensors of both histories (0 = padding; right-padded, oldest item first)."""
+
+    video_history: Tensor  # [B, Lv] video_idx
+    video_history_hot_comment: Tensor  # [B, Lv] comment_idx of the hot comment shown with each video
+    comment_history_videos: Tensor  # [B, Lc] video_idx of each comment-interaction record
+    comment_history_comments: Tensor  # [B, Lc, K] the user's comment_idx in each record
+
+    def to(self, device: torch.device | str) -> "HistoryBatch":
+        return HistoryBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return self.video_history.shape[0]
+
 
 HOT_COMMENTS = 3  # "hot comment" = random pick among the top 3 by likes in training (METHOD 2.2)
 # Stage 1: at most 3 of a record's comments, the same ones in the LLM prompt and the SR input (METHOD 2.2, 4.2;

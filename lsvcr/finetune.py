@@ -25,31 +25,36 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from lsvcr import storage
+from lsvcr import storage, train_driver
+from lsvcr.baselines import build_model
 from lsvcr.batching import (
     Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
     pool_negatives,
 )
-from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, save_config
+from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
+from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, format_table, load_text_tables
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE
+from lsvcr.report import plot_curves, read_jsonl, write_jsonl
+from lsvcr.runtime import choose_device, set_threads
 
 log = logging.getLogger("lsvcr.finetune")
 
-STATE_FILE = "state.pt"
+STATE_FILE = train_driver.STATE_FILE
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -195,8 +200,6 @@ class WorkerContext:
 
 
 def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
-    from lsvcr.runtime import choose_device
-
     if report_to == "train":
         import ray.train
         import ray.train.torch
@@ -216,17 +219,9 @@ def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
 
 def _all_reduce_sum(values: Tensor, context: WorkerContext) -> Tensor:
     if context.world_size > 1:
-        import torch.distributed as dist
-
         values = values.to(context.device)
         dist.all_reduce(values)
     return values.cpu()
-
-
-def _load_text(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None):
-    from lsvcr.evaluate import load_text_tables
-
-    return load_text_tables(config, data_dir, vectors_dir)
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -234,10 +229,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     (dict of LSVCRConfig), data_dir, vectors_dir, init, log_path (rank 0 appends train_log.jsonl
     there if set), report_to ("train" | "tune" | "local"). Returns the final training state
     (history, best_state, best_epoch, ...); Ray ignores it, in-process callers ("local") use it."""
-    from lsvcr.baselines import build_model
-    from lsvcr.evaluate import evaluate_arrays
-    from lsvcr.runtime import set_threads
-
+    # 1. config, threads, where this worker reports
     config = config_from_dict(loop_config["config"])
     settings = config.finetune
     selection_metric = settings.selection_metric
@@ -247,6 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     data_dir = Path(loop_config["data_dir"])
     vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
 
+    # 2. data and the model
     tables = load_item_tables(data_dir, config.data.hot_comments)
     # Memory-mapped, padded per batch: a worker reads only the rows of its own batches (issue #16).
     train = open_sample_stream(data_dir, settings.task, "train", settings.history_length,
@@ -254,16 +247,16 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     valid = open_sample_stream(data_dir, settings.task, "valid", settings.history_length,
                                config.data.max_comments_per_record)
     train_lengths = history_lengths(train)
-    video_text, comment_text = _load_text(config, data_dir, vectors_dir)
+    video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
     model = build_model(config.model, tables.num_videos, video_text, comment_text,
                         torch.from_numpy(tables.comment_likes))
 
+    # 3. resume from the latest checkpoint, or start (from --init's stage-1 weights, the fitted like prior)
     checkpoint = context.get_checkpoint()
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
                              "history": [], "init_report": None, "resumed_after": []}
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = train_driver.load_checkpoint_state(checkpoint)
         model.load_state_dict(state.pop("model"))
         state["resumed_after"].append(state["epoch"])
         log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], selection_metric,
@@ -273,6 +266,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
         state["like_prior_init"] = warm_start_like_prior(model, train, tables)
 
+    # 4. the objective (DDP-wrapped across workers) and its optimizer
     objective = build_objective(config, model)
     if context.world_size > 1:
         import ray.train.torch
@@ -284,9 +278,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if "optimizer" in state:
         optimizer.load_state_dict(state.pop("optimizer"))
 
+    # 5. the epochs: train on this rank's shard, validate (sums all-reduced), log, checkpoint, early stop
     log_path = Path(loop_config["log_path"]) if loop_config.get("log_path") and context.rank == 0 else None
-    from tqdm.auto import tqdm
-
     for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
         if state["bad_epochs"] >= settings.patience:
             break
@@ -358,13 +351,11 @@ def _ray_train_worker(loop_config: dict) -> None:
 
 def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:
     """Every rank reports the metrics; rank 0 attaches a checkpoint holding everything needed to resume."""
-    if context.rank != 0 or not context.keeps_checkpoints:
-        context.report(row)
-        return
-    with tempfile.TemporaryDirectory(prefix="lsvcr-ckpt-") as directory:
-        payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
-        torch.save(payload, Path(directory) / STATE_FILE)
-        context.report(row, checkpoint=context.checkpoint_class.from_directory(directory))
+    def payload() -> dict:
+        return dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
+
+    attaches = context.rank == 0 and context.keeps_checkpoints
+    train_driver.report(context.report, row, payload if attaches else None, context.checkpoint_class)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -433,10 +424,6 @@ def _training_settings(config: LSVCRConfig) -> dict:
     return {section: values[section] for section in ("data", "model", "finetune")}
 
 
-def _partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
 def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,
                  init: str | Path | None = None, *, callbacks: list | None = None,
                  resources_per_worker: dict[str, float] | None = None) -> FinetuneResult:
@@ -445,56 +432,31 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     `callbacks` are extra Ray Train `RunConfig` callbacks (e.g. Tune's `TuneReportCallback` when a Tune
     trial drives this run); `resources_per_worker` replaces the default `{"CPU": threads_per_worker}`
     (e.g. a fraction of a GPU per worker so that several sweep trials share one GPU)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lsvcr.evaluate import evaluate_model_dir, format_table
-    from lsvcr.report import plot_curves, write_jsonl
-    from lsvcr.runtime import ensure_ray, fit_and_load_state, wants_gpu
-
     out_uri = str(out_dir)
     out = storage.local_dir(out_uri).resolve()
     if storage.is_finished(out_uri):
         log.info("%s is already finished; delete it to train again", out_uri)
         local = storage.pull(out_uri)
         metrics = json.loads((local / "metrics.json").read_text())
-        from lsvcr.report import read_jsonl
-
         return FinetuneResult(local, metrics, read_jsonl(local / "train_log.jsonl"), metrics.get("best_epoch", 0))
     data_dir = storage.pull(str(data_dir)).resolve()
     vectors_dir = storage.pull(str(vectors_dir)).resolve() if vectors_dir else None
     check_inputs(config, data_dir, vectors_dir)
 
-    staging = _partial_dir(out)
-    staging.mkdir(parents=True, exist_ok=True)
-    config_yaml = staging / "config.yaml"
-    if config_yaml.is_file() and _training_settings(load_config(config_yaml)) != _training_settings(config):
-        raise ConfigError(f"{staging} holds a partial run with a different config; delete it or rerun with the same one")
-    save_config(config, config_yaml)
+    staging = train_driver.open_staging(out, config, _training_settings)
     inputs = {"data": str(data_dir), "vectors": str(vectors_dir) if vectors_dir else None,
               "init": str(Path(init).resolve()) if init else None}
     (staging / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
     prepare_worker_inputs(config, data_dir, vectors_dir)
 
-    ensure_ray()
-    use_gpu = wants_gpu(config.finetune.use_gpu) or (resources_per_worker or {}).get("GPU", 0) > 0
-    threads = config.finetune.threads_per_worker
-    trainer = TorchTrainer(
-        _ray_train_worker,
-        train_loop_config=make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl"),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.finetune.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources_per_worker or {"CPU": threads}),
-        run_config=ray.train.RunConfig(
-            name="ray_train",
-            storage_path=str(staging),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.finetune.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.finetune.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-            callbacks=callbacks,
-        ),
-    )
-    state = fit_and_load_state(trainer, STATE_FILE, "fine-tuning produced no checkpoint (max_epochs = 0?)")
+    settings = config.finetune
+    trainer_settings = train_driver.TrainerSettings(
+        num_workers=settings.num_workers, use_gpu=settings.use_gpu, threads_per_worker=settings.threads_per_worker,
+        max_failures=settings.max_failures, checkpoints_to_keep=settings.checkpoints_to_keep,
+        no_checkpoint_message="fine-tuning produced no checkpoint (max_epochs = 0?)",
+        resources_per_worker=resources_per_worker, callbacks=callbacks)
+    loop_config = make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl")
+    state = train_driver.fit(_ray_train_worker, loop_config, trainer_settings, staging)
 
     text_dim = 0
     if config.model.architecture == "lsvcr" and config.model.mode != "id":
@@ -517,18 +479,11 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
                                  "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_table(metrics))
-
-    if out.exists():
-        shutil.rmtree(out)
-    storage.mark_finished(staging)
-    staging.rename(out)
-    storage.push(out, out_uri)
+    train_driver.finalise(staging, out, out_uri)
     return FinetuneResult(out, metrics, state["history"], state["best_epoch"])
 
 
 def _num_videos(data_dir: Path) -> int:
-    import pyarrow.parquet as pq
-
     return pq.read_metadata(data_dir / "videos.parquet").num_rows
 
 

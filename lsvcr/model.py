@@ -21,12 +21,13 @@ Modes (`ModelConfig.mode`): `id+text` (stage 2 default), `text` (no ID embedding
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsvcr.batching import HistoryBatch  # noqa: F401 - the model's input; defined with the batches
 from lsvcr.config import ModelConfig
 from lsvcr.errors import ConfigError, DataError
 
@@ -172,23 +173,6 @@ class AdditiveAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- containers
-
-
-@dataclass
-class HistoryBatch:
-    """Padded index tensors of both histories (0 = padding; right-padded, oldest item first)."""
-
-    video_history: Tensor  # [B, Lv] video_idx
-    video_history_hot_comment: Tensor  # [B, Lv] comment_idx of the hot comment shown with each video
-    comment_history_videos: Tensor  # [B, Lc] video_idx of each comment-interaction record
-    comment_history_comments: Tensor  # [B, Lc, K] the user's comment_idx in each record
-
-    def to(self, device: torch.device | str) -> "HistoryBatch":
-        return HistoryBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
-
-    @property
-    def batch_size(self) -> int:
-        return self.video_history.shape[0]
 
 
 @dataclass

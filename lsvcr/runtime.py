@@ -64,23 +64,6 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def fit_and_load_state(trainer, state_file: str, no_checkpoint_message: str) -> dict:
-    """Run a Ray Train trainer; re-raise a worker error; return the state saved in its last checkpoint."""
-    from pathlib import Path
-
-    import torch
-
-    from lsvcr.errors import DataError
-
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise DataError(no_checkpoint_message)
-    with result.checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / state_file, map_location="cpu", weights_only=False)
-
-
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -56,6 +57,30 @@ def is_finished(uri: str) -> bool:
 
 def mark_finished(local: Path) -> None:
     (Path(local) / SUCCESS_MARKER).write_text("")
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a stage builds `out` before it is finished: the hidden sibling `.NAME.partial/`."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def promote(staging: Path, out: Path) -> None:
+    """Stage then rename: mark `staging` finished (marker last) and rename it to `out`. A previous `out` is
+    first renamed aside and removed after, so `out` is never a half-written directory."""
+    staging, out = Path(staging), Path(out)
+    mark_finished(staging)
+    if out.exists():
+        retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(retired)
+        staging.rename(out)
+        remove_tree(retired)
+    else:
+        staging.rename(out)
 
 
 def pull(uri: str) -> Path:

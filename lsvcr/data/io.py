@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from lsvcr.data.schema import RawTableSpec
 from lsvcr.errors import ConfigError, DataError
+from lsvcr.storage import SUCCESS_MARKER, promote
 
 RAW_SUFFIXES = (".parquet", ".csv")
 
@@ -88,8 +89,6 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
     carries the `_SUCCESS` marker of `lsvcr.storage`, written last. An existing `path` is replaced only
     if it is empty or a finished output (has `_SUCCESS`): never a directory of something else.
     """
-    from lsvcr.storage import SUCCESS_MARKER, mark_finished
-
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / SUCCESS_MARKER).exists())):
         raise ConfigError(
@@ -102,14 +101,7 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
-        mark_finished(temporary)
-        if path.exists():
-            retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(retired)
-            temporary.rename(path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            temporary.rename(path)
+        promote(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

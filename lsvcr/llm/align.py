@@ -42,26 +42,40 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from lsvcr import storage
-from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict, load_config, save_config
+from lsvcr import storage, train_driver
+from lsvcr.batching import (
+    STAGE_ONE_COMMENTS_PER_RECORD, HistoryBatch, ItemTables, SampleStream, epoch_rows, load_item_tables, make_batch,
+    open_sample_stream,
+)
+from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict, load_config
+from lsvcr.data.prepared import load_manifest
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.llm.alignment_losses import AlignmentLosses, alignment_losses
+from lsvcr.llm.encode import run_encode
 from lsvcr.llm.heads import LLMHeads, export_text_vectors, last_token, mean_pool
+from lsvcr.llm.prompts import ItemTexts, PromptBuilder, PromptHistories, load_item_texts
+from lsvcr.llm.registry import resolve_model
+from lsvcr.model import LSVCRModel
+from lsvcr.report import plot_curves, write_jsonl
+from lsvcr.runtime import set_threads
+from lsvcr.vectors import load_item_vectors, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
-STATE_FILE = "state.pt"
+STATE_FILE = train_driver.STATE_FILE
 LLAMA_STYLE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -80,7 +94,7 @@ def stage_one_model_config(config: LSVCRConfig) -> ModelConfig:
 class AlignBatch:
     """A mixed batch in batch-local indices (row 0 of every local table = padding)."""
 
-    history: Any  # lsvcr.model.HistoryBatch, local indices
+    history: HistoryBatch  # local indices
     num_video_rows: int
     current_video: Tensor  # [B] local video index (comment rows: the watched video)
     target_video: Tensor  # [Bv] local video index of the video rows' targets
@@ -89,7 +103,7 @@ class AlignBatch:
     comments: Tensor  # [Cb] PREPARED comment_idx of the local comment table (0 first)
     video_rows: np.ndarray  # sample rows in video_samples.train
     comment_rows: np.ndarray  # sample rows in comment_samples.train
-    global_history: Any  # HistoryBatch in PREPARED indices (for prompts)
+    global_history: HistoryBatch  # PREPARED indices (for prompts)
     global_current_video: np.ndarray
     global_targets: tuple[np.ndarray, np.ndarray]  # (target video_idx of video rows, comment_idx of comment rows)
 
@@ -101,10 +115,8 @@ def _pad_to(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     return F.pad(tensor, padding)
 
 
-def concat_histories(parts: list) -> Any:
+def concat_histories(parts: list[HistoryBatch]) -> HistoryBatch:
     """Stack HistoryBatches of different padded widths (zeros are padding)."""
-    from lsvcr.model import HistoryBatch
-
     names = ("video_history", "video_history_hot_comment", "comment_history_videos", "comment_history_comments")
     merged = {}
     for name in names:
@@ -129,9 +141,6 @@ def make_align_batch(data: "StageOneData", video_rows: np.ndarray, comment_rows:
                      rng: np.random.Generator, augmentation: Any = None) -> AlignBatch:
     """A stage-1 batch; `augmentation` (lsvcr.batching.ViewAugmentation, METHOD 5.1) gives the SR model and the
     prompt different views (`history` vs `global_history`)."""
-    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, make_batch
-    from lsvcr.model import HistoryBatch
-
     # The SR model sees the comments the LLM prompt shows (lsvcr.batching's rule): lora renders its prompts from
     # this batch's own draw (`global_history`); frozen prompts were encoded once with the deterministic view.
     views = {"comments_per_record": STAGE_ONE_COMMENTS_PER_RECORD, "deterministic_views": data.raw_video is not None}
@@ -192,8 +201,6 @@ def mixed_epoch_batches(num_video: int, num_comment: int, batch_size: int, rng: 
     """A shuffled epoch over the concatenation of both tasks' train samples (METHOD 5.1), sharded so
     every rank gets the same number of equally sized batches; each batch split into its
     (video rows, comment rows)."""
-    from lsvcr.batching import epoch_rows
-
     batches = epoch_rows(num_video + num_comment, batch_size, rng, rank, world_size)
     return [(np.sort(rows[rows < num_video]), np.sort(rows[rows >= num_video] - num_video)) for rows in batches]
 
@@ -203,9 +210,9 @@ def mixed_epoch_batches(num_video: int, num_comment: int, batch_size: int, rng: 
 
 @dataclass
 class StageOneData:
-    tables: Any  # lsvcr.batching.ItemTables
-    video: Any  # SampleStream of video_samples.train
-    comment: Any | None  # SampleStream of comment_samples.train (None: video-only data)
+    tables: ItemTables
+    video: SampleStream  # video_samples.train
+    comment: SampleStream | None  # comment_samples.train (None: video-only data)
     raw_video: Tensor | None = None  # frozen: [V+1, D] LLM item vectors (row 0 zeros)
     raw_comment: Tensor | None = None  # frozen: [C+1, D]
     user_video: Tensor | None = None  # frozen: [Nv, D] LLM prompt vectors by sample row
@@ -218,9 +225,6 @@ class StageOneData:
 
 def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[np.ndarray, Tensor]:
     """(sample rows that have a vector, their vectors) of `users_video` / `users_comment`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = vectors_dir / name
     single = vectors_dir / f"{name}.parquet"
     if single.is_file():
@@ -242,9 +246,6 @@ def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[
 
 
 def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None, frozen: bool) -> StageOneData:
-    from lsvcr.batching import load_item_tables, open_sample_stream
-    from lsvcr.data.prepared import load_manifest
-
     settings = config.align
     has_comments = bool(load_manifest(data_dir).get("has_comments"))
     tables = load_item_tables(data_dir)
@@ -253,8 +254,6 @@ def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path |
                                   config.data.max_comments_per_record) if has_comments else None)
     data = StageOneData(tables, video, comment)
     if frozen:
-        from lsvcr.vectors import load_item_vectors
-
         video_text, comment_text = load_item_vectors(vectors_dir, data_dir)
         data.raw_video = torch.from_numpy(video_text)
         data.raw_comment = torch.from_numpy(comment_text if comment_text is not None
@@ -274,8 +273,6 @@ class AlignmentObjective(nn.Module):
 
     def __init__(self, config: LSVCRConfig, num_videos: int, llm_hidden: int, llm: "LiveLLM | None" = None):
         super().__init__()
-        from lsvcr.model import LSVCRModel
-
         settings = config.align
         placeholder = torch.zeros(num_videos + 1, settings.text_dim)  # the real tables are batch-local
         self.sr = LSVCRModel(stage_one_model_config(config), num_videos, placeholder, torch.zeros(1, settings.text_dim))
@@ -357,7 +354,7 @@ class LiveLLM(nn.Module):
     """A causal LM with a LoRA adapter, used live in stage 1: item texts (mean pool), user prompts
     (last prompt token + L_LM on the response)."""
 
-    def __init__(self, model_path: Path, config: LSVCRConfig, texts, device: torch.device):
+    def __init__(self, model_path: Path, config: LSVCRConfig, texts: ItemTexts, device: torch.device):
         super().__init__()
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -372,7 +369,7 @@ class LiveLLM(nn.Module):
         if settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.enable_input_require_grads()
-        self.texts = texts  # lsvcr.llm.prompts.ItemTexts
+        self.texts = texts
         self.max_text_tokens = config.encode.max_text_tokens
         self.max_response_tokens = settings.max_response_tokens
         self.autocast = settings.bf16 and bf16_supported(device)
@@ -433,10 +430,8 @@ class LiveLLM(nn.Module):
         return last_token(hidden.float(), prompt_lengths), lm_loss
 
 
-def lora_prompt_inputs(llm: LiveLLM, builder, batch: AlignBatch, rng: np.random.Generator) -> dict:
+def lora_prompt_inputs(llm: LiveLLM, builder: PromptBuilder, batch: AlignBatch, rng: np.random.Generator) -> dict:
     """Render this batch's prompts (random template per row, METHOD 4.2) and responses (target texts)."""
-    from lsvcr.llm.prompts import PromptHistories
-
     history = batch.global_history
     histories = PromptHistories(
         video_history=history.video_history.numpy(), hot_comment=history.video_history_hot_comment.numpy(),
@@ -471,10 +466,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log_path (rank 0 appends train_log.jsonl rows there)."""
     import ray.train
     import ray.train.torch
-    from tqdm.auto import tqdm
 
-    from lsvcr.runtime import set_threads
-
+    # 1. config, threads, this worker's place in the group
     config = config_from_dict(loop_config["config"])
     settings = config.align
     set_threads(settings.threads_per_worker)
@@ -485,19 +478,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data_dir = Path(loop_config["data_dir"])
     vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
     frozen = settings.mode == "frozen"
+
+    # 2. data (frozen: with the precomputed LLM vectors) and, in lora mode, the live LLM
     data = load_stage_one_data(config, data_dir, vectors_dir, frozen)
 
     llm = builder = None
     if frozen:
         llm_hidden = data.raw_video.shape[1]
     else:
-        from lsvcr.llm.prompts import PromptBuilder, load_item_texts
-
         texts = load_item_texts(data_dir)
         llm = LiveLLM(Path(loop_config["model_path"]), config, texts, device)
         llm_hidden = llm.hidden_size
         builder = PromptBuilder(llm.tokenizer, texts, language=config.encode.language,
                                 max_prompt_tokens=config.encode.max_prompt_tokens)
+
+    # 3. the objective, optimizer and linear warm-up/decay schedule
     objective = AlignmentObjective(config, data.tables.num_videos, llm_hidden, llm).to(device)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     augmentation = view_augmentation(config)
@@ -512,11 +507,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup = int(math.ceil(settings.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_schedule(step, total_steps, warmup))
 
+
+    # 4. resume from the latest checkpoint, if Ray Train restored one
     state: dict[str, Any] = {"step": 0, "history": [], "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = train_driver.load_checkpoint_state(checkpoint)
         _load_trainable_state(objective, saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -528,6 +524,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if world_size > 1:
         model = ray.train.torch.prepare_model(objective, move_to_device=False,
                                               parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    # 5. the steps: a mixed batch, the stage-1 loss, a log row every log_every, a checkpoint every checkpoint_every
     log_path = Path(loop_config["log_path"]) if loop_config.get("log_path") and rank == 0 else None
     sums, counted, window_start = np.zeros(5), 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"align ({settings.mode})", disable=rank != 0,
@@ -587,23 +585,17 @@ def _load_trainable_state(objective: AlignmentObjective, saved: dict[str, Tensor
 
 def _report(rank: int, state: dict, objective: AlignmentObjective, optimizer, scheduler) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     metrics = dict(state["history"][-1]) if state["history"] else {"step": state["step"]}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="lsvcr-align-") as directory:
-        torch.save({"trainable": _trainable_state(objective), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state}, Path(directory) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    def payload() -> dict:
+        return {"trainable": _trainable_state(objective), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": state}
+
+    train_driver.report(ray.train.report, metrics, payload if rank == 0 else None, ray.train.Checkpoint)
 
 
 # ----------------------------------------------------------------------------- the driver
-
-
-def _partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 def _llm_hidden_of(vectors_dir: Path) -> int:
@@ -615,10 +607,6 @@ def _llm_hidden_of(vectors_dir: Path) -> int:
 
 def _export_vectors(heads: LLMHeads, raw_vectors_dir: Path, data_dir: Path, out_dir: Path, manifest: dict) -> None:
     """Stage-2 text vectors = llm_emb_mlp(raw item vectors), written in the VECTORS format."""
-    import pyarrow.parquet as pq
-
-    from lsvcr.vectors import load_item_vectors, write_item_vectors
-
     video_raw, comment_raw = load_item_vectors(raw_vectors_dir, data_dir)
     video_ids = pq.read_table(data_dir / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
     comment_ids = comment_vectors = None
@@ -659,13 +647,6 @@ def _merge_lora(model_path: Path, trainable: dict[str, Tensor], config: LSVCRCon
 def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,
               mode: str | None = None) -> dict:
     """Train stage 1 on Ray Train and write ALIGNED/; returns a summary (seconds, final losses)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lsvcr.llm.registry import resolve_model
-    from lsvcr.report import plot_curves, write_jsonl
-    from lsvcr.runtime import ensure_ray, fit_and_load_state, wants_gpu
-
     config = copy.deepcopy(config)
     if mode is not None:
         config.align.mode = mode
@@ -690,35 +671,17 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
     else:
         model_path = resolve_model(config.encode.model)
 
-    staging = _partial_dir(out)
-    staging.mkdir(parents=True, exist_ok=True)
-    config_yaml = staging / "config.yaml"
-    if config_yaml.is_file() and load_config(config_yaml) != config:
-        raise ConfigError(f"{staging} holds a partial run with a different config; delete it or rerun with the same one")
-    save_config(config, config_yaml)
-
-    ensure_ray()
-    use_gpu = wants_gpu(settings.use_gpu)
-    threads = settings.threads_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "data_dir": str(data_dir),
-                           "vectors_dir": str(vectors_dir) if vectors_dir else None,
-                           "model_path": str(model_path) if model_path else None,
-                           "log_path": str(staging / "train_log.jsonl")},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": threads}),
-        run_config=ray.train.RunConfig(
-            name="ray_train", storage_path=str(staging),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                                             "TOKENIZERS_PARALLELISM": "false"}},
-        ),
-    )
-    saved = fit_and_load_state(trainer, STATE_FILE,
-                               "alignment produced no checkpoint (no train samples, or max_steps = 0?)")
+    staging = train_driver.open_staging(out, config)
+    loop_config = {"config": config_to_dict(config), "data_dir": str(data_dir),
+                   "vectors_dir": str(vectors_dir) if vectors_dir else None,
+                   "model_path": str(model_path) if model_path else None,
+                   "log_path": str(staging / "train_log.jsonl")}
+    trainer_settings = train_driver.TrainerSettings(
+        num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        threads_per_worker=settings.threads_per_worker, max_failures=settings.max_failures, checkpoints_to_keep=2,
+        no_checkpoint_message="alignment produced no checkpoint (no train samples, or max_steps = 0?)",
+        env_vars={"TOKENIZERS_PARALLELISM": "false"})
+    saved = train_driver.fit(train_loop_per_worker, loop_config, trainer_settings, staging)
     train_seconds = time.perf_counter() - started
 
     trainable = saved["trainable"]
@@ -735,8 +698,6 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
     if settings.mode == "frozen":
         _export_vectors(heads, vectors_dir, data_dir, staging / "vectors", vectors_manifest)
     else:
-        from lsvcr.llm.encode import run_encode
-
         merged = _merge_lora(model_path, trainable, config, staging / "llm.tmp")
         if (staging / "llm").exists():
             shutil.rmtree(staging / "llm")
@@ -765,12 +726,7 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
                "final": history[-1] if history else {}, "resumed_at": saved["state"]["resumed_at"],
                "workers": settings.num_workers}
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(staging / "ray_train", ignore_errors=True)
-    if out.exists():
-        shutil.rmtree(out)
-    storage.mark_finished(staging)
-    staging.rename(out)
-    storage.push(out, out_uri)
+    train_driver.finalise(staging, out, out_uri, drop_ray_run=True)
     log.info("aligned (%s) in %.1f s: %s", settings.mode, summary["total_seconds"], summary["final"])
     return summary
 

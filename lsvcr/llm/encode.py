@@ -418,10 +418,6 @@ def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: 
     return {"counts": counts, "throughput": throughput.summary()}
 
 
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial"
-
-
 def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Path, what: str = "all",
                model: str | None = None) -> dict:
     """Encode into `out_dir` (VECTORS format); resumable; returns the manifest."""
@@ -444,7 +440,7 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
     model_path = resolve_model(model_name)
     if what in ("users", "all"):
         check_prompt_budget(prepared_dir, model_path, settings)
-    partial = _partial_dir(out_dir)
+    partial = storage.partial_dir(out_dir)
     if out_dir.is_dir():  # add missing parts to a finished directory: continue from its files
         if partial.exists():
             shutil.rmtree(partial)
@@ -474,8 +470,7 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
             manifest["dim"] = int(pq.read_schema(next((partial / "users_video").glob("part-*.parquet")))
                                   .field("vector").type.list_size)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    storage.mark_finished(partial)
-    partial.rename(out_dir)
+    storage.promote(partial, out_dir)
     return manifest
 
 

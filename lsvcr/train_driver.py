@@ -1,0 +1,120 @@
+"""The one Ray Train driver of stage 1 (`lsvcr align`) and stage 2 (`lsvcr finetune`).
+
+    staging = open_staging(out, config, comparable)      # .OUT.partial/, config.yaml checked on resume
+    state = fit(worker, loop_config, TrainerSettings(...), staging)   # TorchTrainer → last checkpoint's state
+    ... the stage writes its files into staging ...
+    finalise(staging, out, out_uri)                      # _SUCCESS last, rename into place, push
+
+and, inside a worker, `report(metrics, payload, ...)`: every rank reports the metrics, rank 0 attaches a
+checkpoint holding `payload` (what the worker needs to resume). Re-running with the same OUT resumes:
+Ray Train restores a run whose name and storage path (`staging/ray_train`) already hold a checkpoint.
+Ray is imported lazily (the stages' pure-torch parts run without it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lsvcr import storage
+from lsvcr.config import LSVCRConfig, load_config, save_config
+from lsvcr.errors import ConfigError, DataError
+
+STATE_FILE = "state.pt"
+RUN_NAME = "ray_train"
+
+
+def open_staging(out: Path, config: LSVCRConfig,
+                 comparable: Callable[[LSVCRConfig], Any] = lambda config: config) -> Path:
+    """Create `.OUT.partial/` beside `out` and save config.yaml there; a partial run left by another config
+    (as seen through `comparable`: what a resumed run must share) is refused."""
+    staging = storage.partial_dir(out)
+    staging.mkdir(parents=True, exist_ok=True)
+    config_yaml = staging / "config.yaml"
+    if config_yaml.is_file() and comparable(load_config(config_yaml)) != comparable(config):
+        raise ConfigError(f"{staging} holds a partial run with a different config; delete it or rerun with the same one")
+    save_config(config, config_yaml)
+    return staging
+
+
+@dataclass
+class TrainerSettings:
+    """What the TorchTrainer of a stage needs: resources, fault tolerance, checkpoints kept."""
+
+    num_workers: int
+    use_gpu: str  # "auto" | "true" | "false", resolved once Ray is up (auto: does the cluster have GPUs?)
+    threads_per_worker: int
+    max_failures: int
+    checkpoints_to_keep: int
+    no_checkpoint_message: str  # the error when training ends without one checkpoint
+    resources_per_worker: dict[str, float] | None = None  # default {"CPU": threads_per_worker}
+    env_vars: dict[str, str] = field(default_factory=dict)  # extra worker environment
+    callbacks: list | None = None  # extra RunConfig callbacks (e.g. Tune's report callback)
+
+
+def fit(worker: Callable[[dict], None], loop_config: dict, settings: TrainerSettings, staging: Path) -> dict:
+    """Run `worker` on a TorchTrainer (DDP; nccl on GPU, gloo on CPU) storing its run under `staging`;
+    re-raise a worker error; return the state saved in the last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr.runtime import ensure_ray, wants_gpu
+
+    ensure_ray()
+    use_gpu = wants_gpu(settings.use_gpu) or (settings.resources_per_worker or {}).get("GPU", 0) > 0
+    threads = str(settings.threads_per_worker)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.num_workers, use_gpu=use_gpu,
+            resources_per_worker=settings.resources_per_worker or {"CPU": settings.threads_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=str(staging),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                             **settings.env_vars}},
+            callbacks=settings.callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise DataError(settings.no_checkpoint_message)
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint_state(checkpoint) -> dict:
+    """The payload a `report` call saved (in a worker resuming from `get_checkpoint()`)."""
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def report(report_fn: Callable[..., None], metrics: dict, payload: Callable[[], dict] | None,
+           checkpoint_class: Any = None) -> None:
+    """Report `metrics`; with a `payload` (rank 0 only, and only where checkpoints are kept) attach a
+    checkpoint of `payload()`. `report_fn`/`checkpoint_class` are ray.train's or ray.tune's (distinct
+    classes in Ray 2.60)."""
+    if payload is None:
+        report_fn(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="lsvcr-ckpt-") as directory:
+        torch.save(payload(), Path(directory) / STATE_FILE)
+        report_fn(metrics, checkpoint=checkpoint_class.from_directory(directory))
+
+
+def finalise(staging: Path, out: Path, out_uri: str, *, drop_ray_run: bool = False) -> None:
+    """The staged output becomes `out`: (optionally the Ray run directory removed), _SUCCESS written last,
+    renamed into place (replacing a previous `out`), pushed to a remote root."""
+    if drop_ray_run:
+        storage.remove_tree(staging / RUN_NAME)
+    storage.promote(staging, out)
+    storage.push(out, out_uri)
