@@ -480,7 +480,7 @@ def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path
 
     if what != "items":
         raise ConfigError("encode.encoder=hashed encodes items only (--what items): user prompts need the LLM")
-    partial = _partial_dir(out_dir)
+    partial = storage.partial_dir(out_dir)
     if partial.exists():
         shutil.rmtree(partial)
     started = time.perf_counter()
@@ -488,10 +488,7 @@ def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path
     manifest = json.loads((partial / "manifest.json").read_text())
     manifest.update(format_version=1, throughput={"items": {"seconds": round(time.perf_counter() - started, 2)}})
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    storage.mark_finished(partial)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    storage.promote(partial, out_dir)
     return manifest
 
 
