@@ -28,13 +28,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
-from lsvcr.batching import load_item_tables  # noqa: E402
+from lsvcr.baselines import fit_popularity  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
-from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
-from lsvcr.finetune import check_inputs, make_loop_config, train_loop_per_worker  # noqa: E402
+from lsvcr.evaluate import evaluate_model  # noqa: E402
+from lsvcr.finetune import check_inputs  # noqa: E402
+from synthetic_data import train_in_process  # noqa: E402  (bench/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -75,17 +75,8 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
                    work: Path) -> dict:
     config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
     check_inputs(config, data, vectors)
-    log_path = work / "logs" / f"{data.name}-{name}-{seed}.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.unlink(missing_ok=True)
     load_before, started = load_average(), time.perf_counter()
-    torch.manual_seed(seed)
-    state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
-    video_text, comment_text = load_text_tables(config, data, vectors)
-    tables = load_item_tables(data)
-    trained = build_model(config.model, tables.num_videos, video_text, comment_text,
-                          torch.from_numpy(tables.comment_likes))
-    trained.load_state_dict(state["best_state"])
+    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{name}-{seed}.jsonl", seed)
     metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False)
     selection = f"valid_{config.finetune.selection_metric}"
     return {"model": name, "seed": seed, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],

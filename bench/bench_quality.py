@@ -29,11 +29,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
+from lsvcr.baselines import fit_popularity  # noqa: E402
 from lsvcr.config import LSVCRConfig  # noqa: E402
-from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
-from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
-from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
+from synthetic_data import synthetic_prepared, train_in_process  # noqa: E402  (bench/ is on sys.path)
+from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.metrics import METRIC_NAMES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -73,19 +72,8 @@ def make_config(task: str, model: dict, seed: int, epochs: int, patience: int) -
 
 def train_and_test(task: str, name: str, model: dict, seed: int, args, data: Path, vectors: Path, work: Path) -> dict:
     config = make_config(task, model, seed, args.epochs, args.patience)
-    log_path = work / "logs" / f"{task}-{name}-{seed}.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.unlink(missing_ok=True)
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
-    video_text, comment_text = load_text_tables(config, data, vectors)
-    from lsvcr.batching import load_item_tables
-
-    tables = load_item_tables(data)
-    trained = build_model(config.model, tables.num_videos, video_text, comment_text,
-                          torch.from_numpy(tables.comment_likes))
-    trained.load_state_dict(state["best_state"])
+    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{task}-{name}-{seed}.jsonl", seed)
     metrics = evaluate_model(trained, task, data, config, progress=False)
     return {"task": task, "model": name, "seed": seed, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "valid": metrics["valid"], "test": metrics["test"], "seconds": time.perf_counter() - started,

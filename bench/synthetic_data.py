@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a synthetic PREPARED directory, built once under a work directory."""
+"""Shared by the benchmarks: a synthetic PREPARED directory built once, and one in-process training run."""
 
 from __future__ import annotations
 
@@ -17,3 +17,24 @@ def synthetic_prepared(work: Path, preset: str, file_format: str = "parquet") ->
             write_synthetic(raw, PRESETS[preset], file_format)
         prepare(raw, prepared)
     return prepared
+
+
+def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, seed: int):
+    """One fine-tuning run in this process (no Ray), its log at `log_path`; returns (best model, loop state)."""
+    import torch
+
+    from lsvcr.baselines import build_model
+    from lsvcr.batching import load_item_tables
+    from lsvcr.evaluate import load_text_tables
+    from lsvcr.finetune import make_loop_config, train_loop_per_worker
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
+    video_text, comment_text = load_text_tables(config, data, vectors)
+    tables = load_item_tables(data)
+    trained = build_model(config.model, tables.num_videos, video_text, comment_text,
+                          torch.from_numpy(tables.comment_likes))
+    trained.load_state_dict(state["best_state"])
+    return trained, state

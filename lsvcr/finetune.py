@@ -399,8 +399,6 @@ def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) 
 def prepare_worker_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) -> None:
     """Convert, once and in the driver, what the workers map: the streamed train/valid samples and the
     dense text tables (so the workers neither race to convert nor pay the conversion's peak)."""
-    from lsvcr.evaluate import load_text_tables
-
     for split in ("train", "valid"):
         build_sample_stream(data_dir, config.finetune.task, split, config.finetune.history_length,
                             config.data.max_comments_per_record)
