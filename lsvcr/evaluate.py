@@ -17,7 +17,6 @@ the user's history loses quality; one that ranks by item features alone scores t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -254,30 +253,6 @@ def format_table(metrics: dict) -> str:
         lines.append("test* = personalization check: the test split with every sample given another sample's history "
                      "(equal to test = the model ignores the user's history)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="MODEL directory written by `lsvcr finetune`")
-    parser.add_argument("--data", default=None, help="PREPARED directory (default: the one the model was trained on)")
-    parser.add_argument("--vectors", default=None, help="VECTORS directory (default: the one used in training)")
-    parser.add_argument("--full-ranking", action="store_true", help="also rank the target against all videos")
-    parser.add_argument("--include-seen", action="store_true", help="full ranking: keep history videos as candidates")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from lsvcr.runtime import choose_device, set_threads
-
-    config = load_config(args.config, args.overrides)
-    set_threads(config.finetune.threads_per_worker)
-    metrics = evaluate_model_dir(args.model, data_dir=args.data, vectors_dir=args.vectors,
-                                 full_ranking=args.full_ranking or None,
-                                 exclude_seen=False if args.include_seen else None,
-                                 device=str(choose_device(config.finetune.use_gpu)))
-    print(format_table(metrics))
-    return 0
 
 
 def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, full_ranking: bool = False,

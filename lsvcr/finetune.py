@@ -21,7 +21,6 @@ curves.png, built in the sibling `.NAME.partial/` and renamed into place at the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from lsvcr.batching import (
     Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
     pool_negatives,
 )
-from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config
+from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, format_table, load_text_tables
 from lsvcr.metrics import METRIC_NAMES
@@ -483,28 +482,3 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
 
 def _num_videos(data_dir: Path) -> int:
     return pq.read_metadata(data_dir / "videos.parquet").num_rows
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="PREPARED directory (or URI)")
-    parser.add_argument("--vectors", default=None, help="VECTORS directory of item text vectors (not needed for model.mode=id)")
-    parser.add_argument("--task", choices=("video", "comment"), default=None, help="default: finetune.task")
-    parser.add_argument("--init", default=None, help="ALIGNED directory or checkpoint.pt from `lsvcr align`")
-    parser.add_argument("--out", required=True, help="MODEL output directory; re-run the same command to resume")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: finetune.num_workers)")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.task:
-        overrides.append(f"finetune.task={args.task}")
-    if args.workers:
-        overrides.append(f"finetune.num_workers={args.workers}")
-    config = load_config(args.config, overrides)
-    os.environ.setdefault("OMP_NUM_THREADS", str(config.finetune.threads_per_worker))
-    result = run_finetune(config, args.data, args.vectors, args.out, args.init)
-    print(f"model written to {result.out_dir} (best epoch {result.best_epoch})")
-    return 0

@@ -24,7 +24,6 @@ The space format is documented in configs/tune_space.yaml and docs/tune.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -40,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, load_config, update_config, validate_config
+from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict, update_config, validate_config
 from lsvcr.errors import ConfigError, LSVCRError
 
 log = logging.getLogger("lsvcr.tune")
@@ -571,38 +570,3 @@ class _ReapStoppedTrainRuns(_TuneCallback):
                 _reap_stopped_train_runs(self.prefix)
             except Exception as error:  # noqa: BLE001 - cleanup must never fail the sweep
                 log.warning("could not clean up stopped trials' placement groups: %s", error)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="PREPARED directory")
-    parser.add_argument("--vectors", default=None, help="VECTORS directory of item text vectors")
-    parser.add_argument("--space", required=True, help="search space YAML (see configs/tune_space.yaml)")
-    parser.add_argument("--out", required=True, help="sweep directory; re-run the same command to resume")
-    parser.add_argument("--task", choices=("video", "comment"), default=None, help="default: finetune.task")
-    parser.add_argument("--samples", type=int, default=None, help="trials to sample (default: tune.num_samples; "
-                        "grid keys multiply it)")
-    parser.add_argument("--scheduler", choices=("asha", "none"), default=None, help="default: tune.scheduler")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="default: tune.max_concurrent")
-    parser.add_argument("--init", default=None, help="ALIGNED directory or checkpoint.pt to fine-tune from")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    for flag, key in ((args.task, "finetune.task"), (args.samples, "tune.num_samples"),
-                      (args.scheduler, "tune.scheduler"), (args.max_concurrent, "tune.max_concurrent")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    config = load_config(args.config, overrides)
-    space = load_space(args.space)
-    os.environ.setdefault("OMP_NUM_THREADS", str(config.finetune.threads_per_worker))
-    init = args.init
-    if init and Path(init).is_dir():
-        init = str(Path(init) / "checkpoint.pt")
-    summary = run_tune(config, space, args.data, args.vectors, args.out, init)
-    if summary.best_trial_id is None:
-        raise LSVCRError(f"no trial of the sweep in {args.out} reported a result; see trials.csv for the errors")
-    print(f"best config written to {Path(args.out) / 'best_config.yaml'}")
-    return 0

@@ -1,5 +1,5 @@
 """Raw tables -> prepare -> encode -> align -> finetune (both tasks) -> evaluate -> report; resumes on re-submit."""
-from lsvcr.jobs import job_main
+from lsvcr.cli.jobs import job_main
 from lsvcr.pipeline import STAGES
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     # 6: pipeline
     "lsvcr.pipeline": 6, "lsvcr.pipeline_report": 6,
     # 7: cli
-    "lsvcr.cli": 7, "lsvcr.__main__": 7, "lsvcr.jobs": 7,
+    "lsvcr.cli": 7, "lsvcr.__main__": 7,
 }
 
 

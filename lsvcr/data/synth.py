@@ -21,7 +21,6 @@ The output directory holds the five KuaiComt tables (CSV or Parquet), `SYNTHETIC
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -448,36 +447,3 @@ def write_synthetic(out_dir: str | Path, params: SynthParams, file_format: str =
     log.info("synthetic data set written to %s in %.1f s: %s", out_dir, time.perf_counter() - started,
              json.dumps(counts))
     return counts
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (KuaiComt layout)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="named scale (tiny: tests, demo: default, bench: ~1M impressions)")
-    parser.add_argument("--users", type=int, default=None, help="number of users (default: the preset's)")
-    parser.add_argument("--videos", type=int, default=None, help="number of videos (default: the preset's)")
-    parser.add_argument("--comments-per-video", type=int, default=None,
-                        help="mean comments per video, Poisson (default: the preset's)")
-    parser.add_argument("--impressions-per-user", type=float, default=None,
-                        help="mean video impressions per user before de-duplication (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 2024)")
-    parser.add_argument("--format", choices=("parquet", "csv", "recbole"), default="parquet",
-                        help="parquet/csv: KuaiComt layout; recbole: video-only RecBole atomic files (likes)")
-
-
-def params_from_args(args: argparse.Namespace) -> SynthParams:
-    params = dataclasses.replace(PRESETS[args.preset])
-    for name in ("users", "videos", "comments_per_video", "impressions_per_user", "seed"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(params, name, value)
-    return params
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from lsvcr.config import load_config
-
-    load_config(args.config, args.overrides)  # synth has no config keys, but a bad file or override is an error
-    counts = write_synthetic(args.out, params_from_args(args), args.format)
-    print(json.dumps({"out": str(args.out), "counts": counts}))
-    return 0

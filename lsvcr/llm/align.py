@@ -36,7 +36,6 @@ train_log.jsonl, curves.png.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -60,7 +59,7 @@ from lsvcr.batching import (
     STAGE_ONE_COMMENTS_PER_RECORD, HistoryBatch, ItemTables, SampleStream, epoch_rows, load_item_tables, make_batch,
     open_sample_stream,
 )
-from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict, load_config
+from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict
 from lsvcr.data.prepared import load_manifest
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.llm.alignment_losses import AlignmentLosses, alignment_losses
@@ -729,23 +728,3 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
     train_driver.finalise(staging, out, out_uri, drop_ray_run=True)
     log.info("aligned (%s) in %.1f s: %s", settings.mode, summary["total_seconds"], summary["final"])
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="PREPARED directory (or URI)")
-    parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode --what all` (frozen mode)")
-    parser.add_argument("--mode", choices=("frozen", "lora"), default=None, help="default: align.mode")
-    parser.add_argument("--out", required=True, help="ALIGNED output directory; re-run the same command to resume")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: align.num_workers)")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    if args.workers is not None:
-        config.align.num_workers = args.workers
-    summary = run_align(config, args.data, args.vectors, args.out, args.mode)
-    print(json.dumps(summary, indent=2))
-    return 0

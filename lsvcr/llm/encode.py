@@ -34,7 +34,6 @@ threads per actor = its CPU share. "ray" as executor backend fails on CPU and is
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lsvcr import storage
-from lsvcr.config import EncodeConfig, LSVCRConfig, load_config
+from lsvcr.config import EncodeConfig, LSVCRConfig
 from lsvcr.errors import ConfigError, DataError
 
 log = logging.getLogger("lsvcr.encode")
@@ -490,23 +489,3 @@ def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     storage.promote(partial, out_dir)
     return manifest
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="PREPARED directory (output of `lsvcr prepare`)")
-    parser.add_argument("--out", required=True, help="VECTORS directory to write (resumes if partly written)")
-    parser.add_argument("--model", default=None, help="registry name (smollm2-135m, gemma3-270m) or a local "
-                        "Hugging Face folder; default: encode.model")
-    parser.add_argument("--what", default="all", choices=("items", "users", "all"),
-                        help="items: captions and comments; users: stage-1 history prompts of train samples")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    manifest = run_encode(config, args.data, args.out, args.what, args.model)
-    print(json.dumps({"out": str(Path(args.out).resolve()), "counts": manifest["counts"],
-                      "throughput": manifest["throughput"]}, indent=2))
-    return 0

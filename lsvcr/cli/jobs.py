@@ -1,4 +1,4 @@
-"""Shared entry point of the `ray_jobs/*.py` scripts (`ray job submit ... -- python ray_jobs/X.py --config F`).
+"""Entry point of the `ray_jobs/*.py` scripts (`ray job submit ... -- python ray_jobs/X.py --config F`).
 
 Each job reads one YAML config (the same `LSVCRConfig` the CLI, Tune and Serve use), joins the cluster
 (`RAY_ADDRESS`, set by `ray job submit`) and runs its pipeline stages; finished stage outputs are skipped,

@@ -1,6 +1,9 @@
-"""`lsvcr` command line. Each sub-command lives in its own module, imported only when used.
+"""`lsvcr` command line: every argparse definition of the project lives in this package.
 
-A command module defines `add_cli_arguments(parser)` and `cli_main(args) -> int`.
+One module per command group (`data`, `llm`, `train`, `serve`, `demo`; `jobs` for `ray_jobs/*.py`), imported
+only when one of its commands runs. For command NAME the group module defines
+`add_NAME_arguments(parser)` and `NAME_command(args) -> int`, which turns the flags into a call of the typed
+domain function (`lsvcr.data.prepare.prepare`, `lsvcr.finetune.run_finetune`, ...).
 Every command takes `--config FILE` and repeated `--set section.key=value`.
 """
 
@@ -13,20 +16,20 @@ import sys
 from lsvcr.errors import LSVCRError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("lsvcr.data.synth", "write a synthetic dataset in the KuaiComt layout"),
-    "data": ("lsvcr.data.movielens", "fetch a public data set (MovieLens-100k / 1m) as RecBole atomic files"),
-    "prepare": ("lsvcr.data.prepare", "raw tables (KuaiComt, RecBole, CSV) -> LSVCR samples in Parquet"),
-    "encode": ("lsvcr.llm.encode", "vLLM on Ray actors: item texts and user histories -> LLM vectors"),
-    "align": ("lsvcr.llm.align", "stage 1: personalized preference alignment on Ray Train"),
-    "finetune": ("lsvcr.finetune", "stage 2: recommendation-oriented fine-tuning on Ray Train"),
-    "evaluate": ("lsvcr.evaluate", "ranking metrics of a fine-tuned model with the protocol beside them"),
-    "tune": ("lsvcr.tune", "Ray Tune sweep over fine-tuning / alignment hyper-parameters"),
-    "serve": ("lsvcr.serve.cli", "Ray Serve HTTP endpoints for video and comment recommendation"),
-    "demo": ("lsvcr.pipeline", "raw tables -> prepare -> encode -> align -> finetune -> evaluate -> serve"),
+    "synth": ("lsvcr.cli.data", "write a synthetic dataset in the KuaiComt layout"),
+    "data": ("lsvcr.cli.data", "fetch a public data set (MovieLens-100k / 1m) as RecBole atomic files"),
+    "prepare": ("lsvcr.cli.data", "raw tables (KuaiComt, RecBole, CSV) -> LSVCR samples in Parquet"),
+    "encode": ("lsvcr.cli.llm", "vLLM on Ray actors: item texts and user histories -> LLM vectors"),
+    "align": ("lsvcr.cli.llm", "stage 1: personalized preference alignment on Ray Train"),
+    "finetune": ("lsvcr.cli.train", "stage 2: recommendation-oriented fine-tuning on Ray Train"),
+    "evaluate": ("lsvcr.cli.train", "ranking metrics of a fine-tuned model with the protocol beside them"),
+    "tune": ("lsvcr.cli.train", "Ray Tune sweep over fine-tuning / alignment hyper-parameters"),
+    "serve": ("lsvcr.cli.serve", "Ray Serve HTTP endpoints for video and comment recommendation"),
+    "demo": ("lsvcr.cli.demo", "raw tables -> prepare -> encode -> align -> finetune -> evaluate -> serve"),
 }
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (see docs/config.md)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -46,8 +49,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         sub_parser = sub.add_parser(name, help=summary, description=summary)
         if name == command:
             module = importlib.import_module(module_name)
-            module.add_cli_arguments(sub_parser)
-            _add_common(sub_parser)
+            getattr(module, f"add_{name}_arguments")(sub_parser)
+            add_common_arguments(sub_parser)
     return parser
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.cli_main(args) or 0)
+        return int(getattr(module, f"{args.command}_command")(args) or 0)
     except LSVCRError as error:
         print(f"lsvcr {args.command}: error: {error}", file=sys.stderr)
         return 2
