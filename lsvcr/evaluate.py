@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +56,10 @@ def load_text_tables(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | No
         return None, None
     if vectors_dir is None:
         raise DataError(f"model.mode={config.model.mode} needs item text vectors: pass --vectors VECTORS")
-    from lsvcr.vectors import open_item_vectors
+    from lsvcr.vectors import open_item_tensors
 
-    # Read-only memory maps shared by the node's processes; the model copies them into its buffers.
-    video_text, comment_text = open_item_vectors(vectors_dir, data_dir)
-    return _mapped_tensor(video_text), None if comment_text is None else _mapped_tensor(comment_text)
-
-
-def _mapped_tensor(table: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only memory map, without a copy (callers copy or only read it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(table)
+    # Read-only memory maps shared by the node's processes; the model keeps them as they are (no copy).
+    return open_item_tensors(vectors_dir, data_dir)
 
 
 def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = None,

@@ -268,9 +268,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # 4. the objective (DDP-wrapped across workers) and its optimizer
     objective = build_objective(config, model)
     if context.world_size > 1:
-        import ray.train.torch
-
-        objective = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+        objective = train_driver.wrap_ddp(objective)
     else:
         objective = objective.to(context.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

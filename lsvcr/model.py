@@ -227,8 +227,10 @@ class LSVCRModel(nn.Module):
                 comment_likes = torch.zeros(1)
             if comment_text.shape[1] != text_dim:
                 raise DataError(f"comment text dim {comment_text.shape[1]} != video text dim {text_dim}")
-            self.register_buffer("video_text", video_text.float().clone(), persistent=False)
-            self.register_buffer("comment_text", comment_text.float().clone(), persistent=False)
+            # Kept as given, never copied or written: the tables may be read-only memory maps shared by every
+            # process of a node (float32 or float16); rows become float32 when a batch gathers them.
+            self.register_buffer("video_text", video_text, persistent=False)
+            self.register_buffer("comment_text", comment_text, persistent=False)
             adapter_input = text_dim
             if text_dim > config.text_mlp_dim:  # raw LLM vectors: a fresh llm_emb_mlp first (METHOD 7.3)
                 self.text_mlp = text_mlp(text_dim, config.text_mlp_dim)
@@ -322,7 +324,7 @@ class LSVCRModel(nn.Module):
         batch uses gives the same values as A(table)[index] at a fraction of the cost of either
         projecting the whole table or every lookup (a batch repeats popular items many times)."""
         used, remapped = self._used_rows(index)
-        return self.llm_adapter(self._mlp(table[used], used != 0)), remapped
+        return self.llm_adapter(self._mlp(table[used].float(), used != 0)), remapped
 
     def adapt_text(self, table: Tensor, index: Tensor) -> Tensor:
         """A(table[index]) [..., H]."""
@@ -337,7 +339,7 @@ class LSVCRModel(nn.Module):
         if self.text_mlp is not None:
             used, remapped = self._used_rows(index)
             bags = remapped.reshape(-1, index.shape[-1])
-            raw_mean = F.embedding_bag(bags, table[used], mode="mean", padding_idx=0)
+            raw_mean = F.embedding_bag(bags, table[used].float(), mode="mean", padding_idx=0)
             return self.llm_adapter(self._mlp(raw_mean, (bags != 0).any(dim=-1))).view(*index.shape[:-1], -1)
         rows, remapped = self._adapted_rows(table, index)
         mean = F.embedding_bag(remapped.reshape(-1, index.shape[-1]), rows, mode="mean", padding_idx=0)

@@ -28,6 +28,18 @@ STATE_FILE = "state.pt"
 RUN_NAME = "ray_train"
 
 
+def wrap_ddp(module: torch.nn.Module, move_to_device: bool = True) -> torch.nn.Module:
+    """`ray.train.torch.prepare_model` for a worker group of several ranks. The module's buffers (the frozen
+    text tables and the like prior, built from the same files on every rank) stay out of DDP's
+    synchronisation: they may be read-only memory maps shared by a node's workers, which a broadcast would
+    write into, and sending gigabytes of identical rows would be wasted."""
+    import ray.train.torch
+
+    module._ddp_params_and_buffers_to_ignore = [name for name, _ in module.named_buffers()]
+    return ray.train.torch.prepare_model(module, move_to_device=move_to_device, parallel_strategy_kwargs={
+        "find_unused_parameters": True, "broadcast_buffers": False})
+
+
 def open_staging(out: Path, config: LSVCRConfig,
                  comparable: Callable[[LSVCRConfig], Any] = lambda config: config) -> Path:
     """Create `.OUT.partial/` beside `out` and save config.yaml there; a partial run left by another config

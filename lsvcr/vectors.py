@@ -180,6 +180,19 @@ def open_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: 
     return video_text, comment_text
 
 
+def open_item_tensors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: str | None = None):
+    """`open_item_vectors` as torch tensors over the same read-only memory maps, without a copy: for readers
+    that only gather rows (training workers, frozen alignment, evaluation). Never write into them."""
+    import warnings
+
+    import torch
+
+    video_text, comment_text = open_item_vectors(vectors_dir, prepared_dir, dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(video_text), None if comment_text is None else torch.from_numpy(comment_text)
+
+
 # ----------------------------------------------------------------------------- MiniLM fallback
 
 

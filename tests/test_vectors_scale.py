@@ -4,11 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from lsvcr.baselines import build_model
+from lsvcr.batching import load_item_tables
 from lsvcr.config import load_config
 from lsvcr.errors import ConfigError
 from lsvcr.llm.encode import run_encode
-from lsvcr.vectors import HashedBagOfWords, load_item_vectors, open_item_vectors
+from lsvcr.vectors import HashedBagOfWords, load_item_vectors, open_item_tensors, open_item_vectors
 
 
 def test_hashed_bag_of_words_is_deterministic_and_a_real_bag_of_words():
@@ -42,3 +45,26 @@ def test_hashed_encode_stage_float16_and_memory_maps(tiny_prepared_dir, tmp_path
     assert mapped32.dtype == np.float32 and np.array_equal(mapped32, video32)
     with pytest.raises(ConfigError, match="items only"):
         run_encode(config, tiny_prepared_dir, tmp_path / "v_all", what="all")
+
+
+def test_the_model_reads_memory_mapped_float16_tables_in_place(tiny_prepared_dir, tmp_path):
+    """The text tables are not copied into the model (a node's workers share the pages), and float16
+    storage scores like float32 to half precision."""
+    config = load_config(None, ["encode.encoder=hashed", "encode.hashed_dim=16", "encode.storage_dtype=float16",
+                                "model.mode=id+text"])
+    run_encode(config, tiny_prepared_dir, tmp_path / "v16", what="items")
+    video, comment = open_item_tensors(tmp_path / "v16", tiny_prepared_dir)
+    tables = load_item_tables(tiny_prepared_dir)
+    likes = torch.from_numpy(tables.comment_likes)
+    torch.manual_seed(0)
+    mapped = build_model(config.model, tables.num_videos, video, comment, likes).to("cpu")
+    assert mapped.comment_text.dtype == torch.float16
+    assert mapped.video_text.data_ptr() == video.data_ptr() and mapped.comment_text.data_ptr() == comment.data_ptr()
+
+    copied = build_model(config.model, tables.num_videos, video.float(), comment.float(), likes)
+    copied.load_state_dict(mapped.state_dict())
+    rows = torch.arange(1, comment.shape[0]).view(1, -1)
+    assert torch.allclose(mapped.comment_candidate_vectors(rows), copied.comment_candidate_vectors(rows), atol=1e-6)
+    history = torch.arange(1, min(6, video.shape[0])).view(1, -1)
+    assert torch.allclose(mapped.adapt_text_mean(mapped.comment_text, history),
+                          copied.adapt_text_mean(copied.comment_text, history), atol=1e-6)

@@ -70,7 +70,7 @@ from lsvcr.llm.registry import resolve_model
 from lsvcr.model import LSVCRModel
 from lsvcr.report import plot_curves, write_jsonl
 from lsvcr.runtime import set_threads
-from lsvcr.vectors import load_item_vectors, write_item_vectors
+from lsvcr.vectors import load_item_vectors, open_item_tensors, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
@@ -253,14 +253,13 @@ def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path |
                                   config.data.max_comments_per_record) if has_comments else None)
     data = StageOneData(tables, video, comment)
     if frozen:
-        video_text, comment_text = load_item_vectors(vectors_dir, data_dir)
-        data.raw_video = torch.from_numpy(video_text)
-        data.raw_comment = torch.from_numpy(comment_text if comment_text is not None
-                                            else np.zeros((1, video_text.shape[1]), np.float32))
+        # Memory maps shared by the node's workers: a batch gathers only its rows (issue #16).
+        data.raw_video, raw_comment = open_item_tensors(vectors_dir, data_dir)
+        data.raw_comment = raw_comment if raw_comment is not None else torch.zeros(1, data.raw_video.shape[1])
         # Train on the samples whose prompts were encoded (all, or encode.max_user_samples of them).
         rows, data.user_video = _read_user_vectors(vectors_dir, "users_video", len(video))
         data.video = video.select(rows)  # the samples that have LLM user vectors
-        data.user_comment = torch.zeros(0, video_text.shape[1])
+        data.user_comment = torch.zeros(0, data.raw_video.shape[1])
         if comment is not None:
             rows, data.user_comment = _read_user_vectors(vectors_dir, "users_comment", len(comment))
             data.comment = comment.select(rows)
@@ -521,8 +520,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = objective
     if world_size > 1:
-        model = ray.train.torch.prepare_model(objective, move_to_device=False,
-                                              parallel_strategy_kwargs={"find_unused_parameters": True})
+        model = train_driver.wrap_ddp(objective, move_to_device=False)
 
     # 5. the steps: a mixed batch, the stage-1 loss, a log row every log_every, a checkpoint every checkpoint_every
     log_path = Path(loop_config["log_path"]) if loop_config.get("log_path") and rank == 0 else None
