@@ -7,7 +7,10 @@
 The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
 fine-tunings (same config, same PREPARED, VECTORS and ALIGNED of `paths.storage`) for every seed and
-reports test NDCG@5 / Recall@5 per seed and their mean and spread. Runs already finished under --work, and
+reports test NDCG@5 / Recall@5 per seed and their mean and spread, beside both popularity rows of the
+pipeline report. On the comment task it also trains "aligned + like prior" (the documented extension beyond
+the paper, `model.comment_like_prior`), and it checks the comment bar on every seed: the paper's comment model
+must beat popularity by training interactions. Runs already finished under --work, and
 the pipeline's own runs for its seed (`finetune.seed`), are reused. `--aligned NAME=DIR` adds another
 stage-1 output (e.g. of `lsvcr align --mode lora`) as a variant trained like the pipeline's aligned one.
 Besides the test metrics it records each variant's mean valid NDCG@5 per epoch: whether a stage-1 start
@@ -46,15 +49,19 @@ def main() -> None:
     parser.add_argument("--scratch", nargs="*", default=[], metavar="NAME=VECTORS",
                         help="variants trained from scratch (no --init) on other VECTORS, e.g. an ALIGNED/vectors: "
                              "separates what the stage-1 vectors do from what the stage-1 weights do")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for the CLI (e.g. paths.storage=runs/demo_s2024)")
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
     args = parser.parse_args()
 
     from lsvcr import storage
     from lsvcr.config import load_config
+    from lsvcr.evaluate import popularity_metrics
     from lsvcr.finetune import run_finetune
     from lsvcr.pipeline import StageLayout
 
     thread_override = [f"finetune.threads_per_worker={args.threads}"] if args.threads else []
+    thread_override += args.overrides
     config = load_config(args.config, thread_override)
     layout = StageLayout(config.paths.storage)
     if not storage.is_finished(layout.aligned) or not storage.is_finished(layout.vectors):
@@ -75,13 +82,30 @@ def main() -> None:
         if not (Path(directory) / "manifest.json").is_file():
             raise SystemExit(f"--scratch {item}: no manifest.json in {directory} (not a VECTORS output)")
         variants[name] = {"vectors": directory, "init": None}
+    for name, inputs in list(variants.items()):
+        if inputs["init"] is not None:  # every stage-1 start also gets the like-prior row on the comment task
+            variants[f"{name}_like_prior"] = {**inputs, "like_prior": True}
     results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
                      "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
                      "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}
     started = time.perf_counter()
     for task in args.tasks:
-        pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False)}
+        pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False),
+                          "aligned_like_prior": layout.like_prior_model()}
+        task_config = load_config(args.config, [f"finetune.task={task}", *thread_override])
+        if task_config.model.comment_like_prior:
+            raise SystemExit("model.comment_like_prior is on: the rows here must be the paper's comment scoring")
+        popularity = {"video": {"popularity": "train_interactions"},
+                      "comment": {"popularity_train_interactions": "train_interactions",
+                                  "popularity_likes": "likes"}}[task]
+        for name, signal in popularity.items():
+            metrics = popularity_metrics(storage.pull(layout.prepared), task, task_config, comment_signal=signal)
+            results["runs"][f"{task}/{name}"] = {metric: {"mean": round(metrics["test"][metric], 4), "std": 0.0}
+                                                 for metric in METRICS}
         for variant, inputs in variants.items():
+            like_prior = inputs.get("like_prior", False)
+            if like_prior and task != "comment":
+                continue
             rows = []
             for seed in args.seeds:
                 out = work / f"{task}-{variant}-{seed}"
@@ -90,6 +114,7 @@ def main() -> None:
                     out = storage.pull(pipeline_model[variant])  # the pipeline's own run: same config and seed
                 if not (out / "metrics.json").is_file():
                     run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
+                                                              f"model.comment_like_prior={str(like_prior).lower()}",
                                                               *thread_override])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
                 metrics = json.loads((out / "metrics.json").read_text())
@@ -108,6 +133,11 @@ def main() -> None:
             }
             protocol = metrics.get("protocol")
         results[f"{task}_protocol"] = protocol
+        if task == "comment":  # the bar (#14): the paper's comment model beats popularity by interactions, every seed
+            bar = results["runs"]["comment/popularity_train_interactions"]["ndcg@5"]["mean"]
+            results["comment_bar"] = {
+                variant: all(row["ndcg@5"] > bar for row in results["runs"][f"comment/{variant}"]["per_seed"])
+                for variant in variants if not variants[variant].get("like_prior")}
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_average_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +145,13 @@ def main() -> None:
     print(f"\n{'task/variant':<24} " + "  ".join(f"{name:>16}" for name in METRICS))
     for key, run in results["runs"].items():
         print(f"{key:<24} " + "  ".join(f"{run[name]['mean']:.4f} ± {run[name]['std']:.4f}" for name in METRICS))
+    if "comment_bar" in results:
+        print("comment model beats popularity (train interactions) on every seed: "
+              + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in results["comment_bar"].items()))
     print("\nmean valid ndcg@5 by epoch (epochs every seed ran):")
     for key, run in results["runs"].items():
+        if "mean_valid_ndcg@5_by_epoch" not in run:
+            continue
         print(f"{key:<24} " + " ".join(f"{value:.3f}" for value in run["mean_valid_ndcg@5_by_epoch"]))
     print(f"wrote {args.out}")
 
