@@ -102,3 +102,21 @@ def test_cli_flags_override_the_preset(tmp_path, capsys):
     assert counts["user_features"] == 30 and counts["video_features"] == 20
     assert counts["comment_features"] < 20 * 6
     assert (tmp_path / "raw" / "user_video_inter.csv").exists()
+
+
+def test_kuaicomt_preset_has_the_published_sizes_and_ratios():
+    """`lsvcr synth --preset kuaicomt`: KuaiComt's published sizes (KUAICOMT_SCHEMA.md: 34,701 users, 82,452
+    videos, 16,352,904 comments, 1,002,672 comment interactions). Generated here at 1/100 of the users and
+    1/10 of the videos with the preset's rates, which must give the published per-user and per-video ratios
+    (impressions per user need the larger video catalogue: at 1/100 of it a user runs out of distinct videos)."""
+    from dataclasses import replace
+
+    from lsvcr.data.synth import generate
+
+    preset = PRESETS["kuaicomt"]
+    assert (preset.users, preset.videos) == (34_701, 82_452)
+    tables = generate(replace(preset, users=347, videos=8_245))
+    comments_per_video = tables["comment_features"].num_rows / 8_245
+    interactions_per_user = tables["user_comment_inter"].num_rows / 347
+    assert comments_per_video == pytest.approx(16_352_904 / 82_452, rel=0.05)  # 198.3
+    assert interactions_per_user == pytest.approx(1_002_672 / 34_701, rel=0.15)  # 28.9
