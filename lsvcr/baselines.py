@@ -43,7 +43,8 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def user_vector(self, video_history: Tensor) -> Tensor:
+    def _states(self, video_history: Tensor) -> Tensor:
+        """The causal encoder's output at every position [B, L, H]."""
         mask = video_history != 0
         length = video_history.shape[1]
         if length > self.config.max_position:
@@ -51,7 +52,20 @@ class SASRec(nn.Module):
         positions = torch.arange(length, device=video_history.device)
         hidden = self.dropout(self.layer_norm(self.item_embedding(video_history) + self.position_embedding(positions)))
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-        hidden = self.encoder(hidden, causal[None] & mask[:, None, :])
+        return self.encoder(hidden, causal[None] & mask[:, None, :])
+
+    def every_position_user_vectors(self, batch: HistoryBatch) -> Tensor:
+        """[B, L, H]: position j's state is the user vector of the history cut after j (causal encoder)."""
+        return self._states(batch.video_history)
+
+    def score_user_vectors(self, user: Tensor) -> Tensor:
+        logits = user @ self.item_embedding.weight.T
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def user_vector(self, video_history: Tensor) -> Tensor:
+        mask = video_history != 0
+        hidden = self._states(video_history)
         last = (mask.sum(dim=1) - 1).clamp(min=0)  # right-padded: the last real item
         user = hidden[torch.arange(len(last), device=last.device), last]
         return user * mask.any(dim=1, keepdim=True).to(user.dtype)  # empty history → zero vector
@@ -69,9 +83,7 @@ class SASRec(nn.Module):
     def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, *, states=None, **_) -> Tensor:
         user = self.user_vector(batch.video_history) if states is None else states.video_states[:, 0]
         if candidates is None:
-            logits = user @ self.item_embedding.weight.T
-            logits[:, 0] = float("-inf")
-            return logits
+            return self.score_user_vectors(user)
         logits = (self.item_embedding(candidates) @ user.unsqueeze(-1)).squeeze(-1)
         return logits.masked_fill(candidates == 0, float("-inf"))
 

@@ -244,10 +244,26 @@ class Batch:
     target_video: torch.Tensor  # [B]: video task target / comment task current video
     candidates: torch.Tensor | None  # [B, M] (comment train: positive first + negatives; eval: frozen lists)
     labels: torch.Tensor | None  # [B, M] 1 = positive
+    # finetune.train_targets=all_positions: the first history position whose next item is a target [B]
+    first_target_position: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(self.history.to(device), move(self.target_video), move(self.candidates), move(self.labels))
+        return Batch(self.history.to(device), move(self.target_video), move(self.candidates), move(self.labels),
+                     move(self.first_target_position))
+
+    def position_targets(self) -> torch.Tensor:
+        """[B, L] the item each history position predicts (the next history item, the sample's target after
+        the last one); 0 (ignored) on padding and before `first_target_position`."""
+        history = self.history.video_history
+        lengths = (history != 0).sum(dim=1)
+        targets = torch.zeros_like(history)
+        targets[:, :-1] = history[:, 1:]
+        rows = torch.arange(len(history), device=history.device)
+        targets[rows, (lengths - 1).clamp(min=0)] = self.target_video
+        position = torch.arange(history.shape[1], device=history.device)[None, :]
+        first = 0 if self.first_target_position is None else self.first_target_position[:, None]
+        return targets.masked_fill((position >= lengths[:, None]) | (position < first), 0)
 
 
 # The one rule for what a history shows, used by the SR batches (`make_batch`) and the LLM prompts
@@ -408,6 +424,40 @@ def make_batch(
         )
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     return Batch(history, torch.from_numpy(target_video), as_tensor(candidates), as_tensor(labels))
+
+
+def position_windows(user: np.ndarray, kept_lengths: np.ndarray, history_length: int,
+                     stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """`finetune.train_targets: all_positions`: (rows, first target position) of the samples whose history
+    windows cover every training target once, trained at every position (SASRec's original objective).
+
+    Needs RecBole-style prefixes (`data.history_before: position`): a user's k-th sample (in order) has
+    min(k, history_length) history items. A user with n samples gets the windows of samples n, n - stride,
+    n - 2·stride, ... down to the first one whose history is not cut: windows that are cut predict only their
+    last `stride` positions (the k-th target sees between min(k, history_length - stride + 1) and
+    min(k, history_length) items instead of min(k, history_length)), the first one predicts all of its
+    positions. n ≤ history_length: one window."""
+    if len(user) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    counts = np.diff(np.r_[starts, len(user)])
+    if len(np.unique(user[starts])) != len(starts):
+        raise DataError("train_targets=all_positions: the training samples are not grouped by user")
+    expected = np.minimum(np.arange(len(user)) - np.repeat(starts, counts) + 1, history_length)
+    if not np.array_equal(np.asarray(kept_lengths), expected):
+        raise DataError("finetune.train_targets=all_positions needs every earlier item as history, in order "
+                        "(data.history_before: position, data.max_history >= finetune.history_length): a "
+                        f"user's k-th sample must have min(k, {history_length}) history items")
+    rows, first = [], []
+    for start, count in zip(starts.tolist(), counts.tolist()):
+        last = count  # the window of the user's k-th sample, k = count, count - stride, ...
+        while last > history_length:
+            rows.append(start + last - 1)
+            first.append(history_length - stride)
+            last -= stride
+        rows.append(start + last - 1)
+        first.append(0)
+    return np.asarray(rows, dtype=np.int64), np.asarray(first, dtype=np.int64)
 
 
 def history_lengths(arrays: SampleArrays) -> np.ndarray:

@@ -41,7 +41,7 @@ from lsvcr import storage, train_driver
 from lsvcr.baselines import build_model
 from lsvcr.batching import (
     Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
-    pool_negatives,
+    pool_negatives, position_windows,
 )
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
@@ -73,6 +73,8 @@ class FinetuneObjective(nn.Module):
         self.contrast_negatives_shared_by = contrast_negatives_shared_by
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        if batch.first_target_position is not None:
+            return self._every_position(batch)
         states = self.model.encode_histories(batch.history, outputs=(self.task,))
         if self.task == "video":
             logits = self.model.score_videos(batch.history, None, states=states)  # all videos, pad = -inf
@@ -83,6 +85,19 @@ class FinetuneObjective(nn.Module):
         id_text = torch.zeros((), device=ce.device)
         if self.id_text_weight > 0:
             id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives,
+                                                          self.contrast_negatives_shared_by,
+                                                          self.contrast_negatives_per_direction)
+        return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
+
+    def _every_position(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """finetune.train_targets=all_positions: CE over all videos at every counted position of each window."""
+        targets = batch.position_targets()
+        counted = targets != 0
+        users = self.model.every_position_user_vectors(batch.history)
+        ce = F.cross_entropy(self.model.score_user_vectors(users[counted]), targets[counted])
+        id_text = torch.zeros((), device=ce.device)
+        if self.id_text_weight > 0:
+            id_text = self.model.id_text_contrastive_loss(batch.history, None, self.contrast_negatives,
                                                           self.contrast_negatives_shared_by,
                                                           self.contrast_negatives_per_direction)
         return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
@@ -246,6 +261,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     valid = open_sample_stream(data_dir, settings.task, "valid", settings.history_length,
                                config.data.max_comments_per_record)
     train_lengths = history_lengths(train)
+    window_rows = first_targets = None  # finetune.train_targets=all_positions: the windows that are trained
+    if settings.train_targets == "all_positions":
+        window_rows, first_targets = position_windows(np.asarray(train.user_all), train_lengths,
+                                                      settings.history_length, settings.target_stride)
+        train_lengths = train_lengths[window_rows]
     video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
     model = build_model(config.model, tables.num_videos, video_text, comment_text,
                         torch.from_numpy(tables.comment_likes))
@@ -286,18 +306,23 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
         # finetune.batch_size is the global batch: DDP averages the ranks' gradients of their shares.
         per_rank_batch = -(-settings.batch_size // context.world_size)
-        batches = epoch_rows(len(train), per_rank_batch, shuffle_rng, context.rank, context.world_size,
-                             lengths=train_lengths if settings.length_bucketing else None)
+        batches = epoch_rows(len(train) if window_rows is None else len(window_rows), per_rank_batch, shuffle_rng,
+                             context.rank, context.world_size, lengths=train_lengths if settings.length_bucketing else None)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
         progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
         for rows in progress:
-            batch = make_batch(train, tables, rows, rng=batch_rng,
-                               comment_negatives=settings.comment_negatives).to(context.device)
-            loss, ce, id_text = objective(batch)
+            if window_rows is None:
+                batch = make_batch(train, tables, rows, rng=batch_rng, comment_negatives=settings.comment_negatives)
+                targets = len(rows)
+            else:
+                batch = make_batch(train, tables, window_rows[rows], rng=batch_rng)
+                batch.first_target_position = torch.from_numpy(first_targets[rows])
+                targets = int((batch.position_targets() != 0).sum())
+            loss, ce, id_text = objective(batch.to(context.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.tensor([loss.item() * len(rows), ce.item() * len(rows), id_text.item() * len(rows), len(rows)],
+            sums += torch.tensor([loss.item() * targets, ce.item() * targets, id_text.item() * targets, targets],
                                  dtype=torch.float64)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at mininterval
         train_seconds = time.perf_counter() - started
@@ -382,6 +407,9 @@ def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) 
     if config.finetune.selection_metric not in METRIC_NAMES:
         raise ConfigError(f"finetune.selection_metric must be one of {', '.join(METRIC_NAMES)}; "
                           f"got {config.finetune.selection_metric!r}")
+    if config.finetune.train_targets == "all_positions" and manifest.get("has_comments", True):
+        raise ConfigError("finetune.train_targets=all_positions needs a video-only data set (the comment "
+                          "cross-attention is not causal in the video history)")
     if task == "comment" and not manifest.get("has_comments", True):
         raise DataError(f"{data_dir} has no comments (video-only data set): the comment task is disabled")
     if task == "comment" and (model.architecture == "sasrec" or model.mode == "id"):

@@ -167,9 +167,19 @@ class AdditiveAttention(nn.Module):
         self.score = nn.Linear(2 * hidden, 1)
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        logits = self.score(F.gelu(self.layer_norm(self.dropout(self.project(hidden))))).squeeze(-1)
-        weights = masked_softmax(logits, mask)
+        weights = masked_softmax(self._logits(hidden), mask)
         return (weights.unsqueeze(-1) * hidden).sum(dim=1)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.score(F.gelu(self.layer_norm(self.dropout(self.project(hidden))))).squeeze(-1)
+
+    def every_prefix(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """[B, L, H]: row j pools positions 0..j only. A position's weight logit depends on its own state
+        alone, so with causal states row j equals `forward` on the history cut after position j."""
+        length = hidden.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        logits = self._logits(hidden)[:, None, :].expand(-1, length, -1)
+        return masked_softmax(logits, causal[None] & mask[:, None, :]) @ hidden
 
 
 # ----------------------------------------------------------------------------- containers
@@ -506,11 +516,26 @@ class LSVCRModel(nn.Module):
             states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text, outputs=("video",))
         user = self.video_user_vector(states)
         if candidates is None:
-            logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
-            logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
-            return logits
+            return self.score_user_vectors(user, video_text)
         logits = self._cosine_logits(user, self.video_candidate_vectors(candidates, video_text))
         return logits.masked_fill(candidates == 0, float("-inf"))
+
+    def score_user_vectors(self, user: Tensor, video_text: Tensor | None = None) -> Tensor:
+        """Logits of user vectors [N, H] over all videos [N, V+1] (column 0, the pad, is -inf)."""
+        logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
+        logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
+        return logits
+
+    def every_position_user_vectors(self, batch: HistoryBatch) -> Tensor:
+        """[B, L, H]: position j's user vector is the video user vector of the history cut after position
+        j (`finetune.train_targets: all_positions`). Exact for video-only data: the encoders are causal and
+        F_v pools prefixes (`AdditiveAttention.every_prefix`); the comment cross-attention would see the
+        whole comment history, so histories with comments are refused."""
+        if bool((batch.comment_history_videos != 0).any()):
+            raise ConfigError("finetune.train_targets=all_positions needs video-only histories (no comment "
+                              "history: its cross-attention is not causal in the video history)")
+        states = self.encode_histories(batch, outputs=("video",))
+        return self.video_pooling.every_prefix(states.video_states, states.video_mask)
 
     def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, *,
                        states: HistoryStates | None = None, video_text: Tensor | None = None,
