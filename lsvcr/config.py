@@ -120,8 +120,9 @@ class FinetuneConfig:
     # last: each training sample is trained at its history's last position (the paper, RecBole's prefixes).
     # all_positions (video task, video-only data, data.history_before: position): SASRec's original objective,
     # every position of a history window predicts its next item, so one window replaces up to history_length
-    # samples (~13x less compute per epoch on ml-100k); batch_size then counts windows. Windows step back by
-    # target_stride through long histories: a target sees at least history_length - target_stride + 1 items.
+    # samples (~7x less CPU per epoch on ml-100k); batch_size then counts windows. Windows step back by
+    # target_stride through long histories: the k-th item is predicted from at least
+    # min(k, history_length - target_stride + 1) earlier items (min(k, history_length) with `last`).
     train_targets: str = "last"  # last | all_positions (video-only data, RecBole prefixes; docs/model.md)
     target_stride: int = 10  # all_positions: windows step back this far through long histories
 
