@@ -37,6 +37,7 @@ def main() -> None:
 
     from lsvcr.config import load_config
     from lsvcr.data.prepare import prepare
+    from lsvcr.data.prepared import is_prepared
     from lsvcr.data.synth import PRESETS, write_synthetic
     from lsvcr.finetune import run_finetune
     from lsvcr.llm.align import run_align
@@ -56,7 +57,7 @@ def main() -> None:
         return result
 
     raw, prepared, vectors = work / "raw", work / "prepared", work / "vectors"
-    if not (prepared / "manifest.json").is_file():
+    if not is_prepared(prepared):
         timed("prepare", lambda: (write_synthetic(raw, PRESETS[args.preset], "parquet"), prepare(raw, prepared)))
     timed("encode", lambda: run_encode(config, prepared, vectors, "all"))
 

@@ -54,11 +54,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
     args = parser.parse_args()
 
-    from lsvcr import storage
+    from lsvcr import model_files, storage
     from lsvcr.config import load_config
     from lsvcr.evaluate import popularity_metrics
     from lsvcr.finetune import run_finetune
     from lsvcr.pipeline import StageLayout
+    from lsvcr.vectors import is_vectors_dir
 
     thread_override = [f"finetune.threads_per_worker={args.threads}"] if args.threads else []
     thread_override += args.overrides
@@ -79,7 +80,7 @@ def main() -> None:
         variants[name] = {"vectors": str(Path(directory) / "vectors"), "init": Path(directory) / "checkpoint.pt"}
     for item in args.scratch:
         name, _, directory = item.partition("=")
-        if not (Path(directory) / "manifest.json").is_file():
+        if not is_vectors_dir(directory):
             raise SystemExit(f"--scratch {item}: no manifest.json in {directory} (not a VECTORS output)")
         variants[name] = {"vectors": directory, "init": None}
     for name, inputs in list(variants.items()):
@@ -112,13 +113,13 @@ def main() -> None:
                 if (seed == config.finetune.seed and variant in pipeline_model
                         and storage.is_finished(pipeline_model[variant])):
                     out = storage.pull(pipeline_model[variant])  # the pipeline's own run: same config and seed
-                if not (out / "metrics.json").is_file():
+                if not (out / model_files.METRICS).is_file():
                     run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
                                                               f"model.comment_like_prior={str(like_prior).lower()}",
                                                               *thread_override])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
-                metrics = json.loads((out / "metrics.json").read_text())
-                log_lines = (out / "train_log.jsonl").read_text().splitlines()
+                metrics = model_files.read_metrics(out)
+                log_lines = (out / model_files.TRAIN_LOG).read_text().splitlines()
                 curve = [json.loads(line)["valid_ndcg@5"] for line in log_lines]
                 rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"), "valid_ndcg@5_by_epoch": curve,
                              **{name: metrics["test"][name] for name in METRICS}})

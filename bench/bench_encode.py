@@ -23,15 +23,14 @@ import numpy as np
 
 
 def workload(prepared: Path, items: int, prompts: int, tokenizer) -> dict[str, list[str]]:
-    import pyarrow.parquet as pq
-
+    from lsvcr.data.prepared import read_comments, read_samples, read_videos
     from lsvcr.llm.prompts import PromptBuilder, histories_from_samples, load_item_texts
 
-    texts = pq.read_table(prepared / "videos.parquet")["caption"].to_pylist()
-    texts += pq.read_table(prepared / "comments.parquet")["content"].to_pylist()
+    texts = read_videos(prepared)["caption"].to_pylist()
+    texts += read_comments(prepared)["content"].to_pylist()
     rng = np.random.default_rng(0)
     item_texts = [texts[i] for i in rng.choice(len(texts), size=min(items, len(texts)), replace=False)]
-    samples = pq.read_table(prepared / "video_samples.train.parquet").slice(0, prompts)
+    samples = read_samples(prepared, "video", "train").slice(0, prompts)
     item_table = load_item_texts(prepared)
     builder = PromptBuilder(tokenizer, item_table, max_prompt_tokens=512)
     user_prompts = builder.build("video", histories_from_samples(samples, item_table, 20))

@@ -35,6 +35,7 @@ from lsvcr.data.movielens import write_movielens  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.finetune import check_inputs  # noqa: E402
+from lsvcr.vectors import is_vectors_dir  # noqa: E402
 from synthetic_data import train_in_process  # noqa: E402  (bench/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +63,7 @@ def minilm_vectors(prepared: Path, work: Path) -> Path:
     from lsvcr.vectors import write_minilm_vectors
 
     vectors = work / f"vectors-minilm-{prepared.name}"
-    if not (vectors / "manifest.json").is_file():
+    if not is_vectors_dir(vectors):
         write_minilm_vectors(prepared, vectors)
     return vectors
 

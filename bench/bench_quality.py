@@ -31,9 +31,11 @@ import torch  # noqa: E402
 
 from lsvcr.baselines import fit_popularity  # noqa: E402
 from lsvcr.config import LSVCRConfig  # noqa: E402
+from lsvcr.data.prepared import load_manifest  # noqa: E402
 from synthetic_data import synthetic_prepared, train_in_process  # noqa: E402  (bench/ is on sys.path)
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.metrics import METRIC_NAMES  # noqa: E402
+from lsvcr.vectors import is_vectors_dir, read_vectors_manifest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "quality_stage2.json"
@@ -54,7 +56,7 @@ def minilm_vectors(prepared: Path, work: Path) -> Path:
     from lsvcr.vectors import write_minilm_vectors
 
     vectors = work / "vectors_minilm"
-    if not (vectors / "manifest.json").is_file():
+    if not is_vectors_dir(vectors):
         write_minilm_vectors(prepared, vectors)
     return vectors
 
@@ -139,7 +141,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = demo_data(work)
     vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work)
-    vector_manifest = json.loads((vectors / "manifest.json").read_text())
+    vector_manifest = read_vectors_manifest(vectors)
     config = LSVCRConfig()
 
     runs: list[dict] = []
@@ -166,7 +168,7 @@ def main() -> int:
             table[task][name] = summarise(model_runs)
             Path(args.out).write_text(json.dumps({"partial": True, "table": table, "runs": runs}, indent=2) + "\n")
 
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = load_manifest(data)
     result = {
         "benchmark": "stage-2 quality on the synthetic demo data set (test split, sampled protocol)",
         "data": {"source": "lsvcr synth --preset demo -> lsvcr prepare", "counts": manifest["counts"]},

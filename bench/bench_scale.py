@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lsvcr.data.prepared import is_prepared, load_manifest, samples_file  # noqa: E402
+from lsvcr.data.schema import SPLITS, TASKS  # noqa: E402
 from lsvcr.data.synth import PRESETS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
@@ -128,11 +130,13 @@ def _label(process: psutil.Process) -> str:
 
 def counts(work: Path) -> dict:
     out: dict = {}
-    manifest = work / "prepared" / "manifest.json"
-    if manifest.is_file():
-        out["prepared"] = json.loads(manifest.read_text()).get("counts", {})
-    for path in sorted((work / "prepared").glob("*_samples.*.parquet")):
-        out.setdefault("samples", {})[path.name.removesuffix(".parquet")] = pq.ParquetFile(path).metadata.num_rows
+    if is_prepared(work / "prepared"):
+        out["prepared"] = load_manifest(work / "prepared").get("counts", {})
+        for task in TASKS:
+            for split in SPLITS:
+                path = work / "prepared" / samples_file(task, split)
+                if path.is_file():
+                    out.setdefault("samples", {})[path.name.removesuffix(".parquet")] = pq.ParquetFile(path).metadata.num_rows
     raw = work / "raw"
     for name in ("user_video_inter", "user_comment_inter", "comment_features", "video_features"):
         path = raw / f"{name}.parquet"

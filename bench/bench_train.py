@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from lsvcr.config import LSVCRConfig  # noqa: E402
+from lsvcr.data.prepared import load_manifest  # noqa: E402
 from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
 from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
 
@@ -113,7 +114,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = video_only_data(work)
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = load_manifest(data)
     torch.set_num_threads(1)
 
     rows: dict[str, list[dict]] = {"lsvcr-id": [], "sasrec": []}

@@ -29,7 +29,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
+from lsvcr.data.prepared import load_manifest  # noqa: E402
 from lsvcr.metrics import METRIC_NAMES  # noqa: E402
+from lsvcr.vectors import read_vectors_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "tune.json"
@@ -49,10 +51,10 @@ def prepare_demo(work: Path, max_train_targets: int = 0) -> Path:
 
 
 def minilm_vectors(prepared: Path, work: Path) -> Path:
-    from lsvcr.vectors import write_minilm_vectors
+    from lsvcr.vectors import is_vectors_dir, write_minilm_vectors
 
     out = work / "vectors_minilm"
-    if not (out / "manifest.json").exists():
+    if not is_vectors_dir(out):
         write_minilm_vectors(prepared, out)
     return out
 
@@ -85,7 +87,7 @@ def main() -> int:
     prepared = prepare_demo(work, args.max_train_targets)
     vectors = Path(args.vectors).resolve() if args.vectors else minilm_vectors(prepared, work)
     timings["data_seconds"] = time.perf_counter() - started
-    vectors_manifest = json.loads((vectors / "manifest.json").read_text())
+    vectors_manifest = read_vectors_manifest(vectors)
 
     config = LSVCRConfig()
     config.finetune.task = args.task
@@ -126,7 +128,7 @@ def main() -> int:
         "benchmark": "tune",
         "data": {"source": "synthetic demo preset (lsvcr synth --preset demo), prepared with the default data config"
                            + (f" except data.max_train_targets_per_user={args.max_train_targets}" if args.max_train_targets else ""),
-                 "counts": json.loads((prepared / "manifest.json").read_text()).get("counts")},
+                 "counts": load_manifest(prepared).get("counts")},
         "vectors": {"path": str(vectors), "model": vectors_manifest.get("model"), "dim": vectors_manifest.get("dim"),
                     "source": "given --vectors" if args.vectors else "MiniLM fallback (lsvcr.vectors.write_minilm_vectors)"},
         "task": args.task,

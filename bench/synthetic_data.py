@@ -8,10 +8,11 @@ from pathlib import Path
 def synthetic_prepared(work: Path, preset: str, file_format: str = "parquet") -> Path:
     """`lsvcr synth --preset PRESET --format FORMAT` → `lsvcr prepare`, reused when already there."""
     from lsvcr.data.prepare import prepare
+    from lsvcr.data.prepared import is_prepared
     from lsvcr.data.synth import PRESETS, write_synthetic
 
     prepared = Path(work) / "prepared"
-    if not (prepared / "manifest.json").is_file():
+    if not is_prepared(prepared):
         raw = Path(work) / "raw"
         if not raw.is_dir():
             write_synthetic(raw, PRESETS[preset], file_format)

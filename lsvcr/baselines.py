@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
 from lsvcr.batching import HistoryBatch
 from lsvcr.config import ModelConfig
+from lsvcr.data.prepared import COMMENTS_FILE, has_comments, num_videos, read_table, samples_file
 from lsvcr.errors import ConfigError
 from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder
 
@@ -128,18 +128,17 @@ def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> P
     split (`train_interactions`: the same leak-free rule as for videos)."""
     if comment_signal not in COMMENT_POPULARITY:
         raise ConfigError(f"comment popularity signal must be one of {COMMENT_POPULARITY}; got {comment_signal!r}")
-    prepared_dir = Path(prepared_dir)
-    videos = pq.read_metadata(prepared_dir / "videos.parquet").num_rows
-    targets = pq.read_table(prepared_dir / "video_samples.train.parquet", columns=["target_video"])["target_video"]
+    videos = num_videos(prepared_dir)
+    targets = read_table(prepared_dir, samples_file("video", "train"), ["target_video"])["target_video"]
     counts = np.bincount(targets.to_numpy(), minlength=videos + 1)
     comment_scores = np.zeros(1)
-    if (prepared_dir / "comments.parquet").is_file():
-        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_idx", "like_count"])
+    if has_comments(prepared_dir):
+        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_idx", "like_count"])
         comment_scores = np.zeros(len(comments) + 1)
         if comment_signal == "likes":
             comment_scores[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
         else:
-            positives = pq.read_table(prepared_dir / "comment_samples.train.parquet", columns=["pos_comments"])
+            positives = read_table(prepared_dir, samples_file("comment", "train"), ["pos_comments"])
             flat = pc.list_flatten(positives["pos_comments"]).to_numpy()
             comment_scores = np.bincount(flat, minlength=len(comments) + 1).astype(np.float64)
     return Popularity(counts, comment_scores)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lsvcr.errors import DataError
+from lsvcr.data.prepared import COMMENTS_FILE, has_comments, read_table, read_videos, samples_path
 
 
 @dataclass
@@ -141,21 +142,16 @@ class ItemTables:
 
 def load_comment_likes(prepared_dir: str | Path) -> np.ndarray:
     """Like counts by comment_idx [C+1] (row 0, the pad, = 0); [0] for a video-only data set."""
-    comments_path = Path(prepared_dir) / "comments.parquet"
-    if not comments_path.is_file():
+    if not has_comments(prepared_dir):
         return np.zeros(1, dtype=np.int64)
-    comments = pq.read_table(comments_path, columns=["comment_idx", "like_count"])
+    comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_idx", "like_count"])
     likes = np.zeros(len(comments) + 1, dtype=np.int64)
     likes[comments["comment_idx"].to_numpy()] = comments["like_count"].to_numpy()
     return likes
 
 
 def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS) -> ItemTables:
-    prepared_dir = Path(prepared_dir)
-    videos_path = prepared_dir / "videos.parquet"
-    if not videos_path.is_file():
-        raise DataError(f"PREPARED table videos.parquet not found in {prepared_dir}")
-    videos = pq.read_table(videos_path, columns=["video_idx", "hot_comments"])
+    videos = read_videos(prepared_dir, ["video_idx", "hot_comments"])
     video_idx = videos["video_idx"].to_numpy()
     if not np.array_equal(video_idx, np.arange(1, len(video_idx) + 1)):
         raise DataError("videos.parquet: video_idx must be 1..V in row order")
@@ -195,11 +191,7 @@ class SampleArrays:
 def load_sample_arrays(
     prepared_dir: str | Path, task: str, split: str, history_length: int, max_comments_per_record: int = 64
 ) -> SampleArrays:
-    path = Path(prepared_dir) / f"{task}_samples.{split}.parquet"
-    if not path.is_file():
-        hint = " (the data set has no comments: the comment task is disabled)" if task == "comment" else ""
-        raise DataError(f"PREPARED table {path.name} not found in {prepared_dir}{hint}")
-    table = pq.read_table(path)
+    table = pq.read_table(samples_path(prepared_dir, task, split))
     required = ["user_idx", "target_video", "video_history", "comment_history_videos", "comment_history_comments"]
     if task == "comment":
         required.append("pos_comments")
@@ -630,10 +622,7 @@ def build_sample_stream(prepared_dir: str | Path, task: str, split: str, history
     """The memory-mapped directory of one split (converted on first use; a temporary directory then
     a rename, so concurrent workers never see half a conversion)."""
     prepared_dir = Path(prepared_dir)
-    path = prepared_dir / f"{task}_samples.{split}.parquet"
-    if not path.is_file():
-        hint = " (the data set has no comments: the comment task is disabled)" if task == "comment" else ""
-        raise DataError(f"PREPARED table {path.name} not found in {prepared_dir}{hint}")
+    path = samples_path(prepared_dir, task, split)
     directory = prepared_dir / STREAM_DIR / f"{task}.{split}.L{history_length}.K{max_comments_per_record}"
     if _stream_is_current(directory, path):
         return directory

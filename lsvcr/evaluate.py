@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsvcr import model_files
 from lsvcr.batching import (
     ItemTables, SampleArrays, epoch_rows, history_lengths, load_comment_likes, load_item_tables, load_sample_arrays,
     make_batch, open_sample_stream,
 )
-from lsvcr.config import LSVCRConfig, load_config
-from lsvcr.errors import DataError, ModelNotFoundError
+from lsvcr.config import LSVCRConfig
+from lsvcr.data.prepared import VIDEOS_FILE
+from lsvcr.errors import DataError
 from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
 
 log = logging.getLogger("lsvcr.evaluate")
@@ -68,15 +70,11 @@ def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = N
     The text tables come from the VECTORS used in training unless `vectors_dir` overrides them."""
     from lsvcr.baselines import build_model
 
-    model_dir = Path(model_dir)
-    checkpoint_path = model_dir / "model.pt"
-    if not checkpoint_path.is_file():
-        raise ModelNotFoundError(f"no model.pt in {model_dir} (is it the --out of a finished `lsvcr finetune`?)")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    config = load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else LSVCRConfig()
-    inputs = json.loads((model_dir / "inputs.json").read_text()) if (model_dir / "inputs.json").is_file() else {}
+    checkpoint = model_files.read_checkpoint(model_dir)
+    config = model_files.read_config(model_dir)
+    inputs = model_files.read_inputs(model_dir)
     data_dir = Path(data_dir or inputs.get("data") or "")
-    if not (data_dir / "videos.parquet").is_file():
+    if not (data_dir / VIDEOS_FILE).is_file():
         raise DataError(f"PREPARED directory not found for {model_dir}: pass --data (tried {data_dir})")
     vectors = vectors_dir or inputs.get("vectors")
     vectors_dir = Path(vectors) if vectors else None
@@ -219,7 +217,7 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
         metrics["full_ranking"] = evaluate_model(trained.model, "video", trained.data_dir, config, device=device,
                                                  full_ranking=True, exclude_seen=exclude_seen, tables=tables)
     if write:
-        (Path(model_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        model_files.write_metrics(model_dir, metrics)
     return metrics
 
 

@@ -30,20 +30,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lsvcr import storage, train_driver
+from lsvcr import model_files, storage, train_driver
 from lsvcr.baselines import build_model
 from lsvcr.batching import (
     Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
     pool_negatives, position_windows,
 )
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
+from lsvcr.data.prepared import load_manifest, num_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, format_table, load_text_tables
 from lsvcr.metrics import METRIC_NAMES
@@ -399,10 +399,8 @@ def make_loop_config(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str
 
 def check_inputs(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None) -> dict:
     """Fail early, with one clear line, on combinations that cannot train."""
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{data_dir} is not a PREPARED directory (no manifest.json); run `lsvcr prepare` first")
-    manifest = json.loads(manifest_path.read_text())
+    require_prepared(data_dir)
+    manifest = load_manifest(data_dir)
     task, model = config.finetune.task, config.model
     if config.finetune.selection_metric not in METRIC_NAMES:
         raise ConfigError(f"finetune.selection_metric must be one of {', '.join(METRIC_NAMES)}; "
@@ -460,16 +458,15 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     if storage.is_finished(out_uri):
         log.info("%s is already finished; delete it to train again", out_uri)
         local = storage.pull(out_uri)
-        metrics = json.loads((local / "metrics.json").read_text())
-        return FinetuneResult(local, metrics, read_jsonl(local / "train_log.jsonl"), metrics.get("best_epoch", 0))
+        metrics = model_files.read_metrics(local)
+        return FinetuneResult(local, metrics, read_jsonl(local / model_files.TRAIN_LOG), metrics.get("best_epoch", 0))
     data_dir = storage.pull(str(data_dir)).resolve()
     vectors_dir = storage.pull(str(vectors_dir)).resolve() if vectors_dir else None
     check_inputs(config, data_dir, vectors_dir)
 
     staging = train_driver.open_staging(out, config, _training_settings)
-    inputs = {"data": str(data_dir), "vectors": str(vectors_dir) if vectors_dir else None,
-              "init": str(Path(init).resolve()) if init else None}
-    (staging / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
+    model_files.write_inputs(staging, str(data_dir), str(vectors_dir) if vectors_dir else None,
+                             str(Path(init).resolve()) if init else None)
     prepare_worker_inputs(config, data_dir, vectors_dir)
 
     settings = config.finetune
@@ -478,20 +475,20 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
         max_failures=settings.max_failures, checkpoints_to_keep=settings.checkpoints_to_keep,
         no_checkpoint_message="fine-tuning produced no checkpoint (max_epochs = 0?)",
         resources_per_worker=resources_per_worker, callbacks=callbacks)
-    loop_config = make_loop_config(config, data_dir, vectors_dir, init, staging / "train_log.jsonl")
+    loop_config = make_loop_config(config, data_dir, vectors_dir, init, staging / model_files.TRAIN_LOG)
     state = train_driver.fit(_ray_train_worker, loop_config, trainer_settings, staging)
 
     text_dim = 0
     if config.model.architecture == "lsvcr" and config.model.mode != "id":
         text_dim = int(state["model"].get("text_mlp.0.weight", state["model"]["llm_adapter.weight"]).shape[1])
-    torch.save({
+    model_files.write_checkpoint(staging, {
         "model_config": asdict(config.model), "task": config.finetune.task,
-        "num_videos": _num_videos(data_dir), "text_dim": text_dim,
+        "num_videos": num_videos(data_dir), "text_dim": text_dim,
         "state_dict": state["best_state"], "best_epoch": state["best_epoch"],
         "best_valid": {f"{config.finetune.selection_ranking}_{config.finetune.selection_metric}": state["best"]}, "init_report": state.get("init_report"),
-    }, staging / "model.pt")
-    write_jsonl(state["history"], staging / "train_log.jsonl")  # the checkpoint's log is the truth after resumes
-    plot_curves(state["history"], staging / "curves.png",
+    })
+    write_jsonl(state["history"], staging / model_files.TRAIN_LOG)  # the checkpoint's log is the truth after resumes
+    plot_curves(state["history"], staging / model_files.CURVES,
                 title=f"{config.finetune.task} task, {config.model.architecture}/{config.model.mode}")
     metrics = evaluate_model_dir(staging, device="cpu")
     metrics["best_epoch"] = state["best_epoch"]
@@ -500,11 +497,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     if state.get("like_prior_init") is not None:
         metrics["like_prior"] = {"init_weight": state["like_prior_init"],
                                  "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    model_files.write_metrics(staging, metrics)
     print(format_table(metrics))
     train_driver.finalise(staging, out, out_uri)
     return FinetuneResult(out, metrics, state["history"], state["best_epoch"])
-
-
-def _num_videos(data_dir: Path) -> int:
-    return pq.read_metadata(data_dir / "videos.parquet").num_rows

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lsvcr import storage
+from lsvcr import model_files, storage
 from lsvcr.config import LSVCRConfig
+from lsvcr.data.prepared import load_manifest
 from lsvcr.errors import ConfigError
 
 log = logging.getLogger("lsvcr.pipeline")
@@ -105,7 +106,7 @@ def stage_prepare(config: LSVCRConfig, run: PipelineRun) -> None:
         storage.push(local, layout.prepared)
 
     _timed(run, "prepare", storage.is_finished(layout.prepared), work)
-    manifest = json.loads((storage.pull(layout.prepared) / "manifest.json").read_text())
+    manifest = load_manifest(storage.pull(layout.prepared))
     run.has_comments = bool(manifest.get("has_comments"))
 
 
@@ -194,7 +195,7 @@ def stage_evaluate(config: LSVCRConfig, run: PipelineRun) -> dict:
                            layout.like_prior_model()))
         for label, uri in models:
             if storage.is_finished(uri):
-                rows[label] = json.loads((storage.pull(uri) / "metrics.json").read_text())
+                rows[label] = model_files.read_metrics(storage.pull(uri))
                 if "swapped_history" in rows[label]:  # the personalization check (lsvcr.evaluate.swap_histories)
                     rows[f"{label}, another user's history"] = rows[label]["swapped_history"]
         prepared = storage.pull(layout.prepared)

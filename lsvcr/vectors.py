@@ -1,6 +1,7 @@
 """Item text vectors on disk (docs/formats.md `VECTORS/`) and their join onto PREPARED indices.
 
-`write_item_vectors` writes the format that `lsvcr encode` produces; `load_item_vectors` turns it
+This module owns the VECTORS/ file names (`NAME.parquet` or shards `NAME/part-NNNNN.parquet`, `manifest.json`)
+and their reading/writing; `lsvcr encode` and `lsvcr align` write through it. `write_item_vectors` writes the format that `lsvcr encode` produces; `load_item_vectors` turns it
 into the dense tables the SR model holds as frozen buffers (row 0 = padding = zeros).
 
 `encode_texts_minilm` is a real, deterministic text encoder (all-MiniLM-L6-v2 from the PyPI package
@@ -22,11 +23,49 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lsvcr.errors import DataError, ModelNotFoundError
+from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, has_comments, read_table, read_videos
 
 log = logging.getLogger("lsvcr.vectors")
 
 
 VECTOR_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+VECTORS_MANIFEST = "manifest.json"
+SHARD_GLOB = "part-*.parquet"
+
+
+def vector_file(name: str) -> str:
+    """The single-file form of table `name` (videos, comments, users_video, users_comment)."""
+    return f"{name}.parquet"
+
+
+def shard_file(shard: int) -> str:
+    """A shard of a table written in parts (`NAME/part-NNNNN.parquet`, by `lsvcr encode`)."""
+    return f"part-{shard:05d}.parquet"
+
+
+def shard_paths(vectors_dir: str | Path, name: str) -> list[Path]:
+    directory = Path(vectors_dir) / name
+    return sorted(directory.glob(SHARD_GLOB)) if directory.is_dir() else []
+
+
+def is_vectors_dir(directory: str | Path) -> bool:
+    return (Path(directory) / VECTORS_MANIFEST).is_file()
+
+
+def read_vectors_manifest(vectors_dir: str | Path) -> dict:
+    path = Path(vectors_dir) / VECTORS_MANIFEST
+    if not path.is_file():
+        raise DataError(f"{vectors_dir} is not a VECTORS directory (no {VECTORS_MANIFEST}); run `lsvcr encode` first")
+    return json.loads(path.read_text())
+
+
+def read_vectors_manifest_if_any(vectors_dir: str | Path) -> dict:
+    path = Path(vectors_dir) / VECTORS_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_vectors_manifest(vectors_dir: str | Path, manifest: dict) -> None:
+    (Path(vectors_dir) / VECTORS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _vector_table(ids: np.ndarray, vectors: np.ndarray, id_column: str, dtype: str = "float32") -> pa.Table:
@@ -57,19 +96,19 @@ def write_item_vectors(
     storage (and the memory-mapped tables of `open_item_vectors`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_vector_table(video_ids, video_vectors, "video_id", dtype), out_dir / "videos.parquet")
+    pq.write_table(_vector_table(video_ids, video_vectors, "video_id", dtype), out_dir / vector_file("videos"))
     counts = {"videos": int(len(video_ids))}
     if comment_ids is not None and comment_vectors is not None:
-        pq.write_table(_vector_table(comment_ids, comment_vectors, "comment_id", dtype), out_dir / "comments.parquet")
+        pq.write_table(_vector_table(comment_ids, comment_vectors, "comment_id", dtype), out_dir / vector_file("comments"))
         counts["comments"] = int(len(comment_ids))
     full_manifest = {"dim": int(np.asarray(video_vectors).shape[1]), "counts": counts, "storage_dtype": dtype} | dict(manifest)
-    (out_dir / "manifest.json").write_text(json.dumps(full_manifest, indent=2) + "\n")
+    write_vectors_manifest(out_dir, full_manifest)
 
 
-def _read_vector_file(vectors_dir: Path, name: str, id_column: str) -> pa.Table | None:
+def read_vector_table(vectors_dir: str | Path, name: str, id_column: str) -> pa.Table | None:
     """`name.parquet` or the shards `name/part-*.parquet`; None when neither exists."""
-    single = vectors_dir / f"{name}.parquet"
-    shards = sorted((vectors_dir / name).glob("part-*.parquet")) if (vectors_dir / name).is_dir() else []
+    single = Path(vectors_dir) / vector_file(name)
+    shards = shard_paths(vectors_dir, name)
     if single.is_file():
         table = pq.read_table(single)
     elif shards:
@@ -116,16 +155,15 @@ def load_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path) -> tupl
     vectors_dir, prepared_dir = Path(vectors_dir), Path(prepared_dir)
     if not vectors_dir.is_dir():
         raise DataError(f"VECTORS directory not found: {vectors_dir}")
-    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
-    video_table = _read_vector_file(vectors_dir, "videos", "video_id")
+    videos = read_videos(prepared_dir, ["video_id"])["video_id"].to_numpy()
+    video_table = read_vector_table(vectors_dir, "videos", "video_id")
     if video_table is None:
         raise DataError(f"VECTORS: neither videos.parquet nor videos/part-*.parquet in {vectors_dir}")
     video_text = _dense_table(video_table, "video_id", videos, "videos")
     comment_text = None
-    comments_path = prepared_dir / "comments.parquet"
-    if comments_path.is_file():
-        comment_ids = pq.read_table(comments_path, columns=["comment_id"])["comment_id"].to_numpy()
-        comment_table = _read_vector_file(vectors_dir, "comments", "comment_id")
+    if has_comments(prepared_dir):
+        comment_ids = read_table(prepared_dir, COMMENTS_FILE, ["comment_id"])["comment_id"].to_numpy()
+        comment_table = read_vector_table(vectors_dir, "comments", "comment_id")
         if comment_table is None:
             raise DataError(f"VECTORS: neither comments.parquet nor comments/part-*.parquet in {vectors_dir}")
         comment_text = _dense_table(comment_table, "comment_id", comment_ids, "comments")
@@ -140,7 +178,7 @@ DENSE_DIR = ".dense"  # VECTORS/.dense/: the tables of `open_item_vectors`, per 
 def _dense_cache_key(prepared_dir: Path) -> str:
     """Which PREPARED the dense rows are ordered for (its id tables' sizes and mtimes)."""
     parts = []
-    for name in ("videos.parquet", "comments.parquet"):
+    for name in (VIDEOS_FILE, COMMENTS_FILE):
         path = prepared_dir / name
         if path.is_file():
             stat = path.stat()
@@ -156,16 +194,13 @@ def open_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: 
     the manifest's `storage_dtype`, float32 when absent)."""
     vectors_dir, prepared_dir = Path(vectors_dir), Path(prepared_dir)
     if dtype is None:
-        manifest_path = vectors_dir / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        dtype = manifest.get("storage_dtype", "float32")
+        dtype = read_vectors_manifest_if_any(vectors_dir).get("storage_dtype", "float32")
     if dtype not in VECTOR_DTYPES:
         raise DataError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype!r}")
     key = _dense_cache_key(prepared_dir)
     cache = vectors_dir / DENSE_DIR
     paths = {name: cache / f"{name}.{key}.{dtype}.npy" for name in ("videos", "comments")}
-    has_comments = (prepared_dir / "comments.parquet").is_file()
-    if not paths["videos"].is_file() or (has_comments and not paths["comments"].is_file()):
+    if not paths["videos"].is_file() or (has_comments(prepared_dir) and not paths["comments"].is_file()):
         video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
         cache.mkdir(exist_ok=True)
         for name, table in (("videos", video_text), ("comments", comment_text)):
@@ -176,7 +211,7 @@ def open_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: 
             os.replace(partial, paths[name])
         del video_text, comment_text
     video_text = np.load(paths["videos"], mmap_mode="r")
-    comment_text = np.load(paths["comments"], mmap_mode="r") if has_comments else None
+    comment_text = np.load(paths["comments"], mmap_mode="r") if has_comments(prepared_dir) else None
     return video_text, comment_text
 
 
@@ -233,11 +268,11 @@ def encode_texts_minilm(texts: list[str], batch_size: int = 128, max_length: int
 def write_minilm_vectors(prepared_dir: str | Path, out_dir: str | Path) -> Path:
     """Encode every caption and comment of PREPARED with MiniLM into a VECTORS directory."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id", "caption"])
+    videos = read_videos(prepared_dir, ["video_id", "caption"])
     video_vectors = encode_texts_minilm(videos["caption"].to_pylist())
     comment_ids = comment_vectors = None
-    if (prepared_dir / "comments.parquet").is_file():
-        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_id", "content"])
+    if has_comments(prepared_dir):
+        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_id", "content"])
         comment_ids = comments["comment_id"].to_numpy()
         comment_vectors = encode_texts_minilm(comments["content"].to_pylist())
     write_item_vectors(
@@ -304,11 +339,11 @@ def write_hashed_vectors(prepared_dir: str | Path, out_dir: str | Path, dim: int
     """Every caption and comment of PREPARED, hashed-bag-of-words encoded, into a VECTORS directory."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     encoder = HashedBagOfWords(dim, seed)
-    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id", "caption"])
+    videos = read_videos(prepared_dir, ["video_id", "caption"])
     video_vectors = encoder.encode(videos["caption"].combine_chunks())
     comment_ids = comment_vectors = None
-    if (prepared_dir / "comments.parquet").is_file():
-        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_id", "content"])
+    if has_comments(prepared_dir):
+        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_id", "content"])
         comment_ids = comments["comment_id"].to_numpy()
         comment_vectors = encoder.encode(comments["content"].combine_chunks())
         del comments

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     # 2: batching
     "lsvcr.batching": 2, "lsvcr.llm.prompts": 2,
     # 3: model
-    "lsvcr.model": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
+    "lsvcr.model": 3, "lsvcr.model_files": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
     # 4: train (and what trains/evaluates: encoding, alignment, fine-tuning, tuning)
     "lsvcr.train_driver": 4, "lsvcr.evaluate": 4, "lsvcr.finetune": 4, "lsvcr.llm.encode": 4,
     "lsvcr.llm.align": 4, "lsvcr.tune": 4,

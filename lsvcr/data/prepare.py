@@ -54,6 +54,9 @@ from lsvcr.config import PrepareConfig
 from lsvcr.data import schema
 from lsvcr.data.importers import SYNTHETIC_MARKER, RawTables, load_raw
 from lsvcr.data.io import atomic_output_dir, write_json, write_parquet
+from lsvcr.data.prepared import (
+    COMMENTS_FILE, MANIFEST_FILE, USER_HISTORIES_FILE, USERS_FILE, VIDEOS_FILE, id_map_file, samples_file,
+)
 from lsvcr.errors import ConfigError, DataError
 
 log = logging.getLogger("lsvcr.data")
@@ -528,7 +531,7 @@ def input_fingerprint(raw_dir: Path, config: PrepareConfig) -> str:
 
 
 def _finished_manifest(out_dir: Path, fingerprint: str) -> dict | None:
-    manifest_path = out_dir / "manifest.json"
+    manifest_path = out_dir / MANIFEST_FILE
     if not (out_dir / "_SUCCESS").exists() or not manifest_path.exists():
         return None
     manifest = json.loads(manifest_path.read_text())
@@ -648,7 +651,7 @@ def prepare(
             for split_id, split_name in enumerate(schema.SPLITS):
                 rows = sample_index[split == split_id]
                 counts[f"{task}_samples"][split_name] = len(rows)
-                _write_samples(temporary / f"{task}_samples.{split_name}.parquet", task, split_name, rows,
+                _write_samples(temporary / samples_file(task, split_name), task, split_name, rows,
                                user, video, target_time, records, builder, config, num_videos,
                                hot_counts, hot_values, pool_member)
 
@@ -659,16 +662,16 @@ def prepare(
             "caption": videos.column("caption"),
             "category": videos.column("category"),
             "hot_comments": hot_comments,
-        }), temporary / "videos.parquet", schema.VIDEOS)
+        }), temporary / VIDEOS_FILE, schema.VIDEOS)
         if comments_table is not None:
-            write_parquet(comments_table, temporary / "comments.parquet", schema.COMMENTS)
+            write_parquet(comments_table, temporary / COMMENTS_FILE, schema.COMMENTS)
         user_idx = np.arange(1, num_users + 1, dtype=np.int32)
-        write_parquet(pa.table({"user_idx": user_idx, "user_id": user_ids}), temporary / "users.parquet", schema.USERS)
+        write_parquet(pa.table({"user_idx": user_idx, "user_id": user_ids}), temporary / USERS_FILE, schema.USERS)
         histories = builder.columns(user_idx, np.full(num_users, end_of_data, np.int64))
         write_parquet(pa.table({"user_idx": user_idx, "user_id": user_ids, **histories}),
-                      temporary / "user_histories.parquet", schema.USER_HISTORIES)
+                      temporary / USER_HISTORIES_FILE, schema.USER_HISTORIES)
         for name, mapping in raw.id_maps.items():
-            write_parquet(mapping, temporary / f"id_map.{name}.parquet", schema.ID_MAP)
+            write_parquet(mapping, temporary / id_map_file(name), schema.ID_MAP)
 
         if config.max_train_targets_per_user > 0:
             filters.append(f"train: only each user's {config.max_train_targets_per_user} most recent train targets "
@@ -698,7 +701,7 @@ def prepare(
                            "data.seed, shuffled",
                 "seed": config.seed,
             },
-            "id_maps": {name: f"id_map.{name}.parquet" for name in raw.id_maps},
+            "id_maps": {name: id_map_file(name) for name in raw.id_maps},
             "config": dataclasses.asdict(config),
             "input_fingerprint": fingerprint,
             "seconds": round(time.perf_counter() - started, 3),
@@ -706,7 +709,7 @@ def prepare(
         if not raw.has_comments:
             manifest["filters"].append("no comment tables: comment task disabled")
             del manifest["protocol"]["comment"]
-        write_json(manifest, temporary / "manifest.json")
+        write_json(manifest, temporary / MANIFEST_FILE)
         if raw.synthetic:
             (temporary / SYNTHETIC_MARKER).write_text(
                 f"SYNTHETIC DATA: prepared from the simulated data set in {manifest['raw_dir']} (lsvcr synth); "

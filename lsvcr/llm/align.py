@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,7 +59,7 @@ from lsvcr.batching import (
     open_sample_stream,
 )
 from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict
-from lsvcr.data.prepared import load_manifest
+from lsvcr.data.prepared import COMMENTS_FILE, load_manifest, read_table, read_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.llm.alignment_losses import AlignmentLosses, alignment_losses
 from lsvcr.llm.encode import run_encode
@@ -70,7 +69,7 @@ from lsvcr.llm.registry import resolve_model
 from lsvcr.model import LSVCRModel
 from lsvcr.report import plot_curves, write_jsonl
 from lsvcr.runtime import set_threads
-from lsvcr.vectors import load_item_vectors, open_item_tensors, write_item_vectors
+from lsvcr.vectors import load_item_vectors, open_item_tensors, read_vector_table, read_vectors_manifest, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
@@ -224,13 +223,8 @@ class StageOneData:
 
 def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[np.ndarray, Tensor]:
     """(sample rows that have a vector, their vectors) of `users_video` / `users_comment`."""
-    directory = vectors_dir / name
-    single = vectors_dir / f"{name}.parquet"
-    if single.is_file():
-        table = pq.read_table(single)
-    elif directory.is_dir() and any(directory.glob("part-*.parquet")):
-        table = pa.concat_tables([pq.read_table(p) for p in sorted(directory.glob("part-*.parquet"))])
-    else:
+    table = read_vector_table(vectors_dir, name, "sample_row")
+    if table is None:
         raise DataError(f"VECTORS {vectors_dir} has no {name} (frozen alignment needs `lsvcr encode --what users`)")
     rows = table["sample_row"].to_numpy()
     column = table["vector"].combine_chunks()
@@ -596,19 +590,16 @@ def _report(rank: int, state: dict, objective: AlignmentObjective, optimizer, sc
 
 
 def _llm_hidden_of(vectors_dir: Path) -> int:
-    manifest = vectors_dir / "manifest.json"
-    if not manifest.is_file():
-        raise DataError(f"{vectors_dir} is not a VECTORS directory (no manifest.json); run `lsvcr encode` first")
-    return int(json.loads(manifest.read_text())["dim"])
+    return int(read_vectors_manifest(vectors_dir)["dim"])
 
 
 def _export_vectors(heads: LLMHeads, raw_vectors_dir: Path, data_dir: Path, out_dir: Path, manifest: dict) -> None:
     """Stage-2 text vectors = llm_emb_mlp(raw item vectors), written in the VECTORS format."""
     video_raw, comment_raw = load_item_vectors(raw_vectors_dir, data_dir)
-    video_ids = pq.read_table(data_dir / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
+    video_ids = read_videos(data_dir, ["video_id"])["video_id"].to_numpy()
     comment_ids = comment_vectors = None
     if comment_raw is not None:
-        comment_ids = pq.read_table(data_dir / "comments.parquet", columns=["comment_id"])["comment_id"].to_numpy()
+        comment_ids = read_table(data_dir, COMMENTS_FILE, ["comment_id"])["comment_id"].to_numpy()
         comment_vectors = export_text_vectors(heads, comment_raw[1:])
     write_item_vectors(out_dir, video_ids, export_text_vectors(heads, video_raw[1:]), comment_ids, comment_vectors,
                        manifest)
@@ -657,8 +648,7 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
         log.info("%s is already finished; delete it to align again", out_uri)
         return json.loads((storage.pull(out_uri) / "summary.json").read_text())
     data_dir = storage.pull(str(data_dir)).resolve()
-    if not (data_dir / "manifest.json").is_file():
-        raise DataError(f"{data_dir} is not a PREPARED directory (no manifest.json); run `lsvcr prepare` first")
+    require_prepared(data_dir)
     vectors_dir = storage.pull(str(vectors_dir)).resolve() if vectors_dir else None
     model_path = None
     if settings.mode == "frozen":

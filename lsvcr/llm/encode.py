@@ -34,7 +34,6 @@ threads per actor = its CPU share. "ray" as executor backend fails on CPU and is
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,11 @@ import pyarrow.parquet as pq
 
 from lsvcr import storage
 from lsvcr.config import EncodeConfig, LSVCRConfig
+from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, load_manifest, read_table, read_videos, samples_file, table_path
 from lsvcr.errors import ConfigError, DataError
+from lsvcr.vectors import (
+    read_vectors_manifest, read_vectors_manifest_if_any, shard_file, shard_paths, write_hashed_vectors, write_vectors_manifest,
+)
 
 log = logging.getLogger("lsvcr.encode")
 
@@ -157,7 +160,7 @@ class ShardedOutput:
         return -(-self.total_rows // self.shard_size)
 
     def path(self, shard: int) -> Path:
-        return self.directory / f"part-{shard:05d}.parquet"
+        return self.directory / shard_file(shard)
 
     def pending_shards(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.path(s).is_file()]
@@ -294,13 +297,11 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
 def _distinct_item_texts(prepared_dir: Path) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Distinct texts (in first-seen order: videos, then comments) and, per item table, its raw ids
     and the index of each item's text in the distinct list."""
-    from lsvcr.data.prepared import load_manifest
-
     manifest = load_manifest(prepared_dir)
-    videos = pq.read_table(prepared_dir / "videos.parquet", columns=["video_id", "caption"])
+    videos = read_videos(prepared_dir, ["video_id", "caption"])
     parts = {"videos": (videos["video_id"].to_numpy(), videos["caption"].fill_null("").to_numpy(zero_copy_only=False))}
     if manifest.get("has_comments"):
-        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_id", "content"])
+        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_id", "content"])
         parts["comments"] = (comments["comment_id"].to_numpy(),
                              comments["content"].fill_null("").to_numpy(zero_copy_only=False))
     all_texts = np.concatenate([texts for _, texts in parts.values()]).astype(str)
@@ -359,10 +360,8 @@ PROMPT_COLUMNS = ["target_video", "video_history", "comment_history_videos", "co
 def _user_samples(prepared_dir: Path, settings: EncodeConfig,
                   columns: list[str] = PROMPT_COLUMNS) -> dict[str, tuple[pa.Table, np.ndarray]]:
     """{task: (`columns` of its train samples, the rows of them to encode)} for the tasks the data set has."""
-    from lsvcr.data.prepared import load_manifest
-
     tasks = ("video", "comment") if load_manifest(prepared_dir).get("has_comments") else ("video",)
-    samples = {task: pq.read_table(prepared_dir / f"{task}_samples.train.parquet", columns=columns) for task in tasks}
+    samples = {task: read_table(prepared_dir, samples_file(task, "train"), columns) for task in tasks}
     total = sum(table.num_rows for table in samples.values())
     return {task: (table, user_sample_rows(table.num_rows, total, settings.max_user_samples, settings.seed))
             for task, table in samples.items()}
@@ -427,8 +426,7 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
         raise ConfigError(f"--what must be items, users or all; got {what!r}")
     settings = config.encode
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    if not (prepared_dir / "videos.parquet").is_file():
-        raise DataError(f"PREPARED directory {prepared_dir} has no videos.parquet: run `lsvcr prepare` first")
+    table_path(prepared_dir, VIDEOS_FILE)  # a clear error before any engine starts
     if settings.encoder == "hashed":
         return _run_hashed_encode(settings, prepared_dir, out_dir, what)
     if settings.encoder != "llm":
@@ -445,8 +443,7 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
             shutil.rmtree(partial)
         out_dir.rename(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    manifest_path = partial / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_vectors_manifest_if_any(partial)
     manifest.update({"format_version": 1, "model": model_name, "model_path": str(model_path), "dtype": engine_dtype(settings),
                      "pooling": ITEM_POOLING.lower(), "user_pooling": USER_POOLING.lower(),
                      "prompt_template": settings.prompt_template, "language": settings.language,
@@ -466,17 +463,15 @@ def run_encode(config: LSVCRConfig, prepared_dir: str | Path, out_dir: str | Pat
         if users["throughput"]:
             manifest["throughput"]["users"] = users["throughput"]
         if "dim" not in manifest:
-            manifest["dim"] = int(pq.read_schema(next((partial / "users_video").glob("part-*.parquet")))
+            manifest["dim"] = int(pq.read_schema(shard_paths(partial, "users_video")[0])
                                   .field("vector").type.list_size)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_vectors_manifest(partial, manifest)
     storage.promote(partial, out_dir)
     return manifest
 
 
 def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path, what: str) -> dict:
     """`encode.encoder=hashed`: the items with `lsvcr.vectors.write_hashed_vectors` (scale/smoke runs)."""
-    from lsvcr.vectors import write_hashed_vectors
-
     if what != "items":
         raise ConfigError("encode.encoder=hashed encodes items only (--what items): user prompts need the LLM")
     partial = storage.partial_dir(out_dir)
@@ -484,8 +479,8 @@ def _run_hashed_encode(settings: EncodeConfig, prepared_dir: Path, out_dir: Path
         shutil.rmtree(partial)
     started = time.perf_counter()
     write_hashed_vectors(prepared_dir, partial, settings.hashed_dim, settings.seed, settings.storage_dtype)
-    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest = read_vectors_manifest(partial)
     manifest.update(format_version=1, throughput={"items": {"seconds": round(time.perf_counter() - started, 2)}})
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_vectors_manifest(partial, manifest)
     storage.promote(partial, out_dir)
     return manifest

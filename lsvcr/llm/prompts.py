@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from lsvcr.errors import ConfigError, DataError
+from lsvcr.data.prepared import COMMENTS_FILE, has_comments, read_table, read_videos
+from lsvcr.errors import ConfigError
 
 TASKS = ("video", "comment")
 
@@ -125,12 +125,6 @@ class ItemTexts:
     hot_comments: np.ndarray  # int64 [V+1, P] comment_idx by likes desc, 0-padded
 
 
-def _videos_table(prepared_dir: Path, columns: list[str]):
-    if not (prepared_dir / "videos.parquet").is_file():
-        raise DataError(f"PREPARED table videos.parquet not found in {prepared_dir}")
-    return pq.read_table(prepared_dir / "videos.parquet", columns=columns)
-
-
 def _captions(videos) -> np.ndarray:
     captions = np.empty(videos.num_rows + 1, dtype=object)
     captions[0] = ""
@@ -140,21 +134,20 @@ def _captions(videos) -> np.ndarray:
 
 def load_captions(prepared_dir: str | Path) -> np.ndarray:
     """Video captions by PREPARED index (row 0 = ""), without reading the comment texts."""
-    return _captions(_videos_table(Path(prepared_dir), ["video_idx", "caption"]))
+    return _captions(read_videos(prepared_dir, ["video_idx", "caption"]))
 
 
 def load_item_texts(prepared_dir: str | Path) -> ItemTexts:
     from lsvcr.batching import first_items_padded
 
-    prepared_dir = Path(prepared_dir)
-    videos = _videos_table(prepared_dir, ["video_idx", "caption", "hot_comments"])
+    videos = read_videos(prepared_dir, ["video_idx", "caption", "hot_comments"])
     captions = _captions(videos)
     pool = first_items_padded(videos["hot_comments"])
     hot_comments = np.zeros((videos.num_rows + 1, pool.shape[1]), dtype=np.int64)
     hot_comments[videos["video_idx"].to_numpy()] = pool
     contents = np.array([""], dtype=object)
-    if (prepared_dir / "comments.parquet").is_file():
-        comments = pq.read_table(prepared_dir / "comments.parquet", columns=["comment_idx", "content"])
+    if has_comments(prepared_dir):
+        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_idx", "content"])
         contents = np.empty(comments.num_rows + 1, dtype=object)
         contents[0] = ""
         contents[comments["comment_idx"].to_numpy()] = comments["content"].fill_null("").to_numpy(zero_copy_only=False)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from lsvcr.errors import DataError
-from lsvcr.vectors import _read_vector_file
+from lsvcr.data.prepared import COMMENTS_FILE, USER_HISTORIES_FILE, has_comments, read_table, read_videos
+from lsvcr.vectors import read_vector_table
 
 
 
@@ -59,8 +59,7 @@ class Catalog:
 
     def __init__(self, prepared_dir: str | Path):
         self.prepared_dir = Path(prepared_dir)
-        videos = pq.read_table(self.prepared_dir / "videos.parquet",
-                               columns=["video_idx", "video_id", "hot_comments"]).sort_by("video_idx")
+        videos = read_videos(self.prepared_dir, ["video_idx", "video_id", "hot_comments"]).sort_by("video_idx")
         self.num_videos = videos.num_rows
         self.video_ids = np.concatenate([[0], videos.column("video_id").to_numpy()]).astype(np.int64)
         self.video_index = IdIndex(self.video_ids)
@@ -71,9 +70,9 @@ class Catalog:
         self.hot_comment = np.zeros(self.num_videos + 1, dtype=np.int64)  # comment_list[0] (METHOD 2.2, eval)
         self.hot_comment[pool_sizes > 0] = pool_values[self.pool_offsets[:-1][pool_sizes > 0]]
 
-        comments_path = self.prepared_dir / "comments.parquet"
-        if comments_path.exists():
-            comments = pq.read_table(comments_path, columns=["comment_idx", "comment_id", "video_idx"]).sort_by("comment_idx")
+        if has_comments(self.prepared_dir):
+            columns = ["comment_idx", "comment_id", "video_idx"]
+            comments = read_table(self.prepared_dir, COMMENTS_FILE, columns).sort_by("comment_idx")
             self.comment_ids = np.concatenate([[0], comments.column("comment_id").to_numpy()]).astype(np.int64)
             self.comment_video = np.concatenate([[0], comments.column("video_idx").to_numpy()]).astype(np.int64)
         else:
@@ -84,10 +83,10 @@ class Catalog:
 
     def _load_user_histories(self) -> None:
         """The stored end-of-data history of every user, kept as flat Arrow-style arrays."""
-        path = self.prepared_dir / "user_histories.parquet"
-        if not path.exists():
-            raise DataError(f"{path} is missing: re-run `lsvcr prepare` (serving needs each user's latest history)")
-        table = pq.read_table(path)
+        if not (self.prepared_dir / USER_HISTORIES_FILE).exists():
+            raise DataError(f"{self.prepared_dir / USER_HISTORIES_FILE} is missing: re-run `lsvcr prepare` "
+                            "(serving needs each user's latest history)")
+        table = read_table(self.prepared_dir, USER_HISTORIES_FILE)
         self.user_ids = table.column("user_id").to_numpy().astype(np.int64)
         self.user_index = IdIndex(np.concatenate([[0], self.user_ids]))
         self._video_offsets, self._video_values = _list_column(table.column("video_history"))
@@ -125,7 +124,7 @@ class Catalog:
 def read_cold_video_vectors(vectors_dir: Path, catalog: Catalog) -> tuple[np.ndarray, torch.Tensor]:
     """Videos with a text vector in VECTORS/ but no index in PREPARED/ (uploaded after training):
     their raw ids and text vectors, scored through the text-only candidate path."""
-    table = _read_vector_file(Path(vectors_dir), "videos", "video_id")
+    table = read_vector_table(vectors_dir, "videos", "video_id")
     ids = table.column("video_id").to_numpy().astype(np.int64)
     cold = np.flatnonzero(catalog.video_index.lookup(ids) == 0)
     vectors = table.column("vector").combine_chunks().take(cold)

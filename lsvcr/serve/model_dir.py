@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from lsvcr import storage
+from lsvcr import model_files, storage
 from lsvcr.config import LSVCRConfig
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.evaluate import load_trained_model
@@ -33,7 +32,7 @@ class LoadedModel:
         return {
             "task": self.task,
             "version": self.version,
-            "checkpoint": str(self.model_dir / "model.pt"),
+            "checkpoint": str(model_files.checkpoint_path(self.model_dir)),
             "prepared": str(self.prepared_dir),
             "vectors": str(self.vectors_dir) if self.vectors_dir else None,
             "mode": self.config.model.mode,
@@ -63,7 +62,6 @@ def load_model_dir(model_dir: str | Path, expected_task: str) -> LoadedModel:
         raise ConfigError(f"{model_dir} holds a {trained.task!r} model; --{expected_task}-model needs a {expected_task!r} model")
     if trained.config.model.architecture != "lsvcr":
         raise ConfigError(f"{model_dir} holds a {trained.config.model.architecture!r} baseline; serving runs the LSVCR backbone")
-    metrics_path = model_dir / "metrics.json"
     return LoadedModel(
         task=trained.task,
         model_dir=model_dir,
@@ -73,8 +71,8 @@ def load_model_dir(model_dir: str | Path, expected_task: str) -> LoadedModel:
         vectors_dir=trained.vectors_dir.resolve() if trained.vectors_dir else None,
         history_length=min(trained.config.finetune.history_length, trained.config.model.max_position),
         comments_per_record=trained.config.data.max_comments_per_record,
-        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
-        version=_file_hash(model_dir / "model.pt"),
+        metrics=model_files.read_metrics_if_any(model_dir),
+        version=_file_hash(model_files.checkpoint_path(model_dir)),
     )
 
 
@@ -84,13 +82,14 @@ def check_model_dir(model_dir: str | Path, task: str) -> None:
     if storage.is_remote(str(model_dir)):
         return  # pulled and checked by the replicas
     model_dir = Path(model_dir)
-    if not (model_dir / "model.pt").is_file():
-        raise ModelNotFoundError(f"--{task}-model {model_dir}: no model.pt (is this a MODEL dir of `lsvcr finetune`?)")
-    found = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=False).get("task")
+    if not model_files.has_checkpoint(model_dir):
+        raise ModelNotFoundError(f"--{task}-model {model_dir}: no {model_files.CHECKPOINT} "
+                                 "(is this a MODEL dir of `lsvcr finetune`?)")
+    found = model_files.read_checkpoint(model_dir).get("task")
     if found != task:
         raise ConfigError(f"--{task}-model {model_dir} holds a {found!r} model")
-    inputs_path = model_dir / "inputs.json"
-    inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
+    inputs_path = model_dir / model_files.INPUTS
+    inputs = model_files.read_inputs(model_dir)
     for key in ("data", "vectors"):
         value = inputs.get(key)
         if value and not storage.is_remote(value) and not Path(value).is_dir():
