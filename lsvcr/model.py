@@ -198,6 +198,25 @@ class HistoryStates:
     comment_item_text: Tensor | None  # y_j [B, Lc, H]
 
 
+@dataclass
+class ItemTables:
+    """The item-side terms of `encode_histories` and of comment scoring, computed once for every item
+    (serving: once per replica, `LSVCRModel.item_tables`). Each row is exactly what the per-request
+    path computes for that item, up to float summation order, because pc_merge and A are linear.
+
+    video_token[v]   = gate·E_id[v] + pc_merge([A(title v); A(hot comment v)])   (the history token, per mode)
+    record_video[v]  = gate·E_id[v] + W_title·A(title v) + b   (a comment record's video part; pc_merge = [W_title W_comment], b)
+    record_comment[c] = W_comment·A(comment c), averaged over a record's comments (None with an llm_emb_mlp:
+                        the MLP is applied after the mean, which is not linear; then it is computed per request)
+    comment_candidate[c] = normalize(A(comment c))
+    """
+
+    video_token: Tensor  # [V+1, H]
+    record_video: Tensor  # [V+1, H]
+    record_comment: Tensor | None  # [C+1, H]
+    comment_candidate: Tensor | None  # [C+1, H]; None in `id` mode
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -379,16 +398,49 @@ class LSVCRModel(nn.Module):
             return torch.randperm(self.config.max_position, device=device)[:length].sort().values
         return torch.arange(length, device=device)
 
-    def _branch_input(self, item_text: Tensor | None, video_idx: Tensor, position: nn.Embedding,
-                      layer_norm: nn.LayerNorm, random_positions: bool) -> Tensor:
+    def _history_tokens(self, item_text: Tensor | None, video_idx: Tensor) -> Tensor:
+        """gate·E_id[v] + item text, per mode (before position and LN)."""
         if self.config.mode == "id+text":
-            item = self._gated_id(video_idx) + item_text
-        elif self.config.mode == "id":
-            item = self._gated_id(video_idx)
-        else:
-            item = item_text
-        item = item + position(self._positions(video_idx.shape[1], random_positions, video_idx.device))
-        return self.dropout(layer_norm(item))
+            return self._gated_id(video_idx) + item_text
+        if self.config.mode == "id":
+            return self._gated_id(video_idx)
+        return item_text
+
+    def _branch_input(self, tokens: Tensor, position: nn.Embedding, layer_norm: nn.LayerNorm,
+                      random_positions: bool) -> Tensor:
+        tokens = tokens + position(self._positions(tokens.shape[1], random_positions, tokens.device))
+        return self.dropout(layer_norm(tokens))
+
+    @torch.inference_mode()
+    def item_tables(self, hot_comment: Tensor) -> ItemTables:
+        """`ItemTables` of every video (row = video_idx; `hot_comment[v]` = the comment_idx its history
+        token uses) and every comment, with the frozen text tables."""
+        all_videos = torch.arange(self.num_videos + 1, device=self.video_position.weight.device)
+        if not self.use_text:
+            ids = self._gated_id(all_videos)
+            return ItemTables(video_token=ids, record_video=ids, record_comment=None, comment_candidate=None)
+        hidden = self.config.hidden_size
+        title_weight, comment_weight = self.pc_merge.weight[:, :hidden], self.pc_merge.weight[:, hidden:]
+        titles = self.adapt_text(self.video_text, all_videos)
+        record_video = self._history_tokens(F.linear(titles, title_weight, self.pc_merge.bias), all_videos)
+        comments = self.adapt_text(self.comment_text, torch.arange(self.comment_text.shape[0], device=all_videos.device))
+        return ItemTables(
+            video_token=self._history_tokens(self.video_item_text(all_videos, hot_comment.to(all_videos.device)), all_videos),
+            record_video=record_video,
+            record_comment=None if self.text_mlp is not None else F.linear(comments, comment_weight),
+            comment_candidate=F.normalize(comments, dim=-1),
+        )
+
+    def _record_tokens_from_tables(self, tables: ItemTables, videos: Tensor, comments: Tensor) -> Tensor:
+        """Comment-record history tokens [B, L, H] from `tables` (the per-request part is a mean of rows)."""
+        tokens = F.embedding(videos, tables.record_video)
+        if not self.use_text:
+            return tokens
+        if tables.record_comment is None:  # llm_emb_mlp: mean of the raw vectors, then the MLP and A
+            comment_mean = self.adapt_text_mean(self.comment_text, comments)
+            return tokens + F.linear(comment_mean, self.pc_merge.weight[:, self.config.hidden_size:])
+        bags = F.embedding_bag(comments.reshape(-1, comments.shape[-1]), tables.record_comment, mode="mean", padding_idx=0)
+        return tokens + bags.view(*comments.shape[:-1], -1)
 
     # ------------------------------------------------------------------ history encoding (§2.3-2.4)
 
@@ -418,27 +470,33 @@ class LSVCRModel(nn.Module):
         video_text: Tensor | None = None,
         comment_text: Tensor | None = None,
         outputs: tuple[str, ...] = ("video", "comment"),
+        tables: ItemTables | None = None,
     ) -> HistoryStates:
         """H^v and H^c. Both encoders always run (each branch's keys feed the other's mix layer), but
         a branch's own mix layer and output projection run only if it is in `outputs`: the video
-        task needs H^v alone, the comment task H^c alone (stage 1 needs both). Skipped → None."""
+        task needs H^v alone, the comment task H^c alone (stage 1 needs both). Skipped → None.
+        With `tables` (serving) the history tokens are looked up, not computed: the hot comment of a
+        history video is then the one the tables were built with, and the item texts are not returned."""
         video_mask = batch.video_history != 0
         comment_mask = batch.comment_history_videos != 0
         video_item_text = comment_item_text = None
-        if self.use_text:
-            video_item_text = self.video_item_text(
-                batch.video_history, batch.video_history_hot_comment, video_text, comment_text
-            )
-            comment_item_text = self.comment_record_text(
-                batch.comment_history_videos, batch.comment_history_comments, video_text, comment_text
-            )
-        video_input = self._branch_input(
-            video_item_text, batch.video_history, self.video_position, self.video_layer_norm, random_positions
-        )
-        comment_input = self._branch_input(
-            comment_item_text, batch.comment_history_videos, self.comment_position, self.comment_layer_norm,
-            random_positions,
-        )
+        if tables is not None:
+            video_tokens = F.embedding(batch.video_history, tables.video_token)
+            comment_tokens = self._record_tokens_from_tables(tables, batch.comment_history_videos,
+                                                             batch.comment_history_comments)
+        else:
+            if self.use_text:
+                video_item_text = self.video_item_text(
+                    batch.video_history, batch.video_history_hot_comment, video_text, comment_text
+                )
+                comment_item_text = self.comment_record_text(
+                    batch.comment_history_videos, batch.comment_history_comments, video_text, comment_text
+                )
+            video_tokens = self._history_tokens(video_item_text, batch.video_history)
+            comment_tokens = self._history_tokens(comment_item_text, batch.comment_history_videos)
+        video_input = self._branch_input(video_tokens, self.video_position, self.video_layer_norm, random_positions)
+        comment_input = self._branch_input(comment_tokens, self.comment_position, self.comment_layer_norm,
+                                           random_positions)
         video_encoded = self.video_encoder(video_input, self._causal_mask(video_mask))
         comment_encoded = self.comment_encoder(comment_input, self._causal_mask(comment_mask))
         video_states = comment_states = None
@@ -539,13 +597,18 @@ class LSVCRModel(nn.Module):
 
     def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, *,
                        states: HistoryStates | None = None, video_text: Tensor | None = None,
-                       comment_text: Tensor | None = None) -> Tensor:
-        """Logits over the comment candidates [B, N] of the current video (0 = padding → -inf)."""
+                       comment_text: Tensor | None = None, tables: ItemTables | None = None) -> Tensor:
+        """Logits over the comment candidates [B, N] of the current video (0 = padding → -inf).
+        `tables`: history tokens and candidate vectors from precomputed `ItemTables` (serving)."""
         if states is None:
             states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text,
-                                           outputs=("comment",))
+                                           outputs=("comment",), tables=tables)
         user = self.comment_user_vector(states, current_video, video_text)
-        logits = self._cosine_logits(user, self.comment_candidate_vectors(candidates, comment_text))
+        if tables is not None and tables.comment_candidate is not None:
+            candidate_vectors = F.embedding(candidates, tables.comment_candidate)
+        else:
+            candidate_vectors = self.comment_candidate_vectors(candidates, comment_text)
+        logits = self._cosine_logits(user, candidate_vectors)
         if self.use_like_prior:
             logits = logits + (LIKE_PRIOR_RATE * self.comment_like_weight) * self.comment_prior[candidates]
         return logits.masked_fill(candidates == 0, float("-inf"))

@@ -385,3 +385,34 @@ def test_comment_like_prior_adds_a_learned_bias_per_comment():
         LSVCRModel(ModelConfig(max_position=10, comment_like_prior=True), NUM_VIDEOS, video_text, comment_text,
                    comment_likes[:5])
     assert not hasattr(_model("text", like_prior=False), "comment_like_weight")
+
+
+@pytest.mark.parametrize("mode, text_mlp", [("id+text", False), ("text", False), ("id", False), ("id+text", True)])
+def test_precomputed_item_tables_give_the_per_request_scores(mode, text_mlp):
+    """Serving looks history tokens, record projections and comment candidates up in `item_tables`
+    (computed once); the scores equal the per-request path's to float tolerance, in every mode and with
+    an llm_emb_mlp (whose record mean is not linear, so it stays per request)."""
+    torch.manual_seed(0)
+    config = ModelConfig(mode=mode, max_position=10, comment_like_prior=True,
+                         text_mlp_dim=TEXT_DIM // 2 if text_mlp else 256)
+    model = LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))  # gate, biases, like weight away from their init
+    batch = _batch()
+    hot_comment = torch.arange(NUM_VIDEOS + 1) % (NUM_COMMENTS + 1)
+    batch.video_history_hot_comment = hot_comment[batch.video_history]
+    tables = model.item_tables(hot_comment)
+    assert (tables.record_comment is None) == (text_mlp or mode == "id")
+    with torch.inference_mode():
+        for outputs in (("video",), ("comment",)):
+            per_request = model.encode_histories(batch, outputs=outputs)
+            precomputed = model.encode_histories(batch, outputs=outputs, tables=tables)
+            for name in ("video_states", "comment_states"):
+                if getattr(per_request, name) is not None:
+                    torch.testing.assert_close(getattr(precomputed, name), getattr(per_request, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.score_videos(batch, states=model.encode_histories(batch, outputs=("video",), tables=tables)),
+                                   model.score_videos(batch), atol=1e-4, rtol=1e-5)
+        if mode != "id":
+            torch.testing.assert_close(model.score_comments(batch, CURRENT, COMMENT_CANDIDATES, tables=tables),
+                                       model.score_comments(batch, CURRENT, COMMENT_CANDIDATES), atol=1e-4, rtol=1e-5)

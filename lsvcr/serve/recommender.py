@@ -90,6 +90,10 @@ class Recommender:
         self.video_matrix = None
         if video is not None:
             self._build_video_matrix(cold_video_text)
+        # Item-side work once per replica: every history token, record projection and comment candidate.
+        hot_comment = torch.from_numpy(catalog.hot_comment)
+        self.video_tables = video.model.item_tables(hot_comment) if video is not None else None
+        self.comment_tables = comment.model.item_tables(hot_comment) if comment is not None else None
 
     @classmethod
     def from_model_dirs(cls, video_model_dir: str | Path | None, comment_model_dir: str | Path | None) -> "Recommender":
@@ -211,7 +215,8 @@ class Recommender:
         if not resolved:
             return results
         model = self.video.model
-        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("video",))
+        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("video",),
+                                        tables=self.video_tables)
         users = F.normalize(model.video_user_vector(states), dim=-1) / model.config.temperature  # tau folded in
         scores = users @ self.video_matrix.T  # ONE product for the whole batch: [B, d] @ [d, V]
         scores[:, 0] = float("-inf")  # padding row
@@ -239,7 +244,8 @@ class Recommender:
         current_video = torch.tensor([r.current_video for r in resolved])
         pools = torch.from_numpy(_pad_rows([self.catalog.comment_pool(r.current_video) for r in resolved]))
         # The model's own scoring (cosine/τ, plus the like prior when the model has one); pad → -inf.
-        scores = model.score_comments(build_history_batch(resolved, self.catalog.hot_comment), current_video, pools)
+        scores = model.score_comments(build_history_batch(resolved, self.catalog.hot_comment), current_video, pools,
+                                      tables=self.comment_tables)
         seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) if r.exclude_seen else np.zeros(0, np.int64)
                         for row, r in enumerate(resolved)]
         self._mask(scores, seen_columns)
