@@ -123,9 +123,9 @@ def evaluate_arrays(
     batches = epoch_rows(len(arrays), batch_size, None, rank, world_size, drop_uneven=False,
                          lengths=history_lengths(arrays))
     if progress:
-        from tqdm.auto import tqdm
+        from lsvcr.console import iterate
 
-        batches = tqdm(batches, desc=f"eval {arrays.split}", leave=False)
+        batches = iterate(batches, len(batches), f"eval {arrays.split}", unit="batch", leave=False)
     for rows in batches:
         batch = make_batch(arrays, tables, rows, rng=None).to(device)
         if arrays.task == "comment":
@@ -219,6 +219,17 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     if write:
         model_files.write_metrics(model_dir, metrics)
     return metrics
+
+
+def metrics_line(metrics: dict, metric: str = "ndcg@5") -> str:
+    """One line for a console: the sampled protocol's valid/test `metric`, the personalization check, epochs."""
+    parts = [f"{split} {metric} {metrics[split][metric]:.4f}" for split in ("valid", "test") if split in metrics]
+    swapped = metrics.get("swapped_history", {}).get("test")
+    if swapped:
+        parts.append(f"test with another user's history {swapped[metric]:.4f}")
+    if "best_epoch" in metrics:
+        parts.append(f"best epoch {metrics['best_epoch']} of {metrics.get('epochs_run', '?')}")
+    return f"{metrics['protocol']['task']} model: " + ", ".join(parts)
 
 
 def format_table(metrics: dict) -> str:

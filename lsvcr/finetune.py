@@ -45,7 +45,7 @@ from lsvcr.batching import (
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
 from lsvcr.data.prepared import load_manifest, num_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
-from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, format_table, load_text_tables
+from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, load_text_tables, metrics_line
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE
 from lsvcr.report import plot_curves, read_jsonl, write_jsonl
@@ -358,9 +358,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             with log_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
         if context.rank == 0:
-            log.info("epoch %d: loss %.4f  valid %s %.4f (best %.4f @ %d)  %.1f samples/s", epoch, row["train_loss"],
-                     selection_metric, valid_metrics[selection_metric], state["best"], state["best_epoch"],
-                     row["samples_per_second"])
+            log.info("epoch %d: loss %.4f  valid %s %.4f (best %.4f @ %d)  %.1f samples/s  %.1f s", epoch,
+                     row["train_loss"], selection_metric, valid_metrics[selection_metric], state["best"],
+                     state["best_epoch"], row["samples_per_second"], row["seconds"])
         _report_epoch(context, row, state, model, optimizer)
     return state
 
@@ -498,6 +498,6 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
         metrics["like_prior"] = {"init_weight": state["like_prior_init"],
                                  "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}
     model_files.write_metrics(staging, metrics)
-    print(format_table(metrics))
+    log.info("%s", metrics_line(metrics))
     train_driver.finalise(staging, out, out_uri)
     return FinetuneResult(out, metrics, state["history"], state["best_epoch"])

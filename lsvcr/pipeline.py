@@ -271,8 +271,12 @@ def serve_check(config: LSVCRConfig, run: PipelineRun, seconds: float = 0.0) -> 
             with urllib.request.urlopen(request, timeout=60) as response:
                 answers[endpoint] = {"request": body, "response": json.loads(response.read())}
             print(f"POST {base_url}/v1/recommend/{endpoint} {json.dumps(body)}")
-            print(json.dumps(answers[endpoint]["response"], indent=2)[:1500], flush=True)
+            print(f"  -> {_shortened(json.dumps(answers[endpoint]['response']))}", flush=True)
         time.sleep(seconds)
     finally:
         stop_serving()
     return answers
+
+
+def _shortened(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -51,22 +51,31 @@ def set_threads(num_threads: int) -> None:
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS/`address`, or start a local one sized to this machine."""
+    """Join the cluster named by RAY_ADDRESS/`address`, or start a local one sized to this machine.
+
+    Under the CLI's quiet console (lsvcr.console) workers' stdout/stderr stay in the session's log files
+    (linked into the run's logs/) instead of being forwarded: Ray Data, Ray Train and vLLM actors print
+    hundreds of start-up, progress and health-check lines. Errors still reach the driver as exceptions."""
     import ray
+
+    from lsvcr import console
 
     if ray.is_initialized():
         return
+    console.route_ray_loggers()  # before ray.init: its own start-up lines go to driver.log
     address = address or os.environ.get("RAY_ADDRESS")
+    log_to_driver = console.forward_worker_output()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # address="local": start our own cluster, never attach to a stranger's `ray start` on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    console.route_ray_loggers()
+    console.note_ray_session(getattr(context, "address_info", {}).get("session_dir"))
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """The console of a CLI command or job (lsvcr.console): quiet unless `verbose` or LSVCR_VERBOSE=1."""
+    from lsvcr import console
+
+    console.start(verbose)

@@ -22,7 +22,7 @@ import torch
 
 from lsvcr import storage
 from lsvcr.config import LSVCRConfig, load_config, save_config
-from lsvcr.errors import ConfigError, DataError
+from lsvcr.errors import ConfigError, DataError, LSVCRError
 
 STATE_FILE = "state.pt"
 RUN_NAME = "ray_train"
@@ -74,34 +74,54 @@ def fit(worker: Callable[[dict], None], loop_config: dict, settings: TrainerSett
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lsvcr import console
     from lsvcr.runtime import ensure_ray, wants_gpu
 
     ensure_ray()
     use_gpu = wants_gpu(settings.use_gpu) or (settings.resources_per_worker or {}).get("GPU", 0) > 0
     threads = str(settings.threads_per_worker)
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=use_gpu,
-            resources_per_worker=settings.resources_per_worker or {"CPU": settings.threads_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=str(staging),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                             **settings.env_vars}},
-            callbacks=settings.callbacks,
-        ),
-    )
-    result = trainer.fit()
+    with console.relayed_worker_logs() as relay:  # the workers' `lsvcr` log lines (epochs) on the console
+        trainer = TorchTrainer(
+            console.relayed(worker) if relay is not None else worker,
+            train_loop_config={**loop_config, console.RELAY_KEY: relay} if relay is not None else loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=settings.num_workers, use_gpu=use_gpu,
+                resources_per_worker=settings.resources_per_worker or {"CPU": settings.threads_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=RUN_NAME, storage_path=str(staging),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
+                failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                                 **settings.env_vars}},
+                callbacks=(settings.callbacks or []) + console.worker_failure_callbacks(relay) or None,
+            ),
+        )
+        result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        raise _worker_input_error(result.error) or result.error
     if result.checkpoint is None:
         raise DataError(settings.no_checkpoint_message)
     with result.checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _worker_input_error(error: BaseException) -> LSVCRError | None:
+    """A worker that stopped on bad input (an LSVCRError, e.g. an --init checkpoint that fits no key)
+    reaches the driver wrapped in Ray Train's WorkerGroupError: hand back the clear error itself."""
+    pending = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, LSVCRError):  # Ray's RayTaskError subclasses its cause: prefer the cause
+            cause = getattr(current, "cause", None)
+            return cause if isinstance(cause, LSVCRError) else current
+        pending += list((getattr(current, "worker_failures", None) or {}).values())
+        pending += [getattr(current, "cause", None), current.__cause__]
+    return None
 
 
 def load_checkpoint_state(checkpoint) -> dict:

@@ -68,3 +68,38 @@ def tiny_minilm_vectors_dir(tiny_prepared_dir, tmp_path_factory):
     from lsvcr.vectors import write_minilm_vectors
 
     return write_minilm_vectors(tiny_prepared_dir, tmp_path_factory.mktemp("vectors") / "tiny_minilm")
+
+
+# --- LLM: a tiny random decoder vLLM and peft load in seconds (encode/align tests, the console test) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tiny_prepared_dir, tmp_path_factory):
+    """A 2-layer random Llama (head_dim 64, which vLLM's CPU attention accepts) with a BPE tokenizer
+    trained on the data set's texts and the English prompt templates."""
+    import pyarrow.parquet as pq
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lsvcr.llm.prompts import TEMPLATES
+
+    corpus = pq.read_table(tiny_prepared_dir / "videos.parquet")["caption"].to_pylist()
+    corpus += pq.read_table(tiny_prepared_dir / "comments.parquet")["content"].to_pylist()
+    corpus += [text for (task, language), pair in TEMPLATES.items() if language == "en" for text in pair]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    out = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=1024, bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsvcr"
 # Longest matching prefix wins; every module of lsvcr/ must match one (a new module gets a layer here).
 LAYERS: dict[str, int] = {
     # 0: foundations every layer may use
-    "lsvcr": 0, "lsvcr.errors": 0, "lsvcr.config": 0, "lsvcr.storage": 0, "lsvcr.runtime": 0,
+    "lsvcr": 0, "lsvcr.errors": 0, "lsvcr.config": 0, "lsvcr.storage": 0, "lsvcr.runtime": 0, "lsvcr.console": 0,
     "lsvcr.metrics": 0, "lsvcr.report": 0, "lsvcr.llm.registry": 0, "lsvcr.llm": 0,
     # 1: data (raw tables → PREPARED; VECTORS storage)
     "lsvcr.data": 1, "lsvcr.vectors": 1,

@@ -35,7 +35,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set finetune.lr=3e-4 (repeatable)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="everything on the console: Ray's, vLLM's and the workers' output, debug logging (also LSVCR_VERBOSE=1)")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

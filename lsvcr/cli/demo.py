@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from lsvcr import storage
+from lsvcr import console, storage
 from lsvcr.config import load_config
-from lsvcr.pipeline import STAGES, run_pipeline, serve_check
+from lsvcr.pipeline import STAGES, StageLayout, run_pipeline, serve_check
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +24,16 @@ def demo_command(args: argparse.Namespace) -> int:
         config.paths.storage = args.out
     if args.raw:
         config.paths.raw = args.raw
-    run = run_pipeline(config, tuple(s for s in args.stages.split(",") if s))
-    if not args.no_serve and storage.is_finished(run.layout.model("video")):
-        serve_check(config, run)
-    print(json.dumps({"timings_s": run.timings, "skipped": run.skipped}, indent=2))
+    log_dir = storage.local_dir(StageLayout(config.paths.storage).uri("logs"))
+    try:
+        with console.log_files(log_dir):  # Ray's, vLLM's and the workers' output: files, named below
+            run = run_pipeline(config, tuple(s for s in args.stages.split(",") if s))
+            if not args.no_serve and storage.is_finished(run.layout.model("video")):
+                serve_check(config, run)
+    except BaseException:
+        print(console.log_summary(log_dir), file=sys.stderr, flush=True)
+        raise
+    print(json.dumps({"timings_s": run.timings, "skipped": run.skipped}))
     print(f"results: {run.layout.report}/report.md", flush=True)
+    print(console.log_summary(log_dir), flush=True)
     return 0

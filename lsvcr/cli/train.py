@@ -32,6 +32,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     os.environ.setdefault("OMP_NUM_THREADS", str(config.finetune.threads_per_worker))
     result = run_finetune(config, args.data, args.vectors, args.out, args.init)
+    print(format_table(result.metrics))
     print(f"model written to {result.out_dir} (best epoch {result.best_epoch})")
     return 0
 

@@ -522,6 +522,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"align ({settings.mode})", disable=rank != 0,
                     mininterval=2.0)
     batches_of_epoch: dict[int, list] = {}
+    epoch_losses, epoch_started = [], time.perf_counter()
     while state["step"] < total_steps:
         step = state["step"]
         epoch, index = divmod(step, steps_per_epoch)
@@ -545,6 +546,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state["step"] = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{values['total']:.4f}", refresh=False)  # the bar redraws at mininterval
+        epoch_losses.append(values["total"])
+        if index + 1 == steps_per_epoch:
+            if rank == 0:
+                log.info("align epoch %d/%d: loss %.4f  %.1f s", epoch + 1, settings.epochs, float(np.mean(epoch_losses)),
+                         time.perf_counter() - epoch_started)
+            epoch_losses, epoch_started = [], time.perf_counter()
         done = state["step"] == total_steps
         if state["step"] % settings.log_every == 0 or done or state["step"] % settings.checkpoint_every == 0:
             mean = sums / max(counted, 1)

@@ -211,9 +211,11 @@ class Throughput:
 
 
 def _actor_kwargs(settings: EncodeConfig) -> dict:
+    import ray.data
+
     threads = max(1, int(settings.cpus_per_actor))
     return dict(
-        concurrency=settings.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
         batch_size=settings.batch_size,
         num_cpus=settings.cpus_per_actor,
         num_gpus=settings.gpus_per_actor,
@@ -251,7 +253,7 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
     Global row r belongs to output i when offsets[i] <= r < offsets[i+1]; each completed shard is
     written at once, so a killed run keeps every shard it finished.
     """
-    from tqdm.auto import tqdm
+    from lsvcr.console import progress as progress_bar
 
     buffers: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     needed: dict[tuple[int, int], int] = {}
@@ -261,7 +263,7 @@ def _run_pipeline(dataset, outputs: list[tuple[ShardedOutput, np.ndarray, np.nda
             needed[index, int(shard)] = len(output.shard_rows(int(shard)))
     throughput = Throughput()
     started = time.perf_counter()
-    with tqdm(total=total, desc=description, unit="text", mininterval=2.0) as progress:
+    with progress_bar(total, description, unit="text") as progress:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             if throughput.prompts == 0:
                 throughput.engine_start_seconds = time.perf_counter() - started
@@ -385,6 +387,8 @@ def check_prompt_budget(prepared_dir: Path, model_path: Path, settings: EncodeCo
 
 def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: EncodeConfig) -> dict:
     """The stage-1 prompt of the train samples of both tasks → `users_video/`, `users_comment/` (LAST)."""
+    import ray.data
+
     samples = _user_samples(prepared_dir, settings)
     outputs, pieces, offset, counts = [], [], 0, {}
     for task, (table, selected) in samples.items():
@@ -407,7 +411,8 @@ def encode_users(prepared_dir: Path, partial: Path, model_path: Path, settings: 
     dataset = dataset.map_batches(
         PromptRenderer, fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), model_path=str(model_path),
                                                    settings=asdict(settings)),
-        batch_format="pyarrow", batch_size=settings.batch_size, concurrency=1, num_cpus=0.25)
+        batch_format="pyarrow", batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.25)
     dataset = dataset.map_batches(
         VLLMEmbedder, fn_constructor_kwargs=_embedder_kwargs(model_path, USER_POOLING, settings, settings.max_model_len),
         **_actor_kwargs(settings))
