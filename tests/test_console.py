@@ -105,11 +105,12 @@ def tiny_demo(tiny_llm_dir, tmp_path_factory):
         "--set", "paths.synth_preset=tiny", "--set", f"encode.model={tiny_llm_dir}",
         "--set", "encode.max_user_samples=16", "--set", "encode.history_length=5",
         "--set", "encode.max_prompt_tokens=400", "--set", "align.epochs=2", "--set", "align.batch_size=8",
-        "--set", "finetune.max_epochs=2")
+        "--set", "finetune.max_epochs=1")
     return out, result
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the module's demo run: about 5 min on a quiet 2-core machine
 def test_demo_console_is_short_and_free_of_ray_noise(tiny_demo):
     out, result = tiny_demo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -122,7 +123,7 @@ def test_demo_console_is_short_and_free_of_ray_noise(tiny_demo):
         assert f"==> stage {stage}" in text and f"<== stage {stage}:" in text
     # the workers' epoch lines come through the relay: one per epoch and model, with loss, metric and time
     epoch_lines = [line for line in lines if " epoch " in line and "valid ndcg@5" in line]
-    assert len(epoch_lines) >= 2 * 2 and all(line.rstrip().endswith(" s") for line in epoch_lines)
+    assert len(epoch_lines) >= 4 and all(line.rstrip().endswith(" s") for line in epoch_lines)
     assert "align epoch 2/2: loss" in text
     assert "POST http://" in text and f"results: {out}/report/report.md" in text
     assert f"logs: {out / 'logs' / 'driver.log'}" in lines[-1]
