@@ -31,3 +31,20 @@ def test_schema_check_is_not_vacuous():
     config["available_node_types"]["cpu_worker"]["bogus_field"] = 1
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_ray_workers_run_at_normal_priority_locally_and_on_the_cluster():
+    """Ray starts workers at nice 15, which lets any nice-0 process starve training, vLLM and Serve."""
+    import os
+    import subprocess
+    import sys
+
+    config = load()
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert "RAY_worker_niceness=0" in command, command
+    probe = ("import os, ray\nfrom lsvcr.runtime import ensure_ray\nensure_ray(num_cpus=1)\n"
+             "print('worker nice', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert "worker nice 0" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -69,7 +69,7 @@ from lsvcr.llm.registry import resolve_model
 from lsvcr.model import LSVCRModel
 from lsvcr.report import plot_curves, write_jsonl
 from lsvcr.runtime import set_threads
-from lsvcr.vectors import load_item_vectors, open_item_tensors, read_vector_table, read_vectors_manifest, write_item_vectors
+from lsvcr.vectors import open_item_tensors, open_item_vectors, read_vector_table, read_vectors_manifest, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
@@ -602,7 +602,7 @@ def _llm_hidden_of(vectors_dir: Path) -> int:
 
 def _export_vectors(heads: LLMHeads, raw_vectors_dir: Path, data_dir: Path, out_dir: Path, manifest: dict) -> None:
     """Stage-2 text vectors = llm_emb_mlp(raw item vectors), written in the VECTORS format."""
-    video_raw, comment_raw = load_item_vectors(raw_vectors_dir, data_dir)
+    video_raw, comment_raw = open_item_vectors(raw_vectors_dir, data_dir)  # memory maps: exported in blocks
     video_ids = read_videos(data_dir, ["video_id"])["video_id"].to_numpy()
     comment_ids = comment_vectors = None
     if comment_raw is not None:
