@@ -9,28 +9,25 @@ LSVCR_VERBOSE=1) restores the full output: Ray forwards every worker's stdout/st
     with log_files(run_dir / "logs"):     # driver.log (+ ray/ -> the Ray session's logs)
         with progress(total, "encode items", unit="text") as bar: bar.update(n)
 
-`runtime.ensure_ray` asks `forward_worker_output()` for `log_to_driver`; `train_driver.fit` runs its
-workers under `relayed_worker_logs()`, which brings their `lsvcr` log records (the epoch lines) to the
-driver's console through a small actor instead of forwarded stdout. Without `start()` (lsvcr used as a
+`runtime.ensure_ray` asks `forward_worker_output()` for `log_to_driver`; `train_driver.fit` brings the
+Ray Train workers' `lsvcr` log records (the epoch lines) to the driver's console through a small actor
+instead of forwarded stdout. Without `start()` (lsvcr used as a
 library, the tests) nothing changes: Ray's defaults, no files.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 VERBOSE_ENV = "LSVCR_VERBOSE"
-RELAY_KEY = "lsvcr_log_relay"  # the relay actor's handle inside a Ray Train loop config
 QUIET_SECONDS = 5.0  # a step shorter than this prints no progress lines when the stream is not a terminal
 
 # Ray Data's logger as configured by Ray (a file in the session's logs/) but without its console handler:
@@ -330,125 +327,3 @@ def iterate(items: Iterable, total: int, description: str, unit: str = "it", lea
         for item in items:
             yield item
             bar.update(1)
-
-
-# ----------------------------------------------------------------------------- Ray Train workers → console
-
-
-class _RelayHandler(logging.Handler):
-    """In a Ray Train worker: send each `lsvcr` record to the driver's relay actor (and wait, so none is
-    lost when the worker exits right after)."""
-
-    def __init__(self, relay) -> None:
-        super().__init__(logging.INFO)
-        self.relay = relay
-
-    def emit(self, record: logging.LogRecord) -> None:
-        import ray
-
-        try:
-            ray.get(self.relay.put.remote(record.name, record.levelno, record.getMessage()), timeout=30)
-        except Exception:  # noqa: BLE001 - the console must never fail a training run
-            self.handleError(record)
-
-
-def _relay_actor_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class WorkerLogRelay:
-        def __init__(self) -> None:
-            self.records: list[tuple[str, int, str]] = []
-
-        def put(self, name: str, level: int, message: str) -> None:
-            self.records.append((name, level, message))
-
-        def drain(self) -> list[tuple[str, int, str]]:
-            records, self.records = self.records, []
-            return records
-
-    return WorkerLogRelay
-
-
-def _emit_relayed(records: list[tuple[str, int, str]]) -> None:
-    for name, level, message in records:
-        logging.getLogger(name).log(level, "  %s", message)
-
-
-@contextmanager
-def relayed_worker_logs(poll_seconds: float = 1.0) -> Iterator[Any]:
-    """Driver side, around a Ray Train `fit()`: yields the relay handle to put in the loop config under
-    RELAY_KEY (None when Ray forwards worker output itself: verbose mode, library use)."""
-    if forward_worker_output():
-        yield None
-        return
-    import ray
-
-    relay = _relay_actor_class().remote()
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not stop.wait(poll_seconds):
-            try:
-                _emit_relayed(ray.get(relay.drain.remote(), timeout=30))
-            except Exception:  # noqa: BLE001 - Ray shutting down: the final drain below reports what is left
-                return
-
-    thread = threading.Thread(target=pump, name="lsvcr-worker-logs", daemon=True)
-    thread.start()
-    try:
-        yield relay
-    finally:
-        stop.set()
-        thread.join(timeout=35)
-        try:
-            _emit_relayed(ray.get(relay.drain.remote(), timeout=30))
-            ray.kill(relay)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def worker_failure_callbacks(relay) -> list:
-    """Ray Train callbacks (run in the Train controller) that put each worker failure on the console as a
-    warning before Ray Train restarts the group: an OOM kill would otherwise only be in the files."""
-    if relay is None:
-        return []
-    from ray.train import UserCallback
-
-    class WorkerFailureRelay(UserCallback):
-        def __init__(self, relay) -> None:
-            self.relay = relay
-
-        def after_exception(self, run_context, worker_exceptions: dict) -> None:
-            import ray
-
-            for rank, error in sorted(worker_exceptions.items()):
-                first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-                message = f"Ray Train worker {rank} failed: {first_line[:300]} (details: logs/ray/)"
-                try:
-                    ray.get(self.relay.put.remote("lsvcr.train", logging.WARNING, message), timeout=30)
-                except Exception:  # noqa: BLE001 - the console must never change how training fails
-                    pass
-
-    return [WorkerFailureRelay(relay)]
-
-
-def run_with_relay(worker: Callable[[dict], Any], loop_config: dict) -> Any:
-    """Worker side: run the loop with its `lsvcr` records also sent to the relay named in the config."""
-    relay = loop_config.get(RELAY_KEY)
-    if relay is None:
-        return worker(loop_config)
-    handler = _RelayHandler(relay)
-    logger = logging.getLogger("lsvcr")
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        return worker(loop_config)
-    finally:
-        logger.removeHandler(handler)
-
-
-def relayed(worker: Callable[[dict], Any]) -> Callable[[dict], Any]:
-    """The Train loop to hand to TorchTrainer: `worker` run by `run_with_relay` (picklable)."""
-    return functools.partial(run_with_relay, worker)

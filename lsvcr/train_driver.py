@@ -9,21 +9,29 @@ and, inside a worker, `report(metrics, payload, ...)`: every rank reports the me
 checkpoint holding `payload` (what the worker needs to resume). Re-running with the same OUT resumes:
 Ray Train restores a run whose name and storage path (`staging/ray_train`) already hold a checkpoint.
 Ray is imported lazily (the stages' pure-torch parts run without it).
+
+Under the CLI's quiet console (lsvcr.console) Ray does not forward worker output: `fit` relays the
+workers' `lsvcr` log records (one line per epoch) and Ray Train's worker failures to the driver's console.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from lsvcr import storage
+from lsvcr import console, storage
 from lsvcr.config import LSVCRConfig, load_config, save_config
 from lsvcr.errors import ConfigError, DataError, LSVCRError
 
+RELAY_KEY = "lsvcr_log_relay"  # the relay actor's handle inside the loop config
 STATE_FILE = "state.pt"
 RUN_NAME = "ray_train"
 
@@ -74,16 +82,15 @@ def fit(worker: Callable[[dict], None], loop_config: dict, settings: TrainerSett
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lsvcr import console
     from lsvcr.runtime import ensure_ray, wants_gpu
 
     ensure_ray()
     use_gpu = wants_gpu(settings.use_gpu) or (settings.resources_per_worker or {}).get("GPU", 0) > 0
     threads = str(settings.threads_per_worker)
-    with console.relayed_worker_logs() as relay:  # the workers' `lsvcr` log lines (epochs) on the console
+    with relayed_worker_logs() as relay:  # the workers' `lsvcr` log lines (epochs) on the console
         trainer = TorchTrainer(
-            console.relayed(worker) if relay is not None else worker,
-            train_loop_config={**loop_config, console.RELAY_KEY: relay} if relay is not None else loop_config,
+            relayed(worker) if relay is not None else worker,
+            train_loop_config={**loop_config, RELAY_KEY: relay} if relay is not None else loop_config,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=settings.num_workers, use_gpu=use_gpu,
@@ -94,7 +101,7 @@ def fit(worker: Callable[[dict], None], loop_config: dict, settings: TrainerSett
                 failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                                                  **settings.env_vars}},
-                callbacks=(settings.callbacks or []) + console.worker_failure_callbacks(relay) or None,
+                callbacks=(settings.callbacks or []) + worker_failure_callbacks(relay) or None,
             ),
         )
         result = trainer.fit()
@@ -150,3 +157,125 @@ def finalise(staging: Path, out: Path, out_uri: str, *, drop_ray_run: bool = Fal
         storage.remove_tree(staging / RUN_NAME)
     storage.promote(staging, out)
     storage.push(out, out_uri)
+
+
+# ----------------------------------------------------------------------------- the workers' log lines on the console
+
+
+class _RelayHandler(logging.Handler):
+    """In a Ray Train worker: send each `lsvcr` record to the driver's relay actor (and wait, so none is
+    lost when the worker exits right after)."""
+
+    def __init__(self, relay) -> None:
+        super().__init__(logging.INFO)
+        self.relay = relay
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import ray
+
+        try:
+            ray.get(self.relay.put.remote(record.name, record.levelno, record.getMessage()), timeout=30)
+        except Exception:  # noqa: BLE001 - the console must never fail a training run
+            self.handleError(record)
+
+
+def _relay_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class WorkerLogRelay:
+        def __init__(self) -> None:
+            self.records: list[tuple[str, int, str]] = []
+
+        def put(self, name: str, level: int, message: str) -> None:
+            self.records.append((name, level, message))
+
+        def drain(self) -> list[tuple[str, int, str]]:
+            records, self.records = self.records, []
+            return records
+
+    return WorkerLogRelay
+
+
+def _emit_relayed(records: list[tuple[str, int, str]]) -> None:
+    for name, level, message in records:
+        logging.getLogger(name).log(level, "  %s", message)
+
+
+@contextmanager
+def relayed_worker_logs(poll_seconds: float = 1.0) -> Iterator[Any]:
+    """Driver side, around a Ray Train `fit()`: yields the relay handle to put in the loop config under
+    RELAY_KEY (None when Ray forwards worker output itself: verbose mode, library use)."""
+    if console.forward_worker_output():
+        yield None
+        return
+    import ray
+
+    relay = _relay_actor_class().remote()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.wait(poll_seconds):
+            try:
+                _emit_relayed(ray.get(relay.drain.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - Ray shutting down: the final drain below reports what is left
+                return
+
+    thread = threading.Thread(target=pump, name="lsvcr-worker-logs", daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+        try:
+            _emit_relayed(ray.get(relay.drain.remote(), timeout=30))
+            ray.kill(relay)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def worker_failure_callbacks(relay) -> list:
+    """Ray Train callbacks (run in the Train controller) that put each worker failure on the console as a
+    warning before Ray Train restarts the group: an OOM kill would otherwise only be in the files."""
+    if relay is None:
+        return []
+    from ray.train import UserCallback
+
+    class WorkerFailureRelay(UserCallback):
+        def __init__(self, relay) -> None:
+            self.relay = relay
+
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            import ray
+
+            for rank, error in sorted(worker_exceptions.items()):
+                first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+                message = f"Ray Train worker {rank} failed: {first_line[:300]} (details: logs/ray/)"
+                try:
+                    ray.get(self.relay.put.remote("lsvcr.train", logging.WARNING, message), timeout=30)
+                except Exception:  # noqa: BLE001 - the console must never change how training fails
+                    pass
+
+    return [WorkerFailureRelay(relay)]
+
+
+def run_with_relay(worker: Callable[[dict], Any], loop_config: dict) -> Any:
+    """Worker side: run the loop with its `lsvcr` records also sent to the relay named in the config."""
+    relay = loop_config.get(RELAY_KEY)
+    if relay is None:
+        return worker(loop_config)
+    handler = _RelayHandler(relay)
+    logger = logging.getLogger("lsvcr")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        return worker(loop_config)
+    finally:
+        logger.removeHandler(handler)
+
+
+def relayed(worker: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """The Train loop to hand to TorchTrainer: `worker` run by `run_with_relay` (picklable)."""
+    return functools.partial(run_with_relay, worker)
