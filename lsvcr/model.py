@@ -364,12 +364,14 @@ class LSVCRModel(nn.Module):
         """A(mean of table[index] over the last axis, pad entries excluded) [..., H]; all-pad → zeros.
         A commutes with the mean; `embedding_bag` never materialises the [..., K, H] gather. With an
         llm_emb_mlp the raw vectors are averaged first and the mean goes through it (the official
-        scatter_mean, then the MLP)."""
+        scatter_mean, then the MLP). The MLP runs once per distinct bag: a batch repeats records (one user's
+        samples share most of their history) and padding bags (about 5x fewer rows on the demo data)."""
         if self.text_mlp is not None:
             used, remapped = self._used_rows(index)
-            bags = remapped.reshape(-1, index.shape[-1])
+            bags, bag_of_row = torch.unique(remapped.reshape(-1, index.shape[-1]), dim=0, return_inverse=True)
             raw_mean = F.embedding_bag(bags, table[used].float(), mode="mean", padding_idx=0)
-            return self.llm_adapter(self._mlp(raw_mean, (bags != 0).any(dim=-1))).view(*index.shape[:-1], -1)
+            projected = self.llm_adapter(self._mlp(raw_mean, (bags != 0).any(dim=-1)))
+            return projected[bag_of_row].view(*index.shape[:-1], -1)
         rows, remapped = self._adapted_rows(table, index)
         mean = F.embedding_bag(remapped.reshape(-1, index.shape[-1]), rows, mode="mean", padding_idx=0)
         return mean.view(*index.shape[:-1], -1)

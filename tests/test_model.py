@@ -253,6 +253,19 @@ def test_raw_llm_vectors_pass_through_a_fresh_llm_emb_mlp():
     record = adapter(mlp(comment_text[[4, 9]].mean(0)))
     means = model.adapt_text_mean(model.comment_text, bags)
     assert torch.allclose(means[0, 0], record, atol=1e-6) and torch.equal(means[0, 1], torch.zeros(64))
+    # The MLP runs once per distinct bag; repeated and padding bags get the same values and gradients.
+    repeated = torch.tensor([[[4, 9, 0], [0, 0, 0], [4, 9, 0]], [[0, 0, 0], [9, 4, 0], [4, 9, 0]]])
+    weights = torch.randn(2, 3, 64)
+    (model.adapt_text_mean(model.comment_text, repeated) * weights).sum().backward()
+    distinct_grad = mlp[0].weight.grad.clone()
+    model.zero_grad()
+    one_by_one = torch.stack([torch.stack([
+        adapter(mlp(comment_text[[i for i in bag.tolist() if i]].mean(0))) if bag.any() else torch.zeros(64)
+        for bag in row]) for row in repeated])
+    (one_by_one * weights).sum().backward()
+    assert torch.allclose(model.adapt_text_mean(model.comment_text, repeated), one_by_one, atol=1e-6)
+    assert torch.allclose(distinct_grad, mlp[0].weight.grad, atol=1e-6)
+    model.zero_grad()
     assert torch.allclose(model.project_text(video_text[[3]]), adapter(mlp(video_text[[3]])), atol=1e-6)
     assert torch.isfinite(model.score_videos(_batch())[:, 1:]).all()
 
