@@ -253,6 +253,8 @@ def serve_check(config: LSVCRConfig, run: PipelineRun, seconds: float = 0.0) -> 
 
     from lsvcr.serve.app import start_serving, stop_serving
 
+    console.route_ray_loggers()  # ray.serve's logger gets its console handler when ray.serve is imported
+
     layout = run.layout
     video_model = storage.pull(layout.model("video"))
     comment_model = storage.pull(layout.model("comment")) if run.has_comments else None
