@@ -126,7 +126,7 @@ def test_demo_console_is_short_and_free_of_ray_noise(tiny_demo):
     assert len(epoch_lines) >= 4 and all(line.rstrip().endswith(" s") for line in epoch_lines)
     assert "align epoch 2/2: loss" in text
     assert "POST http://" in text and f"results: {out}/report/report.md" in text
-    assert f"logs: {out / 'logs' / 'driver.log'}" in lines[-1]
+    assert f"logs: {out / 'logs' / 'driver.log'}" in result.stdout.splitlines()[-1]
 
 
 @pytest.mark.slow
