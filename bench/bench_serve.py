@@ -219,10 +219,12 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
             status = int(head.split(b" ", 2)[1])
-            length = 0
+            length, retry_after = 0, None
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
+                elif line.lower().startswith(b"retry-after:"):
+                    retry_after = line.split(b":", 1)[1].strip().decode()
             await reader.readexactly(length)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as error:
             stats["failed"] += 1
@@ -238,14 +240,16 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
             stats["completed_at"].append(time.perf_counter())
         else:
             stats["failed"] += 1
-            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s HTTP {status}")
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s HTTP {status} retry-after={retry_after}")
+            stats["failed_by_status"][status] = stats["failed_by_status"].get(status, 0) + 1
     if writer is not None:
         writer.close()
 
 
 async def _load(host: str, port: int, bodies: list[bytes], clients: int, duration: float,
                 path: str = "/v1/recommend/videos", during=None) -> dict:
-    stats = {"latencies": [], "completed_at": [], "failed": 0, "errors": [], "t0": time.perf_counter()}
+    stats = {"latencies": [], "completed_at": [], "failed": 0, "failed_by_status": {}, "errors": [],
+             "t0": time.perf_counter()}
     deadline = time.perf_counter() + duration
     tasks = [asyncio.create_task(_one_client(host, port, bodies, deadline, path, stats, seed)) for seed in range(clients)]
     if during is not None:
@@ -255,7 +259,8 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
     completions = np.sort(np.asarray([stats["t0"], *stats["completed_at"]]))
     longest_gap = float(np.diff(completions).max()) if len(completions) > 1 else elapsed
     return {"clients": clients, "longest_gap_without_a_response_s": round(longest_gap, 2), "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
-            "failed": stats["failed"], "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
+            "failed": stats["failed"], "failed_by_status": {str(k): v for k, v in stats["failed_by_status"].items()},
+            "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
 
 
@@ -315,8 +320,52 @@ def _replica_actor_names() -> list[str]:
             if a["namespace"] == "serve" and "RecommenderModel" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
 
 
+def running_replicas() -> int:
+    from ray import serve
+
+    from lsvcr.serve.app import APP_NAME
+
+    states = serve.status().applications[APP_NAME].deployments["RecommenderModel"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig, load_s: float) -> dict:
+    """A load step on an autoscaled deployment (min 1, max 2 replicas, short delays): idle, 16 clients
+    for `load_s`, idle again; the number of RUNNING replicas is sampled every 0.5 s."""
+    from ray import serve
+
+    from lsvcr.serve.app import APP_NAME, build_application
+
+    scaled = ServeConfig(**{**asdict(config), "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2.0,
+                            "upscale_delay_s": 2.0, "downscale_delay_s": 10.0})
+    serve.run(build_application(str(model_dir), None, scaled), name=APP_NAME, route_prefix="/")
+    timeline: list[tuple[float, int, int]] = []  # (seconds, running replicas, clients)
+    t0 = time.perf_counter()
+
+    async def sample(seconds: float, clients: int) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            timeline.append((round(time.perf_counter() - t0, 1), await asyncio.to_thread(running_replicas), clients))
+            await asyncio.sleep(0.5)
+
+    async def step() -> dict:
+        await sample(5, 0)
+        load = asyncio.create_task(_load(config.host, config.port, bodies, 16, load_s))
+        await sample(load_s, 16)
+        phase = await load
+        await sample(30, 0)
+        return phase
+
+    phase = asyncio.run(step())
+    changes = [point for i, point in enumerate(timeline) if i == 0 or point[1:] != timeline[i - 1][1:]]
+    print("autoscaling timeline (s, running replicas, clients): " + ", ".join(map(str, changes)), flush=True)
+    return {"serve_config": asdict(scaled), "load_phase": {k: phase[k] for k in ("ok", "failed", "p50_ms", "p99_ms")},
+            "timeline_changes": changes, "max_replicas_seen": max(p[1] for p in timeline),
+            "replicas_at_end": timeline[-1][1]}
+
+
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
-                kill_duration: float) -> dict:
+                kill_duration: float, replicas: int, autoscale_duration: float = 0.0) -> dict:
     import ray
     from ray import serve
 
@@ -325,7 +374,8 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
 
     # address="local": never join a cluster another process started with `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    config = ServeConfig(port=_free_port())
+    # A fixed replica count for the measured phases: no replica starts inside one.
+    config = ServeConfig(port=_free_port(), min_replicas=replicas, max_replicas=replicas)
     results: dict = {"serve_config": asdict(config)}
     try:
         t0 = time.perf_counter()
@@ -344,7 +394,7 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
             end = time.perf_counter() + min(duration, 10)
             while time.perf_counter() < end:
                 start = time.perf_counter()
-                await handle.recommend_videos.remote(requests[len(latencies) % len(requests)])
+                await handle._video_batch.remote(requests[len(latencies) % len(requests)])
                 latencies.append((time.perf_counter() - start) * 1000)
             return latencies
 
@@ -381,6 +431,9 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         phase["replicas_after"] = len(_replica_actor_names())
         results["http_8_clients_replica_killed"] = phase
         print(f"HTTP, 8 clients, replica killed: {phase}", flush=True)
+
+        if autoscale_duration > 0:
+            results["autoscaling"] = autoscale_timeline(model_dir, bodies, config, autoscale_duration)
     finally:
         stop_serving()
         ray.shutdown()
@@ -396,6 +449,9 @@ def main() -> int:
     parser.add_argument("--kill-duration", type=float, default=30.0)
     parser.add_argument("--explicit-share", type=float, default=0.3,
                         help="share of requests carrying an explicit history (new users) instead of a user_id")
+    parser.add_argument("--autoscale-duration", type=float, default=30.0,
+                        help="seconds of the 16-client step of the autoscaling phase (0: skip it)")
+    parser.add_argument("--replicas", type=int, default=2, help="model replicas (min = max) in the measured phases")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
                         help="proxy: Serve's Python HTTP proxy; haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in "
@@ -403,6 +459,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.ingress == "haproxy":  # read when ray.serve is imported, and inherited by the Ray workers
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # Our endpoints are read-only: a request whose replica died before answering may be replayed.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)
@@ -417,7 +475,8 @@ def main() -> int:
             "users": args.users,
             "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),
         }
-        report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration)
+        report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration, args.replicas,
+                                      args.autoscale_duration)
     in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
     serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
     eight = report["serve"]["http_8_clients"]

@@ -221,9 +221,14 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4.0
-    num_cpus_per_replica: float = 0.5
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    upscale_delay_s: float = 10.0  # load above target this long adds a replica (Ray's default: 30)
+    downscale_delay_s: float = 60.0  # load below target this long removes one (Ray's default: 600)
+    num_cpus_per_replica: float = 1.0  # torch threads per replica = max(1, int(this))
+    # @serve.batch, sized to the concurrency a replica sees (docs/serving.md): a batch closes when full
+    # or `batch_wait_timeout_s` after its first request; up to `max_ongoing_requests` wait per replica.
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.002
+    max_ongoing_requests: int = 16
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit
     max_body_bytes: int = 1_000_000

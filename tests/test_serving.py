@@ -510,3 +510,95 @@ def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(
     good = requests.post(comments, json={"user_id": user_id, "video_id": video_with_comments, "k": 3}, timeout=30)
     assert good.status_code == 200 and len(good.json()["items"]) == 3
     assert requests.get(f"{served}/healthz", timeout=30).status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------------
+# reliability under change: replica loss, rollout of a new model version (real Serve, real HTTP)
+
+
+def _redeploy(served: str, video_model_dir: Path, comment_model_dir: Path, **serve_options) -> None:
+    """Deploy the app again on the running Serve instance (same HTTP port): Serve rolls the replicas
+    over to the new version and `serve.run` returns when it is RUNNING."""
+    from ray import serve
+
+    from lsvcr.serve.app import APP_NAME, build_application
+
+    config = ServeConfig(port=int(served.rsplit(":", 1)[1]), num_cpus_per_replica=0.5, max_k=500,
+                         max_history_items=200, max_body_bytes=20_000, **serve_options)
+    serve.run(build_application(str(video_model_dir), str(comment_model_dir), config), name=APP_NAME, route_prefix="/")
+
+
+def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: float) -> list[tuple]:
+    """`clients` keep-alive HTTP clients post `bodies` for `seconds` while `action()` runs once, after a
+    third of the time. Returns (status | exception name, Retry-After header, seconds) per request."""
+    import threading
+    import time
+
+    import requests
+
+    outcomes: list[tuple] = []
+    deadline = time.monotonic() + seconds
+
+    def client(seed: int) -> None:
+        session, i = requests.Session(), seed
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                response = session.post(f"{served}/v1/recommend/videos", json=bodies[i % len(bodies)], timeout=20)
+                outcomes.append((response.status_code, response.headers.get("retry-after"), time.monotonic() - start))
+            except requests.RequestException as error:  # a timeout here is a hung request
+                outcomes.append((type(error).__name__, None, time.monotonic() - start))
+                session = requests.Session()
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds / 3)
+    action()
+    for thread in threads:
+        thread.join(timeout=seconds + 60)
+    assert not any(thread.is_alive() for thread in threads), "a client is still waiting: a request hangs"
+    return outcomes
+
+
+def _failures(outcomes: list[tuple]) -> list[tuple]:
+    return [outcome for outcome in outcomes if outcome[0] != 200]
+
+
+@pytest.mark.slow
+def test_killing_one_of_two_replicas_under_load(served, model_dirs, prepared_dir):
+    """8 clients; one of two replicas is killed: no request hangs, and a failed request (target: none)
+    is a 503 with Retry-After, never a 500."""
+    import ray
+
+    _redeploy(served, model_dirs["video"], model_dirs["comment"], min_replicas=2, max_replicas=2)
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "RecommenderModel" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(replicas) == 2, replicas
+    bodies, _ = _raw_requests(prepared_dir, "video", slice(0, 20))
+    outcomes = _load_while(served, bodies, 8, lambda: ray.kill(ray.get_actor(replicas[0], namespace="serve"),
+                                                                no_restart=True), seconds=9)
+    failures = _failures(outcomes)
+    assert sum(1 for o in outcomes if o[0] == 200) > 50
+    assert all(status == 503 and retry_after for status, retry_after, _ in failures), (
+        f"{len(failures)} of {len(outcomes)} requests failed: {failures[:10]}")
+    assert max(seconds for _, _, seconds in outcomes) < 20
+
+
+@pytest.mark.slow
+def test_rolling_out_a_new_model_version_under_load(served, model_dirs, prepared_dir, vectors_dir, tmp_path):
+    """`serve.run` with a new MODEL dir while 8 clients post: no request fails, and `/v1/model` then
+    reports the new version."""
+    import requests
+
+    _redeploy(served, model_dirs["video"], model_dirs["comment"], min_replicas=1, max_replicas=1)
+    old_version = requests.get(f"{served}/v1/model", timeout=30).json()["models"]["video"]["version"]
+    new_model_dir = _write_model_dir(tmp_path / "video_v2", "video", prepared_dir, vectors_dir, seed=3)
+    bodies, _ = _raw_requests(prepared_dir, "video", slice(0, 20))
+    outcomes = _load_while(served, bodies, 8, lambda: _redeploy(served, new_model_dir, model_dirs["comment"],
+                                                                min_replicas=1, max_replicas=1), seconds=20)
+    failures = _failures(outcomes)
+    assert not failures, f"{len(failures)} of {len(outcomes)} requests failed during the rollout: {failures[:10]}"
+    info = requests.get(f"{served}/v1/model", timeout=30).json()["models"]["video"]
+    assert info["version"] != old_version and info["checkpoint"] == str(new_model_dir.resolve() / "model.pt")

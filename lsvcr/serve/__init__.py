@@ -11,10 +11,9 @@ Modules, from the inside out (each imports only the ones above it):
   *batch* of requests: video scoring over all items is one matrix product per batch (user vectors [B, d] @ the precomputed,
   L2-normalized item matrix [V, d]^T, then top-k), comment scoring is one batched product against the
   target videos' comment pools.
-- `deployments`: `RecommenderModel` (Ray Serve deployment), the `Recommender` behind `@serve.batch`,
-  autoscaled;
-  `Gateway` (Ray Serve FastAPI ingress): parses and validates JSON, calls the model deployment, turns
-  every bad input into a 4xx `{"error": {"field", "message"}}` (never a 500).
+- `deployments`: `RecommenderModel` (Ray Serve deployment, autoscaled): the HTTP ingress (FastAPI:
+  parses and validates JSON, turns every bad input into a 4xx `{"error": {"field", "message"}}`) and the
+  `Recommender` behind `@serve.batch`, in one replica (one hop from the proxy, docs/serving.md).
 - `app`: the typed app builder (`ServeAppArgs` -> `build_app`), `start_serving` / `stop_serving`.
 - `cli`: `lsvcr serve` (arguments only).
 

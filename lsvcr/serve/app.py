@@ -21,7 +21,7 @@ from ray.serve import Application
 from lsvcr.config import LSVCRConfig, ServeConfig, load_config
 from lsvcr.errors import ConfigError
 from lsvcr.runtime import ensure_ray
-from lsvcr.serve.deployments import Gateway, RecommenderModel
+from lsvcr.serve.deployments import RecommenderModel
 from lsvcr.serve.model_dir import check_model_dir
 
 APP_NAME = "lsvcr"
@@ -62,32 +62,29 @@ class ServeAppArgs(BaseModel):
 
 def build_application(video_model_dir: str | None, comment_model_dir: str | None,
                       serve_config: ServeConfig) -> Application:
-    """Bind the two deployments with the resources and autoscaling of `serve_config`."""
+    """Bind the model deployment (also the HTTP ingress) with the resources and autoscaling of `serve_config`."""
     if not video_model_dir and not comment_model_dir:
         raise ConfigError("serving needs at least one model: give --video-model and/or --comment-model")
     for task, model_dir in (("video", video_model_dir), ("comment", comment_model_dir)):
         if model_dir:
             check_model_dir(model_dir, task)
     settings = {f: getattr(serve_config, f) for f in serve_config.__dataclass_fields__}
-    model = RecommenderModel.options(
+    return RecommenderModel.options(
         autoscaling_config={
             "min_replicas": serve_config.min_replicas,
             "max_replicas": serve_config.max_replicas,
             "target_ongoing_requests": serve_config.target_ongoing_requests,
+            "upscale_delay_s": serve_config.upscale_delay_s,
+            "downscale_delay_s": serve_config.downscale_delay_s,
         },
-        # Enough in flight per replica for @serve.batch to fill a batch.
-        max_ongoing_requests=max(2 * serve_config.max_batch_size, 8),
+        # Enough in flight per replica for @serve.batch to fill a batch while the previous one computes.
+        max_ongoing_requests=serve_config.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
     ).bind(
         str(Path(video_model_dir).resolve()) if video_model_dir else None,
         str(Path(comment_model_dir).resolve()) if comment_model_dir else None,
         settings,
     )
-    gateway = Gateway.options(
-        ray_actor_options={"num_cpus": 0},  # I/O only: the proxy-like ingress must not hold a core
-        max_ongoing_requests=max(4 * serve_config.max_batch_size, 64),
-    )
-    return gateway.bind(model, settings)
 
 
 def build_app(args: ServeAppArgs) -> Application:
