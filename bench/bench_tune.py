@@ -76,7 +76,8 @@ def main() -> int:
     import ray
 
     from lsvcr.finetune import run_finetune
-    from lsvcr.tune import load_space, run_tune
+    from lsvcr.tune import run_tune
+    from lsvcr.tune_space import load_space
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

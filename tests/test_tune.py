@@ -14,7 +14,7 @@ import yaml
 from lsvcr.cli import main as cli_main
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.errors import ConfigError
-from lsvcr.tune import apply_params, load_space, parse_space, space_to_dict
+from lsvcr.tune_space import apply_params, load_space, parse_space, space_to_dict
 
 # ----------------------------------------------------------------------------- the space format
 

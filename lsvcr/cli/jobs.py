@@ -46,7 +46,8 @@ def tune_job_main(argv: list[str] | None = None) -> int:
     from lsvcr import storage
     from lsvcr.pipeline import StageLayout
     from lsvcr.runtime import ensure_ray
-    from lsvcr.tune import load_space, run_tune
+    from lsvcr.tune import run_tune
+    from lsvcr.tune_space import load_space
 
     parser = _job_parser("Ray Tune sweep over stage-2 fine-tuning of the pipeline's outputs")
     parser.add_argument("--space", required=True, help="search-space YAML (configs/tune_space.yaml documents it)")

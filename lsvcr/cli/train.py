@@ -11,7 +11,8 @@ from lsvcr.errors import LSVCRError
 from lsvcr.evaluate import evaluate_model_dir, format_table
 from lsvcr.finetune import run_finetune
 from lsvcr.runtime import choose_device, set_threads
-from lsvcr.tune import load_space, run_tune
+from lsvcr.tune import run_tune
+from lsvcr.tune_space import load_space
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
