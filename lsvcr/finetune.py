@@ -48,7 +48,7 @@ from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, load_text_tables, metrics_line
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE
-from lsvcr.report import plot_curves, read_jsonl, write_jsonl
+from lsvcr.training_log import plot_curves, read_jsonl, write_jsonl
 from lsvcr.runtime import choose_device, set_threads
 
 log = logging.getLogger("lsvcr.finetune")

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsvcr"
 LAYERS: dict[str, int] = {
     # 0: foundations every layer may use
     "lsvcr": 0, "lsvcr.errors": 0, "lsvcr.config": 0, "lsvcr.storage": 0, "lsvcr.runtime": 0, "lsvcr.console": 0,
-    "lsvcr.metrics": 0, "lsvcr.report": 0, "lsvcr.llm.registry": 0, "lsvcr.llm": 0,
+    "lsvcr.metrics": 0, "lsvcr.training_log": 0, "lsvcr.llm.registry": 0, "lsvcr.llm": 0,
     # 1: data (raw tables → PREPARED; VECTORS storage)
     "lsvcr.data": 1, "lsvcr.vectors": 1,
     # 2: batching
@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "lsvcr.model": 3, "lsvcr.model_files": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
     # 4: train (and what trains/evaluates: encoding, alignment, fine-tuning, tuning)
     "lsvcr.train_driver": 4, "lsvcr.evaluate": 4, "lsvcr.finetune": 4, "lsvcr.llm.encode": 4,
-    "lsvcr.llm.align": 4, "lsvcr.tune": 4,
+    "lsvcr.llm.align": 4, "lsvcr.tune": 4, "lsvcr.tune_space": 4, "lsvcr.tune_results": 4, "lsvcr.tune_cleanup": 4,
     # 5: serve
     "lsvcr.serving": 5, "lsvcr.serve": 5,
     # 6: pipeline

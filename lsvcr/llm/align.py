@@ -67,7 +67,7 @@ from lsvcr.llm.heads import LLMHeads, export_text_vectors, last_token, mean_pool
 from lsvcr.llm.prompts import ItemTexts, PromptBuilder, PromptHistories, load_item_texts
 from lsvcr.llm.registry import resolve_model
 from lsvcr.model import LSVCRModel
-from lsvcr.report import plot_curves, write_jsonl
+from lsvcr.training_log import plot_curves, write_jsonl
 from lsvcr.runtime import set_threads
 from lsvcr.vectors import open_item_tensors, open_item_vectors, read_vector_table, read_vectors_manifest, write_item_vectors
 

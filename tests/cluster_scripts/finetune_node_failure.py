@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
-from lsvcr.report import read_jsonl
+from lsvcr.training_log import read_jsonl
 
 # The controller polls (and registers reported checkpoints) every 2 s by default; poll faster so a
 # registered checkpoint appears while the short test run still has epochs to go.

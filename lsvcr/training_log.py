@@ -1,4 +1,4 @@
-"""Plots and small text reports of training runs (matplotlib with the non-interactive Agg backend)."""
+"""Training logs (JSON lines) and their curves (matplotlib with the non-interactive Agg backend)."""
 
 from __future__ import annotations
 

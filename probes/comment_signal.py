@@ -1,9 +1,9 @@
 """Probes behind docs/results.md's comment-task analysis: how much personal signal is there beyond like counts?
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py ceiling [--comment-open-rate 0.27]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py model-free [--vectors DIR]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py reader-vectors --out DIR [--pca 16]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/probe_comment_signal.py train [--comment-open-rate 0.27]
+    OMP_NUM_THREADS=1 .venv/bin/python probes/comment_signal.py ceiling [--comment-open-rate 0.27]
+    OMP_NUM_THREADS=1 .venv/bin/python probes/comment_signal.py model-free [--vectors DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python probes/comment_signal.py reader-vectors --out DIR [--pca 16]
+    OMP_NUM_THREADS=1 .venv/bin/python probes/comment_signal.py train [--comment-open-rate 0.27]
         [--seeds 2024] [--vectors DIR] [--set finetune.lr=0.0003 --set model.temperature=0.2 ...]
 
 Data: the demo preset (`--comment-open-rate` changes how often users open comment sections, i.e. how many
@@ -43,10 +43,12 @@ import torch  # noqa: E402
 from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
 from lsvcr.batching import load_item_tables, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
+from lsvcr.data.prepared import is_prepared, read_comments, read_users, read_videos  # noqa: E402
 from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
 from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
 from lsvcr.metrics import metric_sums  # noqa: E402
 from lsvcr.model import like_prior  # noqa: E402
+from lsvcr.vectors import is_vectors_dir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,10 +63,10 @@ def demo_variant(work: Path, comment_open_rate: float | None) -> tuple[Path, Pat
         PRESETS["demo"], comment_open_rate=comment_open_rate)
     root = work / f"open_rate_{params.comment_open_rate}"
     prepared, vectors = root / "prepared", root / "vectors"
-    if not (prepared / "manifest.json").is_file():
+    if not is_prepared(prepared):
         write_synthetic(root / "raw", params, "parquet")
         prepare(root / "raw", prepared)
-    if not (vectors / "manifest.json").is_file():
+    if not is_vectors_dir(vectors):
         write_minilm_vectors(prepared, vectors)
     return prepared, vectors
 
@@ -91,8 +93,6 @@ def style_probe_accuracy(comment_vectors: np.ndarray, style: np.ndarray, seed: i
 
 
 def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> None:
-    import pyarrow.parquet as pq
-
     from lsvcr.data.synth import PRESETS, generate
     from lsvcr.vectors import load_item_vectors
 
@@ -100,8 +100,8 @@ def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> N
         PRESETS["demo"], comment_open_rate=comment_open_rate)
     latents: dict = {}
     generate(params, latents)
-    comments = pq.read_table(prepared / "comments.parquet", columns=["comment_idx", "comment_id"])
-    users = pq.read_table(prepared / "users.parquet", columns=["user_idx", "user_id"])
+    comments = read_comments(prepared, ["comment_idx", "comment_id"])
+    users = read_users(prepared).select(["user_idx", "user_id"])
     style_of_id = dict(zip(latents["comment_id"].tolist(), latents["comment_style"].tolist()))
     style = np.full(len(comments) + 1, -1)
     style[comments["comment_idx"].to_numpy()] = [style_of_id[c] for c in comments["comment_id"].to_pylist()]
@@ -196,7 +196,6 @@ def write_reader_vectors(prepared: Path, vectors: Path, out: Path, k: int) -> No
     """A VECTORS directory of the section-centered comment vectors on their top-k PCs (videos: centered, on
     their own top-k PCs; k = 0: centered comments, every vector at full width): the model-free reader's
     features, for `train --vectors OUT`."""
-    import pyarrow.parquet as pq
 
     from lsvcr.vectors import load_item_vectors, write_item_vectors
 
@@ -205,8 +204,8 @@ def write_reader_vectors(prepared: Path, vectors: Path, out: Path, k: int) -> No
     videos = video_text
     if k > 0:
         comments, videos = top_components(comments, k), top_components(video_text - video_text[1:].mean(axis=0), k)
-    video_ids = pq.read_table(prepared / "videos.parquet", columns=["video_id"])["video_id"].to_numpy()
-    comment_ids = pq.read_table(prepared / "comments.parquet", columns=["comment_id"])["comment_id"].to_numpy()
+    video_ids = read_videos(prepared, ["video_id"])["video_id"].to_numpy()
+    comment_ids = read_comments(prepared, ["comment_id"])["comment_id"].to_numpy()
     write_item_vectors(out, video_ids, videos[1:], comment_ids, comments[1:],
                        {"model": f"section-centered, top {k} PCs, of {vectors}" if k else f"section-centered {vectors}"})
     print(f"wrote {out}", flush=True)
