@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lsvcr import model_files, storage
+from lsvcr import console, model_files, storage
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import load_manifest
 from lsvcr.errors import ConfigError
