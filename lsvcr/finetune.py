@@ -47,7 +47,7 @@ from lsvcr.data.prepared import load_manifest, num_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
 from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, load_text_tables, metrics_line
 from lsvcr.metrics import METRIC_NAMES
-from lsvcr.model import LIKE_PRIOR_RATE
+from lsvcr.model import LIKE_PRIOR_RATE, HistoryStates
 from lsvcr.training_log import plot_curves, read_jsonl, write_jsonl
 from lsvcr.runtime import choose_device, set_threads
 
@@ -82,6 +82,10 @@ class FinetuneObjective(nn.Module):
         else:
             logits = self.model.score_comments(batch.history, batch.target_video, batch.candidates, states=states)
             ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        return self._with_id_text(ce, batch, states)
+
+    def _with_id_text(self, ce: Tensor, batch: Batch, states: HistoryStates | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(CE + λ_it·L_IT, CE, L_IT) — METHOD 2.8; L_IT is 0 when its weight is."""
         id_text = torch.zeros((), device=ce.device)
         if self.id_text_weight > 0:
             id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives,
@@ -95,12 +99,7 @@ class FinetuneObjective(nn.Module):
         counted = targets != 0
         users = self.model.every_position_user_vectors(batch.history)
         ce = F.cross_entropy(self.model.score_user_vectors(users[counted]), targets[counted])
-        id_text = torch.zeros((), device=ce.device)
-        if self.id_text_weight > 0:
-            id_text = self.model.id_text_contrastive_loss(batch.history, None, self.contrast_negatives,
-                                                          self.contrast_negatives_shared_by,
-                                                          self.contrast_negatives_per_direction)
-        return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
+        return self._with_id_text(ce, batch, None)
 
 
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
