@@ -17,8 +17,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.13.9
 	$(VENV)/bin/uv pip install --python $(PY) --no-deps --find-links $(WHEELS) --compile-bytecode -r requirements.lock
 	$(VENV)/bin/uv pip install --python $(PY) --no-deps --no-build-isolation -e .
-	@if $(PY) -c "import torchvision" 2>/dev/null || $(PY) -c "import torchaudio" 2>/dev/null; then \
-		echo "error: torchvision/torchaudio are installed in $(VENV); they break vLLM/transformers on CPU. Remove them." >&2; exit 1; fi
+	@for module in torchvision torchaudio torchcodec; do if $(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$$module') is None)"; then \
+		echo "error: $$module is installed in $(VENV); it breaks vLLM/transformers on CPU. Remove it." >&2; exit 1; fi; done
 	@touch $@
 
 demo: $(STAMP)

@@ -54,6 +54,7 @@ def export_text_vectors(heads: LLMHeads, raw_vectors, batch_size: int = 4096):
     device = next(heads.parameters()).device
     out = np.zeros((len(raw_vectors), heads.llm_emb_mlp[-1].out_features), dtype=np.float32)
     for start in range(0, len(raw_vectors), batch_size):
-        block = torch.from_numpy(np.ascontiguousarray(raw_vectors[start:start + batch_size], dtype=np.float32))
+        # A copy of the block: the table may be a read-only memory map, which torch must not wrap.
+        block = torch.from_numpy(np.array(raw_vectors[start:start + batch_size], dtype=np.float32))
         out[start:start + len(block)] = heads.item_text(block.to(device)).float().cpu().numpy()
     return out
