@@ -61,9 +61,9 @@ def main() -> None:
     from lsvcr.pipeline import StageLayout
     from lsvcr.vectors import is_vectors_dir
 
-    thread_override = [f"finetune.threads_per_worker={args.threads}"] if args.threads else []
-    thread_override += args.overrides
-    config = load_config(args.config, thread_override)
+    overrides = [f"finetune.threads_per_worker={args.threads}"] if args.threads else []
+    overrides += args.overrides
+    config = load_config(args.config, overrides)
     layout = StageLayout(config.paths.storage)
     if not storage.is_finished(layout.aligned) or not storage.is_finished(layout.vectors):
         raise SystemExit(f"no finished pipeline under {config.paths.storage}: run `lsvcr demo --config {args.config}`")
@@ -93,7 +93,7 @@ def main() -> None:
     for task in args.tasks:
         pipeline_model = {"aligned": layout.model(task), "no_alignment": layout.model(task, aligned=False),
                           "aligned_like_prior": layout.like_prior_model()}
-        task_config = load_config(args.config, [f"finetune.task={task}", *thread_override])
+        task_config = load_config(args.config, [f"finetune.task={task}", *overrides])
         if task_config.model.comment_like_prior:
             raise SystemExit("model.comment_like_prior is on: the rows here must be the paper's comment scoring")
         popularity = {"video": {"popularity": "train_interactions"},
@@ -116,13 +116,15 @@ def main() -> None:
                 if not (out / model_files.METRICS).is_file():
                     run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
                                                               f"model.comment_like_prior={str(like_prior).lower()}",
-                                                              *thread_override])
+                                                              *overrides])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
                 metrics = model_files.read_metrics(out)
                 log_lines = (out / model_files.TRAIN_LOG).read_text().splitlines()
                 curve = [json.loads(line)["valid_ndcg@5"] for line in log_lines]
                 rows.append({"seed": seed, "best_epoch": metrics.get("best_epoch"), "valid_ndcg@5_by_epoch": curve,
-                             **{name: metrics["test"][name] for name in METRICS}})
+                             **{name: metrics["test"][name] for name in METRICS},
+                             # the personalization check: the same test samples scored with another user's history
+                             "swapped_history_ndcg@5": metrics.get("swapped_history", {}).get("test", {}).get("ndcg@5")})
                 print(f"{task} {variant} seed {seed}: test ndcg@5 {metrics['test']['ndcg@5']:.4f}", flush=True)
             epochs = min(len(row["valid_ndcg@5_by_epoch"]) for row in rows)
             results["runs"][f"{task}/{variant}"] = {
