@@ -70,8 +70,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     else:
         # Ray starts its workers at nice 15 (its `worker_niceness`), so any other process at nice 0 (a test
         # run, an HTTP load generator, another job) takes the CPU from our training workers, vLLM actors and
-        # Serve replicas: measured here, a fine-tune step went from 0.5 s to several seconds beside one busy
-        # process. The workers are the work; an explicit RAY_worker_niceness still wins.
+        # Serve replicas: measured on a 2-core machine, a fine-tune step went from about 0.9 s to 8 s beside ten
+        # busy processes (docs/cluster.md). The workers are the work; an explicit RAY_worker_niceness still wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local": start our own cluster, never attach to a stranger's `ray start` on this machine.
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
