@@ -104,7 +104,13 @@ def fit(worker: Callable[[dict], None], loop_config: dict, settings: TrainerSett
                 callbacks=(settings.callbacks or []) + worker_failure_callbacks(relay) or None,
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()  # Ray Train v2 raises a failed run's WorkerGroupError here
+        except Exception as error:
+            clear = _worker_input_error(error)
+            if clear is None:
+                raise
+            raise clear from None
     if result.error is not None:
         raise _worker_input_error(result.error) or result.error
     if result.checkpoint is None:
