@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config  # noqa: E402
 from lsvcr.data import schema  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402
+from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT  # noqa: E402
 from lsvcr.vectors import write_item_vectors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
@@ -219,13 +220,18 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
             status = int(head.split(b" ", 2)[1])
-            length, retry_after = 0, None
+            length, retry_after, server_closes = 0, None, False
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
                 elif line.lower().startswith(b"retry-after:"):
                     retry_after = line.split(b":", 1)[1].strip().decode()
+                elif line.lower().replace(b" ", b"") == b"connection:close":
+                    server_closes = True
             await reader.readexactly(length)
+            if server_closes:  # HTTP/1.1: the server closes after this response (HAProxy does on a reload)
+                writer.close()
+                reader = writer = None
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as error:
             stats["failed"] += 1
             stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s {type(error).__name__}: {error}")
@@ -365,7 +371,7 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
 
 
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
-                kill_duration: float, replicas: int, autoscale_duration: float = 0.0) -> dict:
+                kill_duration: float, replicas: int, autoscale_duration: float = 0.0, ingress: str = "haproxy") -> dict:
     import ray
     from ray import serve
 
@@ -375,7 +381,7 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     # address="local": never join a cluster another process started with `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # A fixed replica count for the measured phases: no replica starts inside one.
-    config = ServeConfig(port=_free_port(), min_replicas=replicas, max_replicas=replicas)
+    config = ServeConfig(port=_free_port(), min_replicas=replicas, max_replicas=replicas, ingress=ingress)
     results: dict = {"serve_config": asdict(config)}
     try:
         t0 = time.perf_counter()
@@ -453,14 +459,12 @@ def main() -> int:
                         help="seconds of the 16-client step of the autoscaling phase (0: skip it)")
     parser.add_argument("--replicas", type=int, default=2, help="model replicas (min = max) in the measured phases")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
-                        help="proxy: Serve's Python HTTP proxy; haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in "
-                             "front of replicas that serve HTTP themselves, direct ingress)")
+    parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default="haproxy",
+                        help="haproxy (serve.ingress's default): HAProxy in front of replicas that serve HTTP "
+                             "themselves (direct ingress); proxy: Serve's Python HTTP proxy")
     args = parser.parse_args()
-    if args.ingress == "haproxy":  # read when ray.serve is imported, and inherited by the Ray workers
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        # Our endpoints are read-only: a request whose replica died before answering may be replayed.
-        os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response")
+    # Read when Ray's processes start, and inherited by them from this one.
+    os.environ.update(SERVE_INGRESS_ENVIRONMENT[args.ingress])
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)
@@ -476,7 +480,7 @@ def main() -> int:
             "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),
         }
         report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration, args.replicas,
-                                      args.autoscale_duration)
+                                      args.autoscale_duration, args.ingress)
     in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
     serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
     eight = report["serve"]["http_8_clients"]

@@ -232,6 +232,11 @@ class ServeConfig:
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit
     max_body_bytes: int = 1_000_000
+    # The HTTP ingress in front of the replicas, a cluster-wide Ray setting read when Ray starts
+    # (lsvcr.runtime.SERVE_INGRESS_ENVIRONMENT, docs/serving.md). haproxy: HAProxy sends each request straight
+    # to a replica's own HTTP server and replays it on another replica if the first dies before answering;
+    # proxy: Serve's Python HTTP proxy (one more Python process per request, a 500 when a replica dies mid-call).
+    ingress: str = "haproxy"
 
 
 @dataclass
@@ -386,6 +391,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "align.use_gpu": (config.align.use_gpu, ("auto", "true", "false")),
         "encode.language": (config.encode.language, ("en", "zh")),
         "tune.scheduler": (config.tune.scheduler, ("asha", "none")),
+        "serve.ingress": (config.serve.ingress, ("haproxy", "proxy")),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:

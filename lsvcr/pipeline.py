@@ -228,7 +228,7 @@ def run_pipeline(config: LSVCRConfig, stages: tuple[str, ...] = STAGES,
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     from lsvcr.runtime import ensure_ray
 
-    ensure_ray()
+    ensure_ray(serve_ingress=config.serve.ingress)  # the serve check at the end runs on this cluster
     run = PipelineRun(StageLayout(config.paths.storage))
     started = time.perf_counter()
     stage_prepare(config, run)  # always: later stages need the manifest (skipped when finished)

@@ -18,6 +18,11 @@ def ray_cluster():
     """A real local Ray cluster that ends with the test process (never `ray stop`)."""
     import ray
 
+    from lsvcr.config import ServeConfig
+    from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT
+
+    # The serving tests run behind serve.ingress's default (HAProxy), set before Ray's processes start.
+    os.environ.update(SERVE_INGRESS_ENVIRONMENT[ServeConfig().ingress])
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

@@ -436,6 +436,7 @@ def test_http_endpoints_match_the_offline_model(served, model_dirs, served_recom
     assert info["models"]["video"]["protocol"] == trained_metrics["protocol"]
     assert info["models"]["comment"]["metrics"]["test"] == {"ndcg@5": 0.1}
     assert info["versions"]["ray"] and info["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
+    assert info["serve"]["ingress"] == "haproxy"  # one hop: HAProxy → the replica's own HTTP server
 
     # Video endpoint: top-k scores equal the offline model's logits on the same history.
     bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 4))
@@ -547,7 +548,7 @@ def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: 
                 response = session.post(f"{served}/v1/recommend/videos", json=bodies[i % len(bodies)], timeout=20)
                 outcomes.append((response.status_code, response.headers.get("retry-after"), time.monotonic() - start))
             except requests.RequestException as error:  # a timeout here is a hung request
-                outcomes.append((type(error).__name__, None, time.monotonic() - start))
+                outcomes.append((f"{type(error).__name__}: {str(error)[:160]}", None, time.monotonic() - start))
                 session = requests.Session()
             i += clients
 

@@ -7,6 +7,7 @@ time to turn the config's `args:` into a `ServeAppArgs`.
 """
 
 import json
+import logging
 import signal
 import time
 import urllib.error
@@ -20,11 +21,13 @@ from ray.serve import Application
 
 from lsvcr.config import LSVCRConfig, ServeConfig, load_config
 from lsvcr.errors import ConfigError
-from lsvcr.runtime import ensure_ray
+from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT, ensure_ray
 from lsvcr.serve.deployments import RecommenderModel
 from lsvcr.serve.model_dir import check_model_dir
 
 APP_NAME = "lsvcr"
+
+log = logging.getLogger("lsvcr.serve")
 
 
 class ServeAppArgs(BaseModel):
@@ -105,12 +108,24 @@ def start_serving(video_model_dir: str | Path | None, comment_model_dir: str | P
         str(comment_model_dir) if comment_model_dir else None,
         serve_config,
     )
-    ensure_ray()
+    ensure_ray(serve_ingress=serve_config.ingress)
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     base_url = f"http://{serve_config.host}:{serve_config.port}"
     _wait_until_healthy(base_url)
+    _warn_on_other_ingress(base_url, serve_config.ingress)
     return base_url
+
+
+def _warn_on_other_ingress(base_url: str, wanted: str) -> None:
+    """A cluster that was already running keeps the ingress it was started with: say so when that is not
+    the configured one (the replicas report what their environment says)."""
+    with urllib.request.urlopen(f"{base_url}/v1/model", timeout=30) as response:
+        running = json.loads(response.read())["serve"]["ingress"]
+    if running != wanted:
+        variables = " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENVIRONMENT[wanted].items())
+        log.warning("serve.ingress=%s but this Ray cluster serves through %s: start the cluster (ray start / "
+                    "ray.init) with %s in its environment", wanted, running, variables)
 
 
 def _wait_until_healthy(base_url: str, timeout_s: float = 20.0) -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from lsvcr.config import ServeConfig
-from lsvcr.runtime import set_threads
+from lsvcr.runtime import serve_ingress_in_effect, set_threads
 from lsvcr.serve.recommender import Recommender
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest, parse_request
 
@@ -118,6 +118,7 @@ class RecommenderModel:
         info["versions"] = {"lsvcr": _package_version(), "ray": ray.__version__, "torch": torch.__version__}
         info["serve"] = {k: getattr(self.config, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_k",
                                                                 "max_history_items", "max_body_bytes")}
+        info["serve"]["ingress"] = serve_ingress_in_effect()
         return JSONResponse(info)
 
     def describe(self) -> dict[str, Any]:
