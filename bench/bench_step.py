@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lsvcr.baselines import build_model  # noqa: E402
-from lsvcr.batching import epoch_rows, load_item_tables, load_sample_arrays, make_batch  # noqa: E402
+from lsvcr.batching import epoch_rows, make_batch  # noqa: E402
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
 from lsvcr.finetune import build_objective  # noqa: E402
 from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)

@@ -67,7 +67,8 @@ def quick_steps(args) -> int:
     import numpy as np
 
     from lsvcr.baselines import build_model
-    from lsvcr.batching import epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch
+    from lsvcr.batching import epoch_rows, history_lengths, make_batch
+    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
     from lsvcr.finetune import build_objective
 
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     import torch
 
     from lsvcr.baselines import build_model
-    from lsvcr.batching import load_item_tables
+    from lsvcr.sample_arrays import load_item_tables
     from lsvcr.evaluate import load_text_tables
     from lsvcr.finetune import make_loop_config, train_loop_per_worker
 

@@ -38,10 +38,9 @@ from tqdm.auto import tqdm
 
 from lsvcr import model_files, storage, train_driver
 from lsvcr.baselines import build_model
-from lsvcr.batching import (
-    Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
-    pool_negatives, position_windows,
-)
+from lsvcr.batching import Batch, epoch_rows, history_lengths, make_batch, pool_negatives, position_windows
+from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_stream import build_sample_stream, open_sample_stream
 from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
 from lsvcr.data.prepared import load_manifest, num_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError

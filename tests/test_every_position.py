@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.batching import HistoryBatch, load_item_tables, make_batch, open_sample_stream, position_windows
+from lsvcr.batching import HistoryBatch, make_batch, position_windows
+from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_stream import open_sample_stream
 from lsvcr.config import ModelConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError, DataError

@@ -17,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lsvcr.batching import (
-    epoch_rows, load_item_tables, load_sample_arrays, make_batch, sample_comment_candidates,
-)
+from lsvcr.batching import epoch_rows, make_batch, sample_comment_candidates
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
 from lsvcr.baselines import build_model, fit_popularity
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError

@@ -18,7 +18,8 @@ LAYERS: dict[str, int] = {
     # 1: data (raw tables → PREPARED; VECTORS storage)
     "lsvcr.data": 1, "lsvcr.vectors": 1,
     # 2: batching
-    "lsvcr.batching": 2, "lsvcr.llm.prompts": 2,
+    "lsvcr.batching": 2, "lsvcr.sample_arrays": 2, "lsvcr.sample_stream": 2, "lsvcr.history_views": 2,
+    "lsvcr.llm.prompts": 2,
     # 3: model
     "lsvcr.model": 3, "lsvcr.model_files": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
     # 4: train (and what trains/evaluates: encoding, alignment, fine-tuning, tuning)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lsvcr.batching import load_item_tables
+from lsvcr.sample_arrays import load_item_tables
 from lsvcr.config import load_config
 
 
@@ -156,8 +156,9 @@ def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_p
     """METHOD 5.1, seeded: in aug mode an item shows the SR model another of the video's top-3 hot comments than
     the prompt, and a record splits (own comments + as many popular ones the user did not touch) between the
     prompt (even positions) and the SR model (odd); frozen keeps the prompt's view; probability 0 = no change."""
-    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views, load_item_tables
-    from lsvcr.batching import load_sample_arrays, make_batch
+    from lsvcr.batching import make_batch
+    from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views
+    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
     from lsvcr.config import LSVCRConfig
     from lsvcr.llm.align import view_augmentation
 

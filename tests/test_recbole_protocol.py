@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.batching import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError

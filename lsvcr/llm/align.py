@@ -19,7 +19,7 @@ Modes:
   batch (random template, random hot comment among the top 3), item texts are embedded live with
   gradients, L_LM is the causal-LM loss of the target text after the prompt. bf16 autocast where the
   device supports it; optional gradient checkpointing.
-Both: the prompt and the SR model see the same hot comments and ≤3 record comments (lsvcr.batching's one
+Both: the prompt and the SR model see the same hot comments and ≤3 record comments (lsvcr.history_views' one
 rule; frozen: the deterministic view the prompts were encoded with), except where METHOD 5.1's view
 augmentation (`align.*view_aug*`, on by default) deliberately gives them different views.
 
@@ -54,10 +54,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lsvcr import storage, train_driver
-from lsvcr.batching import (
-    STAGE_ONE_COMMENTS_PER_RECORD, HistoryBatch, ItemTables, SampleStream, epoch_rows, load_item_tables, make_batch,
-    open_sample_stream,
-)
+from lsvcr.batching import HistoryBatch, epoch_rows, make_batch
+from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD
+from lsvcr.sample_arrays import ItemTables, load_item_tables
+from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.config import LSVCRConfig, ModelConfig, config_from_dict, config_to_dict
 from lsvcr.data.prepared import COMMENTS_FILE, load_manifest, read_table, read_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
@@ -137,9 +137,9 @@ def _localize(indices: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
 
 def make_align_batch(data: "StageOneData", video_rows: np.ndarray, comment_rows: np.ndarray,
                      rng: np.random.Generator, augmentation: Any = None) -> AlignBatch:
-    """A stage-1 batch; `augmentation` (lsvcr.batching.ViewAugmentation, METHOD 5.1) gives the SR model and the
+    """A stage-1 batch; `augmentation` (lsvcr.history_views.ViewAugmentation, METHOD 5.1) gives the SR model and the
     prompt different views (`history` vs `global_history`)."""
-    # The SR model sees the comments the LLM prompt shows (lsvcr.batching's rule): lora renders its prompts from
+    # The SR model sees the comments the LLM prompt shows (lsvcr.history_views' rule): lora renders its prompts from
     # this batch's own draw (`global_history`); frozen prompts were encoded once with the deterministic view.
     views = {"comments_per_record": STAGE_ONE_COMMENTS_PER_RECORD, "deterministic_views": data.raw_video is not None}
     parts, current, target_videos, target_comments = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -169,7 +169,7 @@ def make_align_batch(data: "StageOneData", video_rows: np.ndarray, comment_rows:
 
 def _augmented(history, data: "StageOneData", rng: np.random.Generator, augmentation) -> tuple[Any, Any]:
     """(SR view, prompt view) of a batch's histories under METHOD 5.1's view augmentation."""
-    from lsvcr.batching import augment_views
+    from lsvcr.history_views import augment_views
     from lsvcr.model import HistoryBatch
 
     prompt_hot, sr_hot, prompt_records, sr_records = augment_views(
@@ -186,8 +186,8 @@ def _augmented(history, data: "StageOneData", rng: np.random.Generator, augmenta
 
 
 def view_augmentation(config: LSVCRConfig):
-    """The stage-1 view augmentation of `config.align` (lsvcr.batching.ViewAugmentation)."""
-    from lsvcr.batching import ViewAugmentation
+    """The stage-1 view augmentation of `config.align` (lsvcr.history_views.ViewAugmentation)."""
+    from lsvcr.history_views import ViewAugmentation
 
     settings = config.align
     return ViewAugmentation(settings.video_view_aug_p, settings.comment_view_aug_p, settings.view_aug_item_p,
