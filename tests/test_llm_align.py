@@ -15,8 +15,9 @@ from lsvcr.config import load_config
 
 @pytest.mark.parametrize("preset", [None, "paper"])
 def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny_prepared_dir, tiny_llm_dir, preset):
-    from lsvcr.llm.align import (AlignmentObjective, LiveLLM, _batch_to, load_stage_one_data, lora_prompt_inputs,
-                                 make_align_batch, view_augmentation)
+    from lsvcr.llm.align_data import load_stage_one_data, make_align_batch, view_augmentation
+    from lsvcr.llm.align_worker import AlignmentObjective, _batch_to
+    from lsvcr.llm.lora import LiveLLM, lora_prompt_inputs
     from lsvcr.llm.prompts import PromptBuilder, load_item_texts
 
     from pathlib import Path
@@ -160,7 +161,7 @@ def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_p
     from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views
     from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
     from lsvcr.config import LSVCRConfig
-    from lsvcr.llm.align import view_augmentation
+    from lsvcr.llm.align_data import view_augmentation
 
     defaults = view_augmentation(LSVCRConfig())
     assert (defaults.video_p, defaults.comment_p, defaults.item_p, defaults.popular) == (0.5, 0.5, 0.3, 10)
