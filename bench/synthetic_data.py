@@ -27,7 +27,8 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     from lsvcr.baselines import build_model
     from lsvcr.sample_arrays import load_item_tables
     from lsvcr.evaluate import load_text_tables
-    from lsvcr.finetune import make_loop_config, train_loop_per_worker
+    from lsvcr.finetune import make_loop_config
+    from lsvcr.finetune_worker import train_loop_per_worker
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)

@@ -17,7 +17,8 @@ from lsvcr.sample_stream import open_sample_stream
 from lsvcr.config import ModelConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError, DataError
-from lsvcr.finetune import build_objective, check_inputs, make_loop_config, train_loop_per_worker
+from lsvcr.finetune import check_inputs, make_loop_config
+from lsvcr.finetune_worker import build_objective, train_loop_per_worker
 from lsvcr.model import LSVCRModel
 
 ROOT = Path(__file__).resolve().parents[1]

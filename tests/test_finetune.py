@@ -23,9 +23,9 @@ from lsvcr.baselines import build_model, fit_popularity
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
 from lsvcr.evaluate import evaluate_model, format_table, load_text_tables, swap_histories
-from lsvcr.finetune import (
-    fit_like_prior_weight, load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker,
-)
+from lsvcr.finetune import make_loop_config, run_finetune
+from lsvcr.finetune_init import fit_like_prior_weight, load_stage1_checkpoint
+from lsvcr.finetune_worker import train_loop_per_worker
 from lsvcr.model import LSVCRModel
 from lsvcr.vectors import load_item_vectors, write_item_vectors
 

@@ -76,7 +76,7 @@ def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepa
     stage-2 model, 256-d stage-2 vectors for every item, a log and curves; a re-run is a no-op."""
     import json
 
-    from lsvcr.finetune import load_stage1_checkpoint
+    from lsvcr.finetune_init import load_stage1_checkpoint
     from lsvcr.llm.align import run_align
     from lsvcr.llm.encode import ShardedOutput
     from lsvcr.model import LSVCRModel
