@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "lsvcr.model": 3, "lsvcr.model_files": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
     # 4: train (and what trains/evaluates: encoding, alignment, fine-tuning, tuning)
     "lsvcr.train_driver": 4, "lsvcr.evaluate": 4, "lsvcr.finetune": 4, "lsvcr.finetune_init": 4, "lsvcr.finetune_worker": 4,
-    "lsvcr.llm.encode": 4,
+    "lsvcr.llm.encode": 4, "lsvcr.llm.vllm_actors": 4,
     "lsvcr.llm.align": 4, "lsvcr.llm.align_data": 4, "lsvcr.llm.align_worker": 4, "lsvcr.llm.lora": 4,
     "lsvcr.tune": 4, "lsvcr.tune_space": 4, "lsvcr.tune_results": 4, "lsvcr.tune_cleanup": 4,
     # 5: serve
