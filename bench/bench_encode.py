@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "encode.json"))
     args = parser.parse_args()
 
-    from lsvcr.llm.encode import engine_env
+    from lsvcr.llm.vllm_actors import engine_env
 
     for key, value in engine_env(args.threads, 1).items():
         os.environ[key] = value
@@ -80,7 +80,7 @@ def main() -> None:
 
     from lsvcr.data.prepare import prepare
     from lsvcr.data.synth import PRESETS, write_synthetic
-    from lsvcr.llm.encode import VLLMEmbedder
+    from lsvcr.llm.vllm_actors import VLLMEmbedder
     from lsvcr.llm.registry import resolve_model
 
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lsvcr.batching import ItemTables, SampleArrays  # noqa: E402
+from lsvcr.sample_arrays import ItemTables, SampleArrays  # noqa: E402
 from lsvcr.config import ModelConfig  # noqa: E402
 from lsvcr.evaluate import evaluate_arrays  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402

@@ -5,7 +5,7 @@
 
 Data: `lsvcr synth --preset demo` → `lsvcr prepare` (built once under --work). Text tables are seeded random
 576-d vectors (SmolLM2's width): the cost of a step does not depend on their values. Runs the production
-objective (`lsvcr.finetune.build_objective`) on the same `--steps` batches of 512 three times: L_IT on
+objective (`lsvcr.finetune_worker.build_objective`) on the same `--steps` batches of 512 three times: L_IT on
 (twice, the first as warm-up) and off. `--profile` prints torch.profiler's top operators with shapes, which is
 how the L_IT gather and `bernoulli_` dropout were found (docs/model.md).
 """
@@ -23,9 +23,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lsvcr.baselines import build_model  # noqa: E402
-from lsvcr.batching import epoch_rows, load_item_tables, load_sample_arrays, make_batch  # noqa: E402
+from lsvcr.batching import epoch_rows, make_batch  # noqa: E402
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
-from lsvcr.finetune import build_objective  # noqa: E402
+from lsvcr.finetune_worker import build_objective  # noqa: E402
 from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
 
 TEXT_DIM = 576

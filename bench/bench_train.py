@@ -8,7 +8,7 @@ Models (side by side in this one process, alternating so machine-load changes hi
 - LSVCR `model.mode=id` (faithful stacking, hidden 64, 2 layers, 2 heads, history 50, mix layers,
   additive pooling, cosine/τ, full softmax over all videos);
 - SASRec baseline (standard stacking, last position, dot product, full softmax).
-Both run the production loop `lsvcr.finetune.train_loop_per_worker` in-process (`report_to="local"`:
+Both run the production loop `lsvcr.finetune_worker.train_loop_per_worker` in-process (`report_to="local"`:
 no Ray, so the number is the loop itself), batch 512, default length bucketing. One epoch per round;
 samples/s = train samples / training seconds of that epoch (validation excluded and reported apart).
 CPU seconds are reported too: on a shared machine wall time overstates the cost.
@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from lsvcr.config import LSVCRConfig  # noqa: E402
 from lsvcr.data.prepared import load_manifest  # noqa: E402
 from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
-from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
+from lsvcr.finetune import make_loop_config  # noqa: E402
+from lsvcr.finetune_worker import train_loop_per_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "train.json"
@@ -67,8 +68,9 @@ def quick_steps(args) -> int:
     import numpy as np
 
     from lsvcr.baselines import build_model
-    from lsvcr.batching import epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch
-    from lsvcr.finetune import build_objective
+    from lsvcr.batching import epoch_rows, history_lengths, make_batch
+    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+    from lsvcr.finetune_worker import build_objective
 
     torch.set_num_threads(1)
     data = video_only_data(Path(args.work))
@@ -141,7 +143,7 @@ def main() -> int:
             "meets_target_cpu": train_samples / cpu >= 1000,
         }
     result = {
-        "benchmark": "stage-2 training throughput, one worker, one thread (lsvcr.finetune.train_loop_per_worker)",
+        "benchmark": "stage-2 training throughput, one worker, one thread (lsvcr.finetune_worker.train_loop_per_worker)",
         "data": {"source": "lsvcr synth --preset bench --format recbole -> lsvcr prepare (video-only)",
                  "interactions": manifest["counts"]["interactions"], "videos": manifest["counts"]["videos"],
                  "train_samples": train_samples},

@@ -25,9 +25,10 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     import torch
 
     from lsvcr.baselines import build_model
-    from lsvcr.batching import load_item_tables
+    from lsvcr.sample_arrays import load_item_tables
     from lsvcr.evaluate import load_text_tables
-    from lsvcr.finetune import make_loop_config, train_loop_per_worker
+    from lsvcr.finetune import make_loop_config
+    from lsvcr.finetune_worker import train_loop_per_worker
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)

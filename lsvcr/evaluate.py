@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from lsvcr import model_files
-from lsvcr.batching import (
-    ItemTables, SampleArrays, epoch_rows, history_lengths, load_comment_likes, load_item_tables, load_sample_arrays,
-    make_batch, open_sample_stream,
-)
+from lsvcr.batching import epoch_rows, history_lengths, make_batch
+from lsvcr.sample_arrays import ItemTables, SampleArrays, load_comment_likes, load_item_tables, load_sample_arrays
+from lsvcr.sample_stream import open_sample_stream
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError

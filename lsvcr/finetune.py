@@ -15,371 +15,33 @@ so all ranks take the same early-stopping decision. Rank 0 checkpoints every epo
 restores a run whose name and storage path already hold one), and a lost worker restarts the group
 from it (`FailureConfig`). The same loop runs as a Ray Tune trainable with `report_to="tune"`.
 
+This module is the driver (`run_finetune`); the objective and the worker loop are in `finetune_worker.py`,
+the stage-1 weights and the like-prior warm start in `finetune_init.py`.
+
 Output (docs/formats.md MODEL/): model.pt, inputs.json, config.yaml, metrics.json, train_log.jsonl,
 curves.png, built in the sibling `.NAME.partial/` and renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lsvcr import model_files, storage, train_driver
-from lsvcr.baselines import build_model
-from lsvcr.batching import (
-    Batch, build_sample_stream, epoch_rows, history_lengths, load_item_tables, make_batch, open_sample_stream,
-    pool_negatives, position_windows,
-)
-from lsvcr.config import LSVCRConfig, config_from_dict, config_to_dict
+from lsvcr.config import LSVCRConfig, config_to_dict
 from lsvcr.data.prepared import load_manifest, num_videos, require_prepared
-from lsvcr.errors import ConfigError, DataError, ModelNotFoundError
-from lsvcr.evaluate import evaluate_arrays, evaluate_model_dir, load_text_tables, metrics_line
+from lsvcr.errors import ConfigError, DataError
+from lsvcr.evaluate import evaluate_model_dir, load_text_tables, metrics_line
+from lsvcr.finetune_worker import ray_train_worker
 from lsvcr.metrics import METRIC_NAMES
-from lsvcr.model import LIKE_PRIOR_RATE, HistoryStates
+from lsvcr.model import LIKE_PRIOR_RATE
+from lsvcr.sample_stream import build_sample_stream
 from lsvcr.training_log import plot_curves, read_jsonl, write_jsonl
-from lsvcr.runtime import choose_device, set_threads
 
 log = logging.getLogger("lsvcr.finetune")
 
 STATE_FILE = train_driver.STATE_FILE
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-class FinetuneObjective(nn.Module):
-    """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
-
-    def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int,
-                 contrast_negatives_shared_by: int, contrast_negatives_per_direction: bool = True):
-        super().__init__()
-        self.contrast_negatives_per_direction = contrast_negatives_per_direction
-        self.model = model
-        self.task = task
-        self.id_text_weight = id_text_weight
-        self.contrast_negatives = contrast_negatives
-        self.contrast_negatives_shared_by = contrast_negatives_shared_by
-
-    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        if batch.first_target_position is not None:
-            return self._every_position(batch)
-        states = self.model.encode_histories(batch.history, outputs=(self.task,))
-        if self.task == "video":
-            logits = self.model.score_videos(batch.history, None, states=states)  # all videos, pad = -inf
-            ce = F.cross_entropy(logits, batch.target_video)
-        else:
-            logits = self.model.score_comments(batch.history, batch.target_video, batch.candidates, states=states)
-            ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
-        return self._with_id_text(ce, batch, states)
-
-    def _with_id_text(self, ce: Tensor, batch: Batch, states: HistoryStates | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(CE + λ_it·L_IT, CE, L_IT) — METHOD 2.8; L_IT is 0 when its weight is."""
-        id_text = torch.zeros((), device=ce.device)
-        if self.id_text_weight > 0:
-            id_text = self.model.id_text_contrastive_loss(batch.history, states, self.contrast_negatives,
-                                                          self.contrast_negatives_shared_by,
-                                                          self.contrast_negatives_per_direction)
-        return ce + self.id_text_weight * id_text, ce.detach(), id_text.detach()
-
-    def _every_position(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """finetune.train_targets=all_positions: CE over all videos at every counted position of each window."""
-        targets = batch.position_targets()
-        counted = targets != 0
-        users = self.model.every_position_user_vectors(batch.history)
-        ce = F.cross_entropy(self.model.score_user_vectors(users[counted]), targets[counted])
-        return self._with_id_text(ce, batch, None)
-
-
-def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
-    return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
-                             config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by,
-                             config.finetune.contrast_negatives_per_direction)
-
-
-# ----------------------------------------------------------------------------- the comment like prior
-
-
-def fit_like_prior_weight(prior: np.ndarray, pools: np.ndarray, positives: np.ndarray) -> float:
-    """Maximum-likelihood weight w of the popularity-only comment model softmax(w · prior[c]) over each
-    training sample's pool (every positive against the pool's non-positives). A convex 1-D fit; stage 2
-    starts the like prior here, so fine-tuning begins at the popularity ranker and learns what the
-    user's history adds (from w = 0 the prior's weight lags behind the text part, which overfits first)."""
-    negative = pool_negatives(pools, positives)
-    positive = positives != 0
-    keep = positive.any(axis=1) & negative.any(axis=1)
-    if not keep.any():
-        return 0.0
-    pool_prior = torch.from_numpy(prior[pools[keep]]).double()
-    positive_prior = torch.from_numpy(prior[positives[keep]]).double()
-    negative_mask, positive_mask = torch.from_numpy(negative[keep]), torch.from_numpy(positive[keep])
-    weight = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight], max_iter=50, line_search_fn="strong_wolfe")
-
-    def negative_log_likelihood() -> Tensor:
-        optimizer.zero_grad()
-        negatives = torch.logsumexp((weight * pool_prior).masked_fill(~negative_mask, float("-inf")), dim=1)
-        own = weight * positive_prior
-        per_positive = torch.logaddexp(own, negatives[:, None]) - own
-        loss = per_positive[positive_mask].mean()
-        loss.backward()
-        return loss
-
-    optimizer.step(negative_log_likelihood)
-    return float(weight.detach())
-
-
-def warm_start_like_prior(model: nn.Module, train, tables) -> float | None:
-    """Set the comment model's like-prior weight to `fit_like_prior_weight` (None: the model has no prior)."""
-    if train.task != "comment" or not getattr(model, "use_like_prior", False):
-        return None
-    weight = fit_like_prior_weight(model.comment_prior.numpy(), tables.comment_pool[train.target_video],
-                                   train.pos_comments)
-    with torch.no_grad():
-        model.comment_like_weight.fill_(weight / LIKE_PRIOR_RATE)
-    log.info("comment like prior: weight %.3f per std of log(1 + likes) (popularity-only MLE on train)", weight)
-    return weight
-
-
-# ----------------------------------------------------------------------------- stage-1 weights (METHOD 6.1)
-
-
-def load_stage1_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load aligned SR weights into a stage-2 model: strip leading key components until a key matches
-    (e.g. `base_model.model.reccom.`), cast to fp32, pad position tables of another length with their
-    mean row, and load non-strictly. Returns (and logs) which keys were loaded / missing / skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ModelNotFoundError(f"--init checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    source = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(source, dict):
-        raise ModelNotFoundError(f"{path}: expected a dict with 'state_dict' (ALIGNED/checkpoint.pt)")
-    target = model.state_dict()
-    renamed: dict[str, Tensor] = {}
-    skipped: list[str] = []
-    for key, value in source.items():
-        parts = key.split(".")
-        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in target), None)
-        if match is None or not torch.is_tensor(value):
-            skipped.append(key)
-            continue
-        value = value.float() if value.is_floating_point() else value
-        wanted = target[match].shape
-        if value.shape != wanted and match.endswith("_position.weight") and value.shape[1:] == wanted[1:]:
-            if value.shape[0] < wanted[0]:
-                padding = value.mean(dim=0, keepdim=True).expand(wanted[0] - value.shape[0], -1)
-                value = torch.cat([value, padding], dim=0)
-            else:
-                value = value[: wanted[0]]
-        if value.shape != wanted:
-            skipped.append(f"{key} (shape {tuple(value.shape)} != {tuple(wanted)})")
-            continue
-        renamed[match] = value
-    result = model.load_state_dict(renamed, strict=False)
-    report = {"loaded": sorted(renamed), "missing": sorted(result.missing_keys), "skipped": skipped}
-    log.info("--init %s: loaded %d tensors; missing (trained from scratch): %s; skipped: %s",
-             path, len(renamed), report["missing"] or "none", skipped or "none")
-    if not renamed:
-        raise ModelNotFoundError(f"--init {path}: no key matches the SR model (is it an ALIGNED checkpoint?)")
-    return report
-
-
-# ----------------------------------------------------------------------------- the worker loop
-
-
-@dataclass
-class WorkerContext:
-    rank: int
-    world_size: int
-    device: torch.device
-    report: Callable[..., None]  # report(metrics, checkpoint=None)
-    get_checkpoint: Callable[[], Any]
-    keeps_checkpoints: bool = True
-    checkpoint_class: Any = None  # ray.train.Checkpoint or ray.tune.Checkpoint (distinct classes in Ray 2.60)
-
-
-def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
-    if report_to == "train":
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        return WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                             ray.train.report, ray.train.get_checkpoint, checkpoint_class=ray.train.Checkpoint)
-    if report_to == "tune":
-        import ray.tune
-
-        return WorkerContext(0, 1, choose_device(use_gpu), ray.tune.report, ray.tune.get_checkpoint,
-                             checkpoint_class=ray.tune.Checkpoint)
-    # "local": no Ray at all (debugging, benchmarks): keep checkpoints in memory only.
-    return WorkerContext(0, 1, choose_device(use_gpu), lambda metrics, checkpoint=None: None, lambda: None,
-                         keeps_checkpoints=False)
-
-
-def _all_reduce_sum(values: Tensor, context: WorkerContext) -> Tensor:
-    if context.world_size > 1:
-        values = values.to(context.device)
-        dist.all_reduce(values)
-    return values.cpu()
-
-
-def train_loop_per_worker(loop_config: dict) -> dict:
-    """One Ray Train worker (or a Tune trial with `report_to="tune"`). Keys of `loop_config`: config
-    (dict of LSVCRConfig), data_dir, vectors_dir, init, log_path (rank 0 appends train_log.jsonl
-    there if set), report_to ("train" | "tune" | "local"). Returns the final training state
-    (history, best_state, best_epoch, ...); Ray ignores it, in-process callers ("local") use it."""
-    # 1. config, threads, where this worker reports
-    config = config_from_dict(loop_config["config"])
-    settings = config.finetune
-    selection_metric = settings.selection_metric
-    set_threads(settings.threads_per_worker)
-    context = _worker_context(loop_config.get("report_to", "train"), settings.use_gpu)
-    torch.manual_seed(settings.seed)
-    data_dir = Path(loop_config["data_dir"])
-    vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
-
-    # 2. data and the model
-    tables = load_item_tables(data_dir, config.data.hot_comments)
-    # Memory-mapped, padded per batch: a worker reads only the rows of its own batches (issue #16).
-    train = open_sample_stream(data_dir, settings.task, "train", settings.history_length,
-                               config.data.max_comments_per_record)
-    valid = open_sample_stream(data_dir, settings.task, "valid", settings.history_length,
-                               config.data.max_comments_per_record)
-    train_lengths = history_lengths(train)
-    window_rows = first_targets = None  # finetune.train_targets=all_positions: the windows that are trained
-    if settings.train_targets == "all_positions":
-        window_rows, first_targets = position_windows(np.asarray(train.user_all), train_lengths,
-                                                      settings.history_length, settings.target_stride)
-        train_lengths = train_lengths[window_rows]
-    video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
-    model = build_model(config.model, tables.num_videos, video_text, comment_text,
-                        torch.from_numpy(tables.comment_likes))
-
-    # 3. resume from the latest checkpoint, or start (from --init's stage-1 weights, the fitted like prior)
-    checkpoint = context.get_checkpoint()
-    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
-                             "history": [], "init_report": None, "resumed_after": []}
-    if checkpoint is not None:
-        state = train_driver.load_checkpoint_state(checkpoint)
-        model.load_state_dict(state.pop("model"))
-        state["resumed_after"].append(state["epoch"])
-        log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], selection_metric,
-                 state["best"], state["best_epoch"])
-    else:
-        if loop_config.get("init"):
-            state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
-        state["like_prior_init"] = warm_start_like_prior(model, train, tables)
-
-    # 4. the objective (DDP-wrapped across workers) and its optimizer
-    objective = build_objective(config, model)
-    if context.world_size > 1:
-        objective = train_driver.wrap_ddp(objective)
-    else:
-        objective = objective.to(context.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    if "optimizer" in state:
-        optimizer.load_state_dict(state.pop("optimizer"))
-
-    # 5. the epochs: train on this rank's shard, validate (sums all-reduced), log, checkpoint, early stop
-    log_path = Path(loop_config["log_path"]) if loop_config.get("log_path") and context.rank == 0 else None
-    for epoch in range(state["epoch"] + 1, settings.max_epochs + 1):
-        if state["bad_epochs"] >= settings.patience:
-            break
-        started, cpu_started = time.perf_counter(), time.process_time()
-        objective.train()
-        shuffle_rng = np.random.default_rng([settings.seed, epoch])  # same permutation on every rank
-        batch_rng = np.random.default_rng([settings.seed, epoch, context.rank, 1])
-        # finetune.batch_size is the global batch: DDP averages the ranks' gradients of their shares.
-        per_rank_batch = -(-settings.batch_size // context.world_size)
-        batches = epoch_rows(len(train) if window_rows is None else len(window_rows), per_rank_batch, shuffle_rng,
-                             context.rank, context.world_size, lengths=train_lengths if settings.length_bucketing else None)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
-        progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
-        for rows in progress:
-            if window_rows is None:
-                batch = make_batch(train, tables, rows, rng=batch_rng, comment_negatives=settings.comment_negatives)
-                targets = len(rows)
-            else:
-                batch = make_batch(train, tables, window_rows[rows], rng=batch_rng)
-                batch.first_target_position = torch.from_numpy(first_targets[rows])
-                targets = int((batch.position_targets() != 0).sum())
-            loss, ce, id_text = objective(batch.to(context.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.tensor([loss.item() * targets, ce.item() * targets, id_text.item() * targets, targets],
-                                 dtype=torch.float64)
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at mininterval
-        train_seconds = time.perf_counter() - started
-        train_cpu_seconds = time.process_time() - cpu_started  # ≪ train_seconds when the machine is shared
-        sums = _all_reduce_sum(sums, context)
-        accumulator = evaluate_arrays(model, valid, tables, device=context.device, batch_size=settings.eval_batch_size,
-                                      full_ranking=settings.selection_ranking == "full",
-                                      exclude_seen=settings.exclude_seen,
-                                      rank=context.rank, world_size=context.world_size)
-        accumulator.load_tensor(_all_reduce_sum(accumulator.as_tensor(), context))
-        valid_metrics = accumulator.result()
-        samples = max(sums[3].item(), 1.0)
-        row = {
-            "epoch": epoch,
-            "train_loss": sums[0].item() / samples, "train_ce": sums[1].item() / samples,
-            "train_id_text": sums[2].item() / samples,
-            **{f"valid_{name}": valid_metrics[name] for name in METRIC_NAMES},
-            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
-            "seconds": time.perf_counter() - started,
-            "samples_per_second": samples / train_seconds,
-        }
-        if getattr(model, "use_like_prior", False) and settings.task == "comment":
-            row["like_prior_weight"] = model.comment_like_weight.item() * LIKE_PRIOR_RATE
-        if valid_metrics[selection_metric] > state["best"]:
-            state.update(best=valid_metrics[selection_metric], best_epoch=epoch, bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        row[f"best_valid_{selection_metric}"] = state["best"]
-        state["epoch"] = epoch
-        state["history"].append(row)
-        if log_path is not None:
-            with log_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if context.rank == 0:
-            log.info("epoch %d: loss %.4f  valid %s %.4f (best %.4f @ %d)  %.1f samples/s  %.1f s", epoch,
-                     row["train_loss"], selection_metric, valid_metrics[selection_metric], state["best"],
-                     state["best_epoch"], row["samples_per_second"], row["seconds"])
-        _report_epoch(context, row, state, model, optimizer)
-    return state
-
-
-def _ray_train_worker(loop_config: dict) -> None:
-    """`train_loop_per_worker` for Ray Train, which rejects tensors in a worker's return value (the
-    state travels in the checkpoints instead)."""
-    train_loop_per_worker(loop_config)
-
-
-def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:
-    """Every rank reports the metrics; rank 0 attaches a checkpoint holding everything needed to resume."""
-    def payload() -> dict:
-        return dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
-
-    attaches = context.rank == 0 and context.keeps_checkpoints
-    train_driver.report(context.report, row, payload if attaches else None, context.checkpoint_class)
-
-
-# ----------------------------------------------------------------------------- the driver
 
 
 def make_loop_config(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None,
@@ -475,7 +137,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
         no_checkpoint_message="fine-tuning produced no checkpoint (max_epochs = 0?)",
         resources_per_worker=resources_per_worker, callbacks=callbacks)
     loop_config = make_loop_config(config, data_dir, vectors_dir, init, staging / model_files.TRAIN_LOG)
-    state = train_driver.fit(_ray_train_worker, loop_config, trainer_settings, staging)
+    state = train_driver.fit(ray_train_worker, loop_config, trainer_settings, staging)
 
     text_dim = 0
     if config.model.architecture == "lsvcr" and config.model.mode != "id":

@@ -41,11 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
-from lsvcr.batching import load_item_tables, load_sample_arrays  # noqa: E402
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
 from lsvcr.data.prepared import is_prepared, read_comments, read_users, read_videos  # noqa: E402
 from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
-from lsvcr.finetune import make_loop_config, train_loop_per_worker  # noqa: E402
+from lsvcr.finetune import make_loop_config  # noqa: E402
+from lsvcr.finetune_worker import train_loop_per_worker  # noqa: E402
 from lsvcr.metrics import metric_sums  # noqa: E402
 from lsvcr.model import like_prior  # noqa: E402
 from lsvcr.vectors import is_vectors_dir  # noqa: E402

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.batching import HistoryBatch, load_item_tables, make_batch, open_sample_stream, position_windows
+from lsvcr.batching import HistoryBatch, make_batch, position_windows
+from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_stream import open_sample_stream
 from lsvcr.config import ModelConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError, DataError
-from lsvcr.finetune import build_objective, check_inputs, make_loop_config, train_loop_per_worker
+from lsvcr.finetune import check_inputs, make_loop_config
+from lsvcr.finetune_worker import build_objective, train_loop_per_worker
 from lsvcr.model import LSVCRModel
 
 ROOT = Path(__file__).resolve().parents[1]

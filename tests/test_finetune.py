@@ -17,16 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lsvcr.batching import (
-    epoch_rows, load_item_tables, load_sample_arrays, make_batch, sample_comment_candidates,
-)
+from lsvcr.batching import epoch_rows, make_batch, sample_comment_candidates
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
 from lsvcr.baselines import build_model, fit_popularity
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
 from lsvcr.evaluate import evaluate_model, format_table, load_text_tables, swap_histories
-from lsvcr.finetune import (
-    fit_like_prior_weight, load_stage1_checkpoint, make_loop_config, run_finetune, train_loop_per_worker,
-)
+from lsvcr.finetune import make_loop_config, run_finetune
+from lsvcr.finetune_init import fit_like_prior_weight, load_stage1_checkpoint
+from lsvcr.finetune_worker import train_loop_per_worker
 from lsvcr.model import LSVCRModel
 from lsvcr.vectors import load_item_vectors, write_item_vectors
 

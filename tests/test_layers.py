@@ -18,12 +18,15 @@ LAYERS: dict[str, int] = {
     # 1: data (raw tables → PREPARED; VECTORS storage)
     "lsvcr.data": 1, "lsvcr.vectors": 1,
     # 2: batching
-    "lsvcr.batching": 2, "lsvcr.llm.prompts": 2,
+    "lsvcr.batching": 2, "lsvcr.sample_arrays": 2, "lsvcr.sample_stream": 2, "lsvcr.history_views": 2,
+    "lsvcr.llm.prompts": 2,
     # 3: model
     "lsvcr.model": 3, "lsvcr.model_files": 3, "lsvcr.baselines": 3, "lsvcr.llm.heads": 3, "lsvcr.llm.alignment_losses": 3,
     # 4: train (and what trains/evaluates: encoding, alignment, fine-tuning, tuning)
-    "lsvcr.train_driver": 4, "lsvcr.evaluate": 4, "lsvcr.finetune": 4, "lsvcr.llm.encode": 4,
-    "lsvcr.llm.align": 4, "lsvcr.tune": 4, "lsvcr.tune_space": 4, "lsvcr.tune_results": 4, "lsvcr.tune_cleanup": 4,
+    "lsvcr.train_driver": 4, "lsvcr.evaluate": 4, "lsvcr.finetune": 4, "lsvcr.finetune_init": 4, "lsvcr.finetune_worker": 4,
+    "lsvcr.llm.encode": 4, "lsvcr.llm.vllm_actors": 4,
+    "lsvcr.llm.align": 4, "lsvcr.llm.align_data": 4, "lsvcr.llm.align_worker": 4, "lsvcr.llm.lora": 4,
+    "lsvcr.tune": 4, "lsvcr.tune_space": 4, "lsvcr.tune_results": 4, "lsvcr.tune_cleanup": 4,
     # 5: serve
     "lsvcr.serving": 5, "lsvcr.serve": 5,
     # 6: pipeline

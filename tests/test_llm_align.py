@@ -9,14 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lsvcr.batching import load_item_tables
+from lsvcr.sample_arrays import load_item_tables
 from lsvcr.config import load_config
 
 
 @pytest.mark.parametrize("preset", [None, "paper"])
 def test_one_lora_step_lowers_the_loss_and_trains_only_adapter_sr_and_heads(tiny_prepared_dir, tiny_llm_dir, preset):
-    from lsvcr.llm.align import (AlignmentObjective, LiveLLM, _batch_to, load_stage_one_data, lora_prompt_inputs,
-                                 make_align_batch, view_augmentation)
+    from lsvcr.llm.align_data import load_stage_one_data, make_align_batch, view_augmentation
+    from lsvcr.llm.align_worker import AlignmentObjective, _batch_to
+    from lsvcr.llm.lora import LiveLLM, lora_prompt_inputs
     from lsvcr.llm.prompts import PromptBuilder, load_item_texts
 
     from pathlib import Path
@@ -75,7 +76,7 @@ def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepa
     stage-2 model, 256-d stage-2 vectors for every item, a log and curves; a re-run is a no-op."""
     import json
 
-    from lsvcr.finetune import load_stage1_checkpoint
+    from lsvcr.finetune_init import load_stage1_checkpoint
     from lsvcr.llm.align import run_align
     from lsvcr.llm.encode import ShardedOutput
     from lsvcr.model import LSVCRModel
@@ -156,10 +157,11 @@ def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_p
     """METHOD 5.1, seeded: in aug mode an item shows the SR model another of the video's top-3 hot comments than
     the prompt, and a record splits (own comments + as many popular ones the user did not touch) between the
     prompt (even positions) and the SR model (odd); frozen keeps the prompt's view; probability 0 = no change."""
-    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views, load_item_tables
-    from lsvcr.batching import load_sample_arrays, make_batch
+    from lsvcr.batching import make_batch
+    from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views
+    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
     from lsvcr.config import LSVCRConfig
-    from lsvcr.llm.align import view_augmentation
+    from lsvcr.llm.align_data import view_augmentation
 
     defaults = view_augmentation(LSVCRConfig())
     assert (defaults.video_p, defaults.comment_p, defaults.item_p, defaults.popular) == (0.5, 0.5, 0.3, 10)

@@ -158,7 +158,9 @@ def test_prompt_and_sr_batches_show_the_same_comments(tiny_prepared_dir):
 
     import pyarrow.parquet as pq
 
-    from lsvcr.batching import STAGE_ONE_COMMENTS_PER_RECORD, load_item_tables, load_sample_arrays, make_batch
+    from lsvcr.batching import make_batch
+    from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD
+    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
     from lsvcr.llm.prompts import histories_from_samples, load_item_texts
 
     table = pq.read_table(Path(tiny_prepared_dir) / "comment_samples.train.parquet")

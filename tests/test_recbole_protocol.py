@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.batching import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError
 from lsvcr.evaluate import evaluate_arrays
-from lsvcr.finetune import check_inputs, make_loop_config, train_loop_per_worker
+from lsvcr.finetune import check_inputs, make_loop_config
+from lsvcr.finetune_worker import train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lsvcr.batching import load_item_tables, load_sample_arrays, make_batch
+from lsvcr.batching import make_batch
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config
 from lsvcr.errors import ConfigError, ModelNotFoundError
 from lsvcr.model import LSVCRModel

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lsvcr.batching import (
-    STREAM_DIR, epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, open_sample_stream,
-)
+from lsvcr.batching import epoch_rows, history_lengths, make_batch
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_stream import STREAM_DIR, open_sample_stream
 
 HISTORY_FIELDS = ("video_history", "video_history_hot_comment", "comment_history_videos", "comment_history_comments")
 
@@ -69,7 +69,9 @@ def test_stream_select_is_a_view_and_a_changed_table_is_converted_again(tiny_pre
 MEASURE = r"""
 import json, sys
 import numpy as np
-from lsvcr.batching import epoch_rows, history_lengths, load_item_tables, load_sample_arrays, make_batch, open_sample_stream
+from lsvcr.batching import epoch_rows, history_lengths, make_batch
+from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_stream import open_sample_stream
 def peak_rss_bytes():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.batching import load_item_tables
+from lsvcr.sample_arrays import load_item_tables
 from lsvcr.config import load_config
 from lsvcr.errors import ConfigError
 from lsvcr.llm.encode import run_encode

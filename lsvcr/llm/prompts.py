@@ -26,6 +26,8 @@ import numpy as np
 
 from lsvcr.data.prepared import COMMENTS_FILE, has_comments, read_table, read_videos
 from lsvcr.errors import ConfigError
+from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, hot_comment_picks, record_comments_for
+from lsvcr.sample_arrays import HOT_COMMENTS, first_items_padded, last_items_padded, last_records_padded
 
 TASKS = ("video", "comment")
 
@@ -138,8 +140,6 @@ def load_captions(prepared_dir: str | Path) -> np.ndarray:
 
 
 def load_item_texts(prepared_dir: str | Path) -> ItemTexts:
-    from lsvcr.batching import first_items_padded
-
     videos = read_videos(prepared_dir, ["video_idx", "caption", "hot_comments"])
     captions = _captions(videos)
     pool = first_items_padded(videos["hot_comments"])
@@ -311,14 +311,9 @@ def histories_from_samples(table, texts: ItemTexts, history_length: int, *, rng:
 
     `rng=None` (encoding, evaluation): the top hot comment and the record's first 3 comments;
     with an `rng` (training): a random hot comment among the top 3 and a random subset of ≤3 comments.
-    The rule is `lsvcr.batching`'s (`hot_comment_picks`, `record_comments_for`), so the SR model of frozen
+    The rule is `lsvcr.history_views`' (`hot_comment_picks`, `record_comments_for`), so the SR model of frozen
     alignment (`make_batch(..., deterministic_views=True)`) sees exactly what these prompts show.
     """
-    from lsvcr.batching import (
-        HOT_COMMENTS, STAGE_ONE_COMMENTS_PER_RECORD, hot_comment_picks, last_items_padded, last_records_padded,
-        record_comments_for,
-    )
-
     video_history = last_items_padded(table["video_history"], history_length)
     hot_count = np.minimum((texts.hot_comments != 0).sum(axis=1), HOT_COMMENTS)
     hot_comment = hot_comment_picks(video_history, texts.hot_comments, hot_count, rng)

@@ -182,7 +182,7 @@ class Recommender:
         return ResolvedRequest(
             video_history=np.asarray(video_history[-limit:], dtype=np.int64),
             comment_history_videos=np.asarray(record_videos[-limit:], dtype=np.int64),
-            comment_history_comments=[np.asarray(c[:per_record], dtype=np.int64) for c in kept_records],  # as batching.py
+            comment_history_comments=[np.asarray(c[:per_record], dtype=np.int64) for c in kept_records],  # as sample_arrays.py
             seen_videos=np.unique(np.concatenate([video_history, record_videos]).astype(np.int64)),
             seen_comments=np.unique(np.concatenate([np.zeros(0, np.int64), *record_comments]).astype(np.int64)),
             truncated=truncated,
