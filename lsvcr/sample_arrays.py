@@ -162,7 +162,11 @@ class SampleArrays:
 def load_sample_arrays(
     prepared_dir: str | Path, task: str, split: str, history_length: int, max_comments_per_record: int = 64
 ) -> SampleArrays:
-    table = pq.read_table(samples_path(prepared_dir, task, split))
+    path = samples_path(prepared_dir, task, split)
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowInvalid as error:
+        raise DataError(f"{path}: not a readable Parquet table ({error})") from None
     required = ["user_idx", "target_video", "video_history", "comment_history_videos", "comment_history_comments"]
     if task == "comment":
         required.append("pos_comments")

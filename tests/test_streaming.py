@@ -109,3 +109,25 @@ def test_streamed_epoch_memory_is_bounded_against_the_whole_split(tmp_path):
           f"stream {growth['stream'] / 1e6:.0f} MB")
     assert growth["arrays"] > 0.9 * split_bytes  # the measurement sees a whole split
     assert growth["stream"] < 0.1 * split_bytes
+
+
+def test_a_samples_table_without_a_column_or_rows_is_a_clear_error(tiny_prepared_dir, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from lsvcr.errors import DataError
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared_dir, prepared)
+    samples = prepared / "video_samples.train.parquet"
+    table = pq.read_table(samples)
+    pq.write_table(table.drop_columns(["video_history"]), samples)
+    with pytest.raises(DataError, match="video_samples.train.parquet: missing column.s. video_history"):
+        load_sample_arrays(prepared, "video", "train", history_length=10)
+    pq.write_table(table.slice(0, 0), samples)
+    with pytest.raises(DataError, match="video_samples.train.parquet has no rows"):
+        load_sample_arrays(prepared, "video", "train", history_length=10)
+    samples.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet table"):
+        load_sample_arrays(prepared, "video", "train", history_length=10)
