@@ -15,6 +15,11 @@ What it does, all on 127.0.0.1, each phase of fixed length (it stops by itself):
 4. a replica-kill phase: 8 clients for `--kill-duration` s, one RecommenderModel replica is `ray.kill`ed
    mid-run, and the failed requests are counted.
 Results: bench/results/serve.json.
+
+`--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
+one invocation (each in its own process: the RAY_SERVE_* environment is read when Ray starts), and
+writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. `+throughput` adds
+Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the replica's event loop, buffered request logs).
 """
 
 from __future__ import annotations
@@ -446,6 +451,38 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     return results
 
 
+THROUGHPUT_OPTIMIZED = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
+    """The bench once per variant (`INGRESS[+throughput]`), each in a fresh process, into one JSON."""
+    import subprocess
+
+    reports = {}
+    for variant in variants:
+        ingress, _, extra = variant.partition("+")
+        if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in ("", "throughput"):
+            raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput], INGRESS in {sorted(SERVE_INGRESS_ENVIRONMENT)}")
+        variant_out = out.with_name(f"{out.stem}.{variant}.json")
+        command = [sys.executable, __file__, *passed, "--ingress", ingress, "--out", str(variant_out)]
+        env = {**os.environ, **(THROUGHPUT_OPTIMIZED if extra else {})}
+        print(f"== variant {variant}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, env=env, check=True)
+        reports[variant] = json.loads(variant_out.read_text())
+        variant_out.unlink()
+    comparison = [{"variant": name, **{k: report["summary"][k] for k in (
+        "http_1_client", "http_8_clients", "serve_vs_in_process_throughput", "failed_requests_with_replica_kill",
+        "cpu_ms_per_request_at_8_clients", "load_average_1min_at_end")},
+        "load_average_1min_at_start": report["machine"]["load_average_1min_at_start"]}
+        for name, report in reports.items()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                               "comparison": comparison, "variants": reports}, indent=2) + "\n")
+    print(json.dumps(comparison, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=10_000)
@@ -462,7 +499,13 @@ def main() -> int:
     parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default="haproxy",
                         help="haproxy (serve.ingress's default): HAProxy in front of replicas that serve HTTP "
                              "themselves (direct ingress); proxy: Serve's Python HTTP proxy")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+throughput]",
+                        help="run the bench once per variant, back to back, into one JSON (see the module doc)")
     args = parser.parse_args()
+    if args.variants:
+        passed = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+                  if name not in ("variants", "ingress", "out")]
+        return run_variants(args.variants, passed, args.out)
     # Read when Ray's processes start, and inherited by them from this one.
     os.environ.update(SERVE_INGRESS_ENVIRONMENT[args.ingress])
     torch.set_num_threads(1)

@@ -532,7 +532,11 @@ def _redeploy(served: str, video_model_dir: Path, comment_model_dir: Path, **ser
 
 def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: float) -> list[tuple]:
     """`clients` keep-alive HTTP clients post `bodies` for `seconds` while `action()` runs once, after a
-    third of the time. Returns (status | exception name, Retry-After header, seconds) per request."""
+    third of the time. Returns (status | exception, Retry-After header, seconds, retried) per request.
+
+    A client re-sends a request once, on a new connection, when its keep-alive connection was closed
+    without any response (`retried`): what HTTP clients do for retry-safe requests, and our endpoints only
+    read. HAProxy closes client connections when it reloads on a change of replicas (docs/serving.md)."""
     import threading
     import time
 
@@ -541,15 +545,26 @@ def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: 
     outcomes: list[tuple] = []
     deadline = time.monotonic() + seconds
 
+    def post(session: requests.Session, body: dict) -> requests.Response:
+        return session.post(f"{served}/v1/recommend/videos", json=body, timeout=20)
+
     def client(seed: int) -> None:
         session, i = requests.Session(), seed
         while time.monotonic() < deadline:
-            start = time.monotonic()
+            start, retried = time.monotonic(), False
             try:
-                response = session.post(f"{served}/v1/recommend/videos", json=bodies[i % len(bodies)], timeout=20)
-                outcomes.append((response.status_code, response.headers.get("retry-after"), time.monotonic() - start))
+                try:
+                    response = post(session, bodies[i % len(bodies)])
+                except requests.ConnectionError as error:
+                    if "without response" not in str(error) and "reset by peer" not in str(error):
+                        raise
+                    session, retried = requests.Session(), True
+                    response = post(session, bodies[i % len(bodies)])
+                outcomes.append((response.status_code, response.headers.get("retry-after"), time.monotonic() - start,
+                                 retried))
             except requests.RequestException as error:  # a timeout here is a hung request
-                outcomes.append((f"{type(error).__name__}: {str(error)[:160]}", None, time.monotonic() - start))
+                outcomes.append((f"{type(error).__name__}: {str(error)[:160]}", None, time.monotonic() - start,
+                                 retried))
                 session = requests.Session()
             i += clients
 
@@ -583,9 +598,11 @@ def test_killing_one_of_two_replicas_under_load(served, model_dirs, prepared_dir
                                                                 no_restart=True), seconds=9)
     failures = _failures(outcomes)
     assert sum(1 for o in outcomes if o[0] == 200) > 50
-    assert all(status == 503 and retry_after for status, retry_after, _ in failures), (
+    assert all(status == 503 and retry_after for status, retry_after, _, _ in failures), (
         f"{len(failures)} of {len(outcomes)} requests failed: {failures[:10]}")
-    assert max(seconds for _, _, seconds in outcomes) < 20
+    assert max(seconds for _, _, seconds, _ in outcomes) < 20
+    # Re-sent once after a connection closed without a response: measured 0-3 of ~4,000 here.
+    assert sum(retried for *_, retried in outcomes) <= 0.01 * len(outcomes)
 
 
 @pytest.mark.slow
