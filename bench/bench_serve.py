@@ -353,10 +353,12 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
     timeline: list[tuple[float, int, int]] = []  # (seconds, running replicas, clients)
     t0 = time.perf_counter()
 
-    async def sample(seconds: float, clients: int) -> None:
+    async def sample(seconds: float, clients: int, until_replicas: int | None = None) -> None:
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             timeline.append((round(time.perf_counter() - t0, 1), await asyncio.to_thread(running_replicas), clients))
+            if timeline[-1][1] == until_replicas:
+                return
             await asyncio.sleep(0.5)
 
     async def step() -> dict:
@@ -364,7 +366,9 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
         load = asyncio.create_task(_load(config.host, config.port, bodies, 16, load_s))
         await sample(load_s, 16)
         phase = await load
-        await sample(30, 0)
+        # Serve averages the load over its 30 s look-back window, then waits downscale_delay_s: back to
+        # min_replicas takes about 40 s after the load stops.
+        await sample(90, 0, until_replicas=scaled.min_replicas)
         return phase
 
     phase = asyncio.run(step())
@@ -446,7 +450,10 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         if autoscale_duration > 0:
             results["autoscaling"] = autoscale_timeline(model_dir, bodies, config, autoscale_duration)
     finally:
-        stop_serving()
+        try:
+            stop_serving()
+        except RuntimeError as error:  # RAY_SERVE_THROUGHPUT_OPTIMIZED: the handle's router ran on a closed loop
+            print(f"serve.shutdown: {error} (Ray stops with the process)", flush=True)
         ray.shutdown()
     return results
 
@@ -458,29 +465,38 @@ def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
     """The bench once per variant (`INGRESS[+throughput]`), each in a fresh process, into one JSON."""
     import subprocess
 
-    reports = {}
     for variant in variants:
         ingress, _, extra = variant.partition("+")
         if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in ("", "throughput"):
             raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput], INGRESS in {sorted(SERVE_INGRESS_ENVIRONMENT)}")
+    reports: dict[str, dict] = {}
+    for variant in variants:
+        ingress, _, extra = variant.partition("+")
         variant_out = out.with_name(f"{out.stem}.{variant}.json")
         command = [sys.executable, __file__, *passed, "--ingress", ingress, "--out", str(variant_out)]
         env = {**os.environ, **(THROUGHPUT_OPTIMIZED if extra else {})}
         print(f"== variant {variant}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, env=env, check=True)
-        reports[variant] = json.loads(variant_out.read_text())
-        variant_out.unlink()
+        finished = subprocess.run(command, env=env)
+        if finished.returncode or not variant_out.exists():
+            reports[variant] = {"error": f"exit code {finished.returncode}: see the output above"}
+        else:
+            reports[variant] = json.loads(variant_out.read_text())
+            variant_out.unlink()
+        _write_comparison(out, reports)  # after each variant: a later failure keeps the earlier ones
+    print(f"wrote {out}")
+    return 0 if all("error" not in report for report in reports.values()) else 1
+
+
+def _write_comparison(out: Path, reports: dict[str, dict]) -> None:
     comparison = [{"variant": name, **{k: report["summary"][k] for k in (
         "http_1_client", "http_8_clients", "serve_vs_in_process_throughput", "failed_requests_with_replica_kill",
         "cpu_ms_per_request_at_8_clients", "load_average_1min_at_end")},
         "load_average_1min_at_start": report["machine"]["load_average_1min_at_start"]}
-        for name, report in reports.items()]
+        for name, report in reports.items() if "error" not in report]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
                                "comparison": comparison, "variants": reports}, indent=2) + "\n")
-    print(json.dumps(comparison, indent=2))
-    print(f"wrote {out}")
-    return 0
+    print(json.dumps(comparison, indent=2), flush=True)
 
 
 def main() -> int:

@@ -48,3 +48,17 @@ def test_ray_workers_run_at_normal_priority_locally_and_on_the_cluster():
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_worker_niceness")}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     assert "worker nice 0" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_the_cluster_starts_ray_with_the_configured_serve_ingress():
+    """Serve's ingress is read from the environment of `ray start`: every node gets serve.ingress's."""
+    from lsvcr.config import ServeConfig
+    from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT
+
+    config = load()
+    commands = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(commands) == 2
+    for command in commands:
+        for name, value in SERVE_INGRESS_ENVIRONMENT[ServeConfig().ingress].items():
+            assert f"{name}={value}" in command or f'{name}="{value}"' in command, (name, command)
+
