@@ -48,7 +48,8 @@ import torch  # noqa: E402
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config  # noqa: E402
 from lsvcr.data import schema  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402
-from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT  # noqa: E402
+from lsvcr.config import SERVE_INGRESS_ENVIRONMENT  # noqa: E402
+from lsvcr.runtime import apply_serve_ingress_environment  # noqa: E402
 from lsvcr.vectors import write_item_vectors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
@@ -380,7 +381,8 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
 
 
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
-                kill_duration: float, replicas: int, autoscale_duration: float = 0.0, ingress: str = "haproxy") -> dict:
+                kill_duration: float, replicas: int, autoscale_duration: float = 0.0,
+                ingress: str = ServeConfig.ingress) -> dict:
     import ray
     from ray import serve
 
@@ -465,13 +467,12 @@ def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
     """The bench once per variant (`INGRESS[+throughput]`), each in a fresh process, into one JSON."""
     import subprocess
 
-    for variant in variants:
-        ingress, _, extra = variant.partition("+")
+    parsed = [(variant, *variant.partition("+")[::2]) for variant in variants]  # (name, ingress, extra)
+    for variant, ingress, extra in parsed:
         if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in ("", "throughput"):
             raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput], INGRESS in {sorted(SERVE_INGRESS_ENVIRONMENT)}")
     reports: dict[str, dict] = {}
-    for variant in variants:
-        ingress, _, extra = variant.partition("+")
+    for variant, ingress, extra in parsed:
         variant_out = out.with_name(f"{out.stem}.{variant}.json")
         command = [sys.executable, __file__, *passed, "--ingress", ingress, "--out", str(variant_out)]
         env = {**os.environ, **(THROUGHPUT_OPTIMIZED if extra else {})}
@@ -512,7 +513,7 @@ def main() -> int:
                         help="seconds of the 16-client step of the autoscaling phase (0: skip it)")
     parser.add_argument("--replicas", type=int, default=2, help="model replicas (min = max) in the measured phases")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default="haproxy",
+    parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default=ServeConfig.ingress,
                         help="haproxy (serve.ingress's default): HAProxy in front of replicas that serve HTTP "
                              "themselves (direct ingress); proxy: Serve's Python HTTP proxy")
     parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+throughput]",
@@ -523,7 +524,7 @@ def main() -> int:
                   if name not in ("variants", "ingress", "out")]
         return run_variants(args.variants, passed, args.out)
     # Read when Ray's processes start, and inherited by them from this one.
-    os.environ.update(SERVE_INGRESS_ENVIRONMENT[args.ingress])
+    apply_serve_ingress_environment(args.ingress)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)

@@ -71,7 +71,6 @@ class Batch:
         return targets.masked_fill((position >= lengths[:, None]) | (position < first), 0)
 
 
-
 def sample_comment_candidates(
     current_video: np.ndarray, pos_comments: np.ndarray, tables: ItemTables, num_negatives: int,
     rng: np.random.Generator,

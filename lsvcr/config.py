@@ -212,6 +212,17 @@ class TuneConfig:
     seed: int = 2024
 
 
+# Ray Serve's HTTP ingress is chosen by environment variables that Ray's processes read when they start, so
+# they must be set before `ray.init` / `ray start` (lsvcr.runtime.apply_serve_ingress_environment; cluster.yaml).
+# Our endpoints only read, so HAProxy may replay a request on another replica when its replica closed the
+# connection without an answer (it died): `empty-response` and `junk-response` on top of Ray's `conn-failure`.
+SERVE_INGRESS_ENVIRONMENT: dict[str, dict[str, str]] = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"},
+    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"},
+}
+
+
 @dataclass
 class ServeConfig:
     """Ray Serve deployment of the SR backbone."""
@@ -232,11 +243,10 @@ class ServeConfig:
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit
     max_body_bytes: int = 1_000_000
-    # The HTTP ingress in front of the replicas, a cluster-wide Ray setting read when Ray starts
-    # (lsvcr.runtime.SERVE_INGRESS_ENVIRONMENT, docs/serving.md). haproxy: HAProxy sends each request straight
-    # to a replica's own HTTP server and replays it on another replica if the first dies before answering;
-    # proxy: Serve's Python HTTP proxy (one more Python process per request, a 500 when a replica dies mid-call).
-    ingress: str = "haproxy"
+    # The HTTP ingress, a cluster-wide Ray setting read when Ray starts (SERVE_INGRESS_ENVIRONMENT above,
+    # docs/serving.md). haproxy: HAProxy (Linux) sends each request straight to a replica's own HTTP server and
+    # replays it on another replica if the first dies before answering; proxy: Serve's Python HTTP proxy.
+    ingress: str = "haproxy"  # haproxy | proxy
 
 
 @dataclass
@@ -391,7 +401,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "align.use_gpu": (config.align.use_gpu, ("auto", "true", "false")),
         "encode.language": (config.encode.language, ("en", "zh")),
         "tune.scheduler": (config.tune.scheduler, ("asha", "none")),
-        "serve.ingress": (config.serve.ingress, ("haproxy", "proxy")),
+        "serve.ingress": (config.serve.ingress, tuple(SERVE_INGRESS_ENVIRONMENT)),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:

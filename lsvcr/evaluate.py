@@ -18,7 +18,6 @@ the user's history loses quality; one that ranks by item features alone scores t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

@@ -41,7 +41,6 @@ from lsvcr.training_log import plot_curves, read_jsonl, write_jsonl
 
 log = logging.getLogger("lsvcr.finetune")
 
-STATE_FILE = train_driver.STATE_FILE
 
 
 def make_loop_config(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None,

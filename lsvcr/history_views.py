@@ -1,6 +1,6 @@
 """What a history shows: the one rule for the hot comment of each history video and the comments of each
 comment record, used by the SR batches (`lsvcr.batching.make_batch`) and the LLM prompts
-(`lsvcr.llm.prompts.histories_from_samples`, `lsvcr.llm.align`), so the two see the same comments; and METHOD
+(`lsvcr.llm.prompts.histories_from_samples`, `lsvcr.llm.align_data`), so the two see the same comments; and METHOD
 5.1's view augmentation, which deliberately gives them different views in stage 1.
 """
 

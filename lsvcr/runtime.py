@@ -50,15 +50,15 @@ def set_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-# Ray Serve's HTTP ingress is chosen by environment variables that Ray's processes read when they start,
-# so they must be set before `ray.init` / `ray start` (cluster.yaml sets them too). Our endpoints only read,
-# so HAProxy may replay a request on another replica when its replica closed the connection without an
-# answer (it died): `empty-response` and `junk-response` on top of Ray's default `conn-failure`.
-SERVE_INGRESS_ENVIRONMENT: dict[str, dict[str, str]] = {
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"},
-    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"},
-}
+def apply_serve_ingress_environment(ingress: str | None = None) -> None:
+    """Set the RAY_SERVE_* variables of `ingress` (default: serve.ingress's) in this process, for the Ray
+    processes it starts next; an explicit RAY_SERVE_HAPROXY_RETRY_ON still wins."""
+    from lsvcr.config import SERVE_INGRESS_ENVIRONMENT, ServeConfig
+
+    environment = SERVE_INGRESS_ENVIRONMENT[ingress or ServeConfig.ingress]
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = environment["RAY_SERVE_ENABLE_HA_PROXY"]
+    for name, value in environment.items():
+        os.environ.setdefault(name, value)
 
 
 def serve_ingress_in_effect() -> str:
@@ -66,11 +66,11 @@ def serve_ingress_in_effect() -> str:
     return "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None, serve_ingress: str = "haproxy") -> None:
+def ensure_ray(num_cpus: int | None = None, address: str | None = None, serve_ingress: str | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS/`address`, or start a local one sized to this machine.
 
-    A local cluster gets the environment of `serve_ingress` (SERVE_INGRESS_ENVIRONMENT); a joined cluster
-    keeps the one it was started with.
+    A local cluster gets the environment of `serve_ingress` (default serve.ingress's; lsvcr.config.
+    SERVE_INGRESS_ENVIRONMENT); a joined cluster keeps the one it was started with.
 
     Under the CLI's quiet console (lsvcr.console) workers' stdout/stderr stay in the session's log files
     (linked into the run's logs/) instead of being forwarded: Ray Data, Ray Train and vLLM actors print
@@ -92,7 +92,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, serve_in
         # Serve replicas: measured on a 2-core machine, a fine-tune step went from about 0.9 s to 8 s beside ten
         # busy processes (docs/cluster.md). The workers are the work; an explicit RAY_worker_niceness still wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ.update(SERVE_INGRESS_ENVIRONMENT[serve_ingress])
+        apply_serve_ingress_environment(serve_ingress)
         # address="local": start our own cluster, never attach to a stranger's `ray start` on this machine.
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     console.route_ray_loggers()

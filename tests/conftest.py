@@ -18,11 +18,9 @@ def ray_cluster():
     """A real local Ray cluster that ends with the test process (never `ray stop`)."""
     import ray
 
-    from lsvcr.config import ServeConfig
-    from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT
+    from lsvcr.runtime import apply_serve_ingress_environment
 
-    # The serving tests run behind serve.ingress's default (HAProxy), set before Ray's processes start.
-    os.environ.update(SERVE_INGRESS_ENVIRONMENT[ServeConfig().ingress])
+    apply_serve_ingress_environment()  # the serving tests run behind serve.ingress's default, set before Ray starts
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

@@ -52,8 +52,7 @@ def test_ray_workers_run_at_normal_priority_locally_and_on_the_cluster():
 
 def test_the_cluster_starts_ray_with_the_configured_serve_ingress():
     """Serve's ingress is read from the environment of `ray start`: every node gets serve.ingress's."""
-    from lsvcr.config import ServeConfig
-    from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT
+    from lsvcr.config import SERVE_INGRESS_ENVIRONMENT, ServeConfig
 
     config = load()
     commands = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]

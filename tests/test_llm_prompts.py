@@ -151,7 +151,7 @@ def test_encode_reports_a_too_small_budget_before_starting_ray(tiny_prepared_dir
 
 
 def test_prompt_and_sr_batches_show_the_same_comments(tiny_prepared_dir):
-    """One rule (lsvcr.batching) picks each history item's hot comment and each record's comments for both the
+    """One rule (lsvcr.history_views) picks each history item's hot comment and each record's comments for both the
     LLM prompt and the SR input: frozen alignment's SR batches equal the encoded prompts' view (top-1 hot
     comment, the record's first 3); training draws show at most 3 of the record's own comments."""
     from pathlib import Path

@@ -556,7 +556,7 @@ def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: 
                 try:
                     response = post(session, bodies[i % len(bodies)])
                 except requests.ConnectionError as error:
-                    if "without response" not in str(error) and "reset by peer" not in str(error):
+                    if not _closed_without_response(error):
                         raise
                     session, retried = requests.Session(), True
                     response = post(session, bodies[i % len(bodies)])
@@ -577,6 +577,14 @@ def _load_while(served: str, bodies: list[dict], clients: int, action, seconds: 
         thread.join(timeout=seconds + 60)
     assert not any(thread.is_alive() for thread in threads), "a client is still waiting: a request hangs"
     return outcomes
+
+
+def _closed_without_response(error: Exception) -> bool:
+    """requests' ConnectionError wraps urllib3's ProtocolError('Connection aborted.', REASON)."""
+    import http.client
+
+    reasons = getattr(error.args[0], "args", ()) if error.args else ()
+    return any(isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)) for reason in reasons)
 
 
 def _failures(outcomes: list[tuple]) -> list[tuple]:

@@ -110,7 +110,10 @@ def _local_ray_first():
     machine may have left behind (then `num_cpus` is refused)."""
     import ray
 
+    from lsvcr.runtime import apply_serve_ingress_environment
+
     if not ray.is_initialized():
+        apply_serve_ingress_environment()  # as `ray_cluster` does: the serving tests may run on this cluster
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 

@@ -63,8 +63,6 @@ from lsvcr.vectors import open_item_vectors, read_vectors_manifest, write_item_v
 
 log = logging.getLogger("lsvcr.align")
 
-STATE_FILE = train_driver.STATE_FILE
-
 
 def _llm_hidden_of(vectors_dir: Path) -> int:
     return int(read_vectors_manifest(vectors_dir)["dim"])
@@ -80,7 +78,6 @@ def _export_vectors(heads: LLMHeads, raw_vectors_dir: Path, data_dir: Path, out_
         comment_vectors = export_text_vectors(heads, comment_raw[1:])
     write_item_vectors(out_dir, video_ids, export_text_vectors(heads, video_raw[1:]), comment_ids, comment_vectors,
                        manifest)
-
 
 
 def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,

@@ -36,6 +36,7 @@ from lsvcr import storage
 from lsvcr.config import EncodeConfig, LSVCRConfig
 from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, load_manifest, read_table, read_videos, samples_file, table_path
 from lsvcr.errors import ConfigError, DataError
+from lsvcr.llm.prompts import ItemTexts, PromptBuilder, load_captions
 from lsvcr.llm.vllm_actors import PromptRenderer, VLLMEmbedder, actor_kwargs, embedder_kwargs, engine_dtype
 from lsvcr.vectors import (
     read_vectors_manifest, read_vectors_manifest_if_any, shard_file, shard_paths, write_hashed_vectors, write_vectors_manifest,
@@ -250,8 +251,6 @@ def check_prompt_budget(prepared_dir: Path, model_path: Path, settings: EncodeCo
     """Fail before any encoding (not inside a Ray Data worker) if a user prompt's template cannot fit
     `encode.max_prompt_tokens` with the real tokenizer."""
     from transformers import AutoTokenizer
-
-    from lsvcr.llm.prompts import ItemTexts, PromptBuilder, load_captions
 
     texts = ItemTexts(captions=load_captions(prepared_dir), contents=np.array([""], dtype=object),
                       hot_comments=np.zeros((1, 1), dtype=np.int64))

@@ -18,7 +18,6 @@ from lsvcr.llm.align_data import AlignBatch
 from lsvcr.llm.heads import last_token, mean_pool
 from lsvcr.llm.prompts import ItemTexts, PromptBuilder, PromptHistories
 
-LLAMA_STYLE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bf16_supported(device: torch.device) -> bool:

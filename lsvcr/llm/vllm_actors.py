@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from lsvcr.config import EncodeConfig
+from lsvcr.llm.prompts import PromptBuilder, histories_from_samples, load_item_texts
 
 
 def engine_env(threads: int, kv_cache_gib: int) -> dict[str, str]:
@@ -88,8 +89,6 @@ class PromptRenderer:
     def __init__(self, prepared_dir: str, model_path: str, settings: dict):
         from transformers import AutoTokenizer
 
-        from lsvcr.llm.prompts import PromptBuilder, load_item_texts
-
         self.settings = EncodeConfig(**settings)
         self.texts = load_item_texts(prepared_dir)
         self.builder = PromptBuilder(AutoTokenizer.from_pretrained(model_path), self.texts,
@@ -97,8 +96,6 @@ class PromptRenderer:
                                      max_prompt_tokens=self.settings.max_prompt_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from lsvcr.llm.prompts import histories_from_samples
-
         texts = np.empty(batch.num_rows, dtype=object)
         task_column = batch["task"].to_numpy(zero_copy_only=False)
         for task in ("video", "comment"):

@@ -13,7 +13,7 @@ Modules, from the inside out (each imports only the ones above it):
   target videos' comment pools.
 - `deployments`: `RecommenderModel` (Ray Serve deployment, autoscaled): the HTTP ingress (FastAPI:
   parses and validates JSON, turns every bad input into a 4xx `{"error": {"field", "message"}}`) and the
-  `Recommender` behind `@serve.batch`, in one replica (one hop from the proxy, docs/serving.md).
+  `Recommender` behind `@serve.batch`, in one replica (one hop from the ingress, HAProxy by default: docs/serving.md).
 - `app`: the typed app builder (`ServeAppArgs` -> `build_app`), `start_serving` / `stop_serving`.
 - `cli`: `lsvcr serve` (arguments only).
 

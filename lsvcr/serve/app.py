@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from ray import serve
 from ray.serve import Application
 
-from lsvcr.config import LSVCRConfig, ServeConfig, load_config
+from lsvcr.config import SERVE_INGRESS_ENVIRONMENT, LSVCRConfig, ServeConfig, load_config
 from lsvcr.errors import ConfigError
-from lsvcr.runtime import SERVE_INGRESS_ENVIRONMENT, ensure_ray
+from lsvcr.runtime import ensure_ray, serve_ingress_in_effect
 from lsvcr.serve.deployments import RecommenderModel
 from lsvcr.serve.model_dir import check_model_dir
 
@@ -96,6 +96,8 @@ def build_app(args: ServeAppArgs) -> Application:
     if not isinstance(args, ServeAppArgs):
         args = ServeAppArgs.from_dict(args)
     config = load_config(args.config, list(args.overrides))
+    # `serve run` / `serve deploy`: the cluster exists already (this runs in it), with its own ingress.
+    _warn_on_other_ingress(serve_ingress_in_effect(), config.serve.ingress)
     return build_application(args.video_model, args.comment_model, config.serve)
 
 
@@ -113,17 +115,25 @@ def start_serving(video_model_dir: str | Path | None, comment_model_dir: str | P
     serve.run(application, name=APP_NAME, route_prefix="/")
     base_url = f"http://{serve_config.host}:{serve_config.port}"
     _wait_until_healthy(base_url)
-    _warn_on_other_ingress(base_url, serve_config.ingress)
+    _warn_on_other_ingress(model_info(base_url).get("serve", {}).get("ingress"), serve_config.ingress)
     return base_url
 
 
-def _warn_on_other_ingress(base_url: str, wanted: str) -> None:
+def model_info(base_url: str) -> dict[str, Any]:
+    """`GET /v1/model` of a running app ({} if it does not answer: this is for messages, never for a decision)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/model", timeout=30) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError) as error:
+        log.debug("GET %s/v1/model: %s", base_url, error)
+        return {}
+
+
+def _warn_on_other_ingress(running: str | None, wanted: str) -> None:
     """A cluster that was already running keeps the ingress it was started with: say so when that is not
     the configured one (the replicas report what their environment says)."""
-    with urllib.request.urlopen(f"{base_url}/v1/model", timeout=30) as response:
-        running = json.loads(response.read())["serve"]["ingress"]
-    if running != wanted:
-        variables = " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENVIRONMENT[wanted].items())
+    if running is not None and running != wanted:
+        variables = " ".join(f"{k}={v!r}" for k, v in SERVE_INGRESS_ENVIRONMENT[wanted].items())
         log.warning("serve.ingress=%s but this Ray cluster serves through %s: start the cluster (ray start / "
                     "ray.init) with %s in its environment", wanted, running, variables)
 
@@ -162,8 +172,7 @@ def serve_until_interrupted(video_model_dir: str | None, comment_model_dir: str 
     signal.signal(signal.SIGTERM, interrupt)
     base_url = start_serving(video_model_dir, comment_model_dir, config)
     try:
-        with urllib.request.urlopen(f"{base_url}/v1/model", timeout=30) as response:
-            catalog = json.loads(response.read())["catalog"]
+        catalog = model_info(base_url)["catalog"]
         endpoint = "videos" if video_model_dir else "comments"
         body = {"user_id": catalog["example_user_id"], "k": 5}
         if endpoint == "comments":

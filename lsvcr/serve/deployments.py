@@ -1,6 +1,6 @@
 """The Ray Serve deployment: `RecommenderModel`, one `Recommender` per replica, which is also the HTTP
-ingress (FastAPI). A request reaches the replica that answers it in one hop from Serve's proxy (or
-from HAProxy with `RAY_SERVE_ENABLE_HA_PROXY=1`): no separate gateway deployment (docs/serving.md)."""
+ingress (FastAPI). A request reaches the replica that answers it in one hop from the ingress (HAProxy by
+default, serve.ingress; or Serve's Python proxy): no separate gateway deployment (docs/serving.md)."""
 
 from __future__ import annotations
 
