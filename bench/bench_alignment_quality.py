@@ -38,7 +38,8 @@ def main() -> None:
     from lsvcr.config import load_config
     from lsvcr.data.prepare import prepare
     from lsvcr.data.prepared import is_prepared
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
     from lsvcr.finetune import run_finetune
     from lsvcr.llm.align import run_align
     from lsvcr.llm.encode import run_encode

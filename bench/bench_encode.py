@@ -79,7 +79,8 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
     from lsvcr.llm.vllm_actors import VLLMEmbedder
     from lsvcr.llm.registry import resolve_model
 

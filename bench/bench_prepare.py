@@ -26,7 +26,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from lsvcr.config import PrepareConfig  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
-from lsvcr.data.synth import PRESETS, write_synthetic  # noqa: E402
+from lsvcr.data.synth import PRESETS  # noqa: E402
+from lsvcr.data.synth_files import write_synthetic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prepare.json"
 

@@ -40,7 +40,8 @@ RESULTS = ROOT / "bench" / "results" / "tune.json"
 def prepare_demo(work: Path, max_train_targets: int = 0) -> Path:
     from lsvcr.config import PrepareConfig
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     raw = work / "raw"
     prepared = work / (f"prepared_t{max_train_targets}" if max_train_targets else "prepared")

@@ -9,7 +9,8 @@ def synthetic_prepared(work: Path, preset: str, file_format: str = "parquet") ->
     """`lsvcr synth --preset PRESET --format FORMAT` → `lsvcr prepare`, reused when already there."""
     from lsvcr.data.prepare import prepare
     from lsvcr.data.prepared import is_prepared
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     prepared = Path(work) / "prepared"
     if not is_prepared(prepared):

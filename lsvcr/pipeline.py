@@ -86,7 +86,8 @@ def _timed(run: PipelineRun, name: str, done: bool, work: Callable[[], object]) 
 
 def stage_prepare(config: LSVCRConfig, run: PipelineRun) -> None:
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     layout = run.layout
     raw = config.paths.raw

@@ -57,7 +57,8 @@ HERE = Path(__file__).resolve().parent
 def demo_variant(work: Path, comment_open_rate: float | None) -> tuple[Path, Path]:
     """(PREPARED, VECTORS) of the demo preset, optionally with another comment_open_rate; built once."""
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
     from lsvcr.vectors import write_minilm_vectors
 
     params = PRESETS["demo"] if comment_open_rate is None else dataclasses.replace(

@@ -32,7 +32,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_raw_dir(tmp_path_factory):
     """`lsvcr synth --preset tiny` (KuaiComt layout, Parquet): ~120 users, 150 videos, 8 comments/video."""
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     out = tmp_path_factory.mktemp("data") / "tiny_raw"
     write_synthetic(out, PRESETS["tiny"], "parquet")
@@ -53,7 +54,8 @@ def tiny_prepared_dir(tiny_raw_dir, tmp_path_factory):
 def tiny_video_only_prepared_dir(tmp_path_factory):
     """PREPARED/ of a RecBole export (NAME.inter with string tokens + NAME.item): comment task disabled."""
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     raw = tmp_path_factory.mktemp("data") / "tiny_recbole"
     write_synthetic(raw, PRESETS["tiny"], "recbole")

@@ -11,7 +11,8 @@ import pytest
 
 from lsvcr.cli import main as cli_main
 from lsvcr.data.schema import RAW_TABLES
-from lsvcr.data.synth import PRESETS, STYLES, TOPICS, SynthParams, write_synthetic
+from lsvcr.data.synth import PRESETS, STYLES, TOPICS, SynthParams
+from lsvcr.data.synth_files import write_synthetic
 
 SMALL = SynthParams(users=60, videos=80, comments_per_video=5, impressions_per_user=40, seed=11)
 

@@ -91,7 +91,8 @@ def test_streamed_epoch_memory_is_bounded_against_the_whole_split(tmp_path):
     import dataclasses
 
     from lsvcr.data.prepare import prepare
-    from lsvcr.data.synth import PRESETS, write_synthetic
+    from lsvcr.data.synth import PRESETS
+    from lsvcr.data.synth_files import write_synthetic
 
     write_synthetic(tmp_path / "raw", dataclasses.replace(PRESETS["demo"], users=4000), "parquet")
     prepare(tmp_path / "raw", tmp_path / "prepared")

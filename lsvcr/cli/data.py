@@ -10,7 +10,8 @@ import sys
 from lsvcr.config import load_config
 from lsvcr.data.movielens import DATASETS, DEFAULT_CACHE, LICENSE_NOTE, write_movielens
 from lsvcr.data.prepare import prepare
-from lsvcr.data.synth import PRESETS, SynthParams, write_synthetic
+from lsvcr.data.synth import PRESETS, SynthParams
+from lsvcr.data.synth_files import write_synthetic
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
