@@ -18,8 +18,10 @@ Results: bench/results/serve.json.
 
 `--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
 one invocation (each in its own process: the RAY_SERVE_* environment is read when Ray starts), and
-writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. `+throughput` adds
-Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the replica's event loop, buffered request logs).
+writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. An ingress alone is
+`serve.ingress`'s environment as shipped (lsvcr.config.SERVE_INGRESS_ENVIRONMENT); `+throughput` adds Ray's
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the replica's event loop, buffered request logs), `+plain`
+sets it to 0.
 """
 
 from __future__ import annotations
@@ -460,7 +462,8 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     return results
 
 
-THROUGHPUT_OPTIMIZED = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+VARIANT_EXTRAS = {"": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                  "plain": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}}
 
 
 def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
@@ -469,13 +472,14 @@ def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
 
     parsed = [(variant, *variant.partition("+")[::2]) for variant in variants]  # (name, ingress, extra)
     for variant, ingress, extra in parsed:
-        if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in ("", "throughput"):
-            raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput], INGRESS in {sorted(SERVE_INGRESS_ENVIRONMENT)}")
+        if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in VARIANT_EXTRAS:
+            raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput|+plain], INGRESS in "
+                             f"{sorted(SERVE_INGRESS_ENVIRONMENT)}")
     reports: dict[str, dict] = {}
     for variant, ingress, extra in parsed:
         variant_out = out.with_name(f"{out.stem}.{variant}.json")
         command = [sys.executable, __file__, *passed, "--ingress", ingress, "--out", str(variant_out)]
-        env = {**os.environ, **(THROUGHPUT_OPTIMIZED if extra else {})}
+        env = {**os.environ, **VARIANT_EXTRAS[extra]}
         print(f"== variant {variant}: {' '.join(command[1:])}", flush=True)
         finished = subprocess.run(command, env=env)
         if finished.returncode or not variant_out.exists():
@@ -516,7 +520,7 @@ def main() -> int:
     parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default=ServeConfig.ingress,
                         help="haproxy (serve.ingress's default): HAProxy in front of replicas that serve HTTP "
                              "themselves (direct ingress); proxy: Serve's Python HTTP proxy")
-    parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+throughput]",
+    parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+throughput|+plain]",
                         help="run the bench once per variant, back to back, into one JSON (see the module doc)")
     args = parser.parse_args()
     if args.variants:

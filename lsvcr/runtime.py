@@ -52,7 +52,7 @@ def set_threads(num_threads: int) -> None:
 
 def apply_serve_ingress_environment(ingress: str | None = None) -> None:
     """Set the RAY_SERVE_* variables of `ingress` (default: serve.ingress's) in this process, for the Ray
-    processes it starts next; an explicit RAY_SERVE_HAPROXY_RETRY_ON still wins."""
+    processes it starts next; an explicit value of the other variables (e.g. RAY_SERVE_HAPROXY_RETRY_ON) wins."""
     from lsvcr.config import SERVE_INGRESS_ENVIRONMENT, ServeConfig
 
     environment = SERVE_INGRESS_ENVIRONMENT[ingress or ServeConfig.ingress]

@@ -205,6 +205,8 @@ class TuneConfig:
 # they must be set before `ray.init` / `ray start` (lsvcr.runtime.apply_serve_ingress_environment; cluster.yaml).
 # Our endpoints only read, so HAProxy may replay a request on another replica when its replica closed the
 # connection without an answer (it died): `empty-response` and `junk-response` on top of Ray's `conn-failure`.
+# Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 is faster still (1,023 vs 794 requests/s at 32 clients, measured side by
+# side: bench/results/serve.json) but not on by default: with it the replica-kill test saw a 500 (docs/serving.md).
 SERVE_INGRESS_ENVIRONMENT: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1",
                 "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"},
