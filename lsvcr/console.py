@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -232,6 +232,27 @@ def log_files(log_dir: str | Path) -> Iterator[Path | None]:
         root.removeHandler(file_handler)
         file_handler.close()
         _state.log_dir = previous_dir
+
+
+@contextmanager
+def ray_output_to_log() -> Iterator[None]:
+    """Within (quiet mode, inside `log_files`): Python's stdout goes to driver.log. Ray's driver prints the
+    task failures of its own shutdown to stdout (Serve's controller exits under its graceful_shutdown call:
+    "(raylet) Task ServeController.graceful_shutdown failed ..."), which is nothing a user can act on."""
+    if not _state.active or _state.verbose or _state.log_dir is None:
+        yield
+        return
+    with open(_state.log_dir / "driver.log", "a", encoding="utf-8") as log, redirect_stdout(log):
+        yield
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()` with its late output kept off the console (`ray_output_to_log`)."""
+    import ray
+
+    if ray.is_initialized():
+        with ray_output_to_log():
+            ray.shutdown()
 
 
 def log_summary(log_dir: Path) -> str:

@@ -277,7 +277,8 @@ def serve_check(config: LSVCRConfig, run: PipelineRun, seconds: float = 0.0) -> 
             print(f"  -> {_shortened(json.dumps(answers[endpoint]['response']))}", flush=True)
         time.sleep(seconds)
     finally:
-        stop_serving()
+        with console.ray_output_to_log():
+            stop_serving()
     return answers
 
 

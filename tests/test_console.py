@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the quiet console must never show: Ray Data's progress blocks, forwarded worker/actor output,
 # Ray Train's per-report dumps and health-check warnings, Ray's start-up lines, C-level core-worker logs.
 NOISE = ("logging_progress", "PlacementGroupCleaner", "RayTrainWorker", "TrainController", "MapWorker",
-         "TrainingReport", "core_worker.cc", "Started a local Ray instance", "non-default args", "\r")
+         "TrainingReport", "core_worker.cc", "Started a local Ray instance", "non-default args", "(raylet)", "\r")
 
 
 def run_lsvcr(*args: str, timeout: float = 1200, **env: str) -> subprocess.CompletedProcess:

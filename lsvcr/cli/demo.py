@@ -30,6 +30,7 @@ def demo_command(args: argparse.Namespace) -> int:
             run = run_pipeline(config, tuple(s for s in args.stages.split(",") if s))
             if not args.no_serve and storage.is_finished(run.layout.model("video")):
                 serve_check(config, run)
+            console.stop_ray()  # before the closing lines: Ray's shutdown output stays in driver.log
     except BaseException:
         print(console.log_summary(log_dir), file=sys.stderr, flush=True)
         raise

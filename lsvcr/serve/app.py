@@ -157,6 +157,13 @@ def _wait_until_healthy(base_url: str, timeout_s: float = 20.0) -> None:
 
 
 def stop_serving() -> None:
+    """Delete the app, then stop Serve. Behind HAProxy a replica drains for Ray's 30 s before it exits
+    (docs/serving.md); `serve.shutdown` alone gives up on it after 30 s and kills the controller mid-call,
+    which Ray reports on the console. Deleting first lets the replicas finish their drain."""
+    try:
+        serve.delete(APP_NAME)
+    except Exception as error:  # noqa: BLE001 - no app (never deployed, already deleted): shut down anyway
+        log.debug("serve.delete(%s): %s", APP_NAME, error)
     serve.shutdown()
 
 
