@@ -179,11 +179,11 @@ def serve_until_interrupted(video_model_dir: str | None, comment_model_dir: str 
     signal.signal(signal.SIGTERM, interrupt)
     base_url = start_serving(video_model_dir, comment_model_dir, config)
     try:
-        catalog = model_info(base_url)["catalog"]
+        catalog = model_info(base_url).get("catalog", {})
         endpoint = "videos" if video_model_dir else "comments"
-        body = {"user_id": catalog["example_user_id"], "k": 5}
+        body = {"user_id": catalog.get("example_user_id"), "k": 5}
         if endpoint == "comments":
-            body["video_id"] = catalog["example_video_id"]
+            body["video_id"] = catalog.get("example_video_id")
         print(f"LSVCR serving at {base_url}  (GET {base_url}/healthz, GET {base_url}/v1/model)")
         print(f"try: curl -s -X POST {base_url}/v1/recommend/{endpoint} "
               f"-H 'content-type: application/json' -d '{json.dumps(body)}'")
