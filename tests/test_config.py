@@ -41,6 +41,7 @@ def test_round_trip(tmp_path):
         ("nosection.x=1", "unknown config key 'nosection'"),
         ("finetune.batch_size=abc", "finetune.batch_size: expected an integer"),
         ("model.mode=gru", "model.mode must be one of"),
+        ("serve.ingress=nginx", "serve.ingress must be one of haproxy, proxy"),
         ("finetune.history_length=80", "must not exceed model.max_position"),
         ("finetune.lr=-1", "finetune.lr must be positive"),
         ("finetune.contrast_negatives_shared_by=0", "finetune.contrast_negatives_shared_by must be positive"),
