@@ -19,9 +19,12 @@ Results: bench/results/serve.json.
 `--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
 one invocation (each in its own process: the RAY_SERVE_* environment is read when Ray starts), and
 writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. An ingress alone is
-`serve.ingress`'s environment as shipped (lsvcr.config.SERVE_INGRESS_ENVIRONMENT); `+throughput` adds Ray's
-RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the replica's event loop, buffered request logs), `+plain`
-sets it to 0.
+`serve.ingress`'s environment as shipped (lsvcr.config.SERVE_INGRESS_ENVIRONMENT); each `+EXTRA` adds
+Ray variables (VARIANT_EXTRAS): `throughput` Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the
+replica's event loop, buffered request logs, ...), `plain` sets it to 0, `loop` only runs user code on
+the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr; `waitN`
+sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N.
+The Serve replicas run at nice 0, as `lsvcr`'s own clusters start them (lsvcr.runtime.ensure_ray).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Replicas at nice 0, as lsvcr.runtime.ensure_ray starts them (at Ray's default of 15 the load generator, at
+# nice 0, takes the replicas' CPU).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -384,7 +390,7 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
 
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
                 kill_duration: float, replicas: int, autoscale_duration: float = 0.0,
-                ingress: str = ServeConfig.ingress) -> dict:
+                serve_config: ServeConfig | None = None) -> dict:
     import ray
     from ray import serve
 
@@ -394,7 +400,7 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     # address="local": never join a cluster another process started with `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # A fixed replica count for the measured phases: no replica starts inside one.
-    config = ServeConfig(port=_free_port(), min_replicas=replicas, max_replicas=replicas, ingress=ingress)
+    config = replace(serve_config or ServeConfig(), port=_free_port(), min_replicas=replicas, max_replicas=replicas)
     results: dict = {"serve_config": asdict(config)}
     try:
         t0 = time.perf_counter()
@@ -462,24 +468,43 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     return results
 
 
-VARIANT_EXTRAS = {"": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-                  "plain": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}}
+VARIANT_EXTRAS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                  "plain": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+                  "loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                  "logs": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"}}
+
+
+def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
+    """`INGRESS[+EXTRA...]` -> (ingress, extra environment, extra bench arguments)."""
+    ingress, *extras = variant.split("+")
+    if ingress not in SERVE_INGRESS_ENVIRONMENT:
+        raise SystemExit(f"unknown ingress in variant {variant!r}: one of {sorted(SERVE_INGRESS_ENVIRONMENT)}")
+    environment: dict[str, str] = {}
+    arguments: list[str] = []
+    for extra in extras:
+        number = extra.lstrip("waitbch")
+        if extra in VARIANT_EXTRAS:
+            environment.update(VARIANT_EXTRAS[extra])
+        elif extra.startswith("wait") and number.replace(".", "", 1).isdigit():
+            arguments.append(f"--batch-wait-ms={number}")
+        elif extra.startswith("batch") and number.isdigit():
+            arguments.append(f"--max-batch-size={number}")
+        else:
+            raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
+                             "waitMS or batchN")
+    return ingress, environment, arguments
 
 
 def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
-    """The bench once per variant (`INGRESS[+throughput]`), each in a fresh process, into one JSON."""
+    """The bench once per variant (`INGRESS[+EXTRA...]`), each in a fresh process, into one JSON."""
     import subprocess
 
-    parsed = [(variant, *variant.partition("+")[::2]) for variant in variants]  # (name, ingress, extra)
-    for variant, ingress, extra in parsed:
-        if ingress not in SERVE_INGRESS_ENVIRONMENT or extra not in VARIANT_EXTRAS:
-            raise SystemExit(f"unknown variant {variant!r}: INGRESS[+throughput|+plain], INGRESS in "
-                             f"{sorted(SERVE_INGRESS_ENVIRONMENT)}")
+    setups = {variant: variant_setup(variant) for variant in variants}
     reports: dict[str, dict] = {}
-    for variant, ingress, extra in parsed:
+    for variant, (ingress, environment, arguments) in setups.items():
         variant_out = out.with_name(f"{out.stem}.{variant}.json")
-        command = [sys.executable, __file__, *passed, "--ingress", ingress, "--out", str(variant_out)]
-        env = {**os.environ, **VARIANT_EXTRAS[extra]}
+        command = [sys.executable, __file__, *passed, *arguments, "--ingress", ingress, "--out", str(variant_out)]
+        env = {**os.environ, **environment}
         print(f"== variant {variant}: {' '.join(command[1:])}", flush=True)
         finished = subprocess.run(command, env=env)
         if finished.returncode or not variant_out.exists():
@@ -520,15 +545,21 @@ def main() -> int:
     parser.add_argument("--ingress", choices=tuple(SERVE_INGRESS_ENVIRONMENT), default=ServeConfig.ingress,
                         help="haproxy (serve.ingress's default): HAProxy in front of replicas that serve HTTP "
                              "themselves (direct ingress); proxy: Serve's Python HTTP proxy")
-    parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+throughput|+plain]",
+    parser.add_argument("--batch-wait-ms", type=float, default=ServeConfig.batch_wait_timeout_s * 1000,
+                        help="serve.batch_wait_timeout_s, in ms (default: the shipped value)")
+    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
+                        help="serve.max_batch_size (default: the shipped value)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+EXTRA...]",
                         help="run the bench once per variant, back to back, into one JSON (see the module doc)")
     args = parser.parse_args()
     if args.variants:
         passed = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-                  if name not in ("variants", "ingress", "out")]
+                  if name not in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size")]
         return run_variants(args.variants, passed, args.out)
     # Read when Ray's processes start, and inherited by them from this one.
     apply_serve_ingress_environment(args.ingress)
+    serve_config = ServeConfig(ingress=args.ingress, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                               max_batch_size=args.max_batch_size)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)
@@ -538,13 +569,15 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                         "load_average_1min_at_start": round(os.getloadavg()[0], 2)},
             "ingress": args.ingress,
+            "ray_environment": {name: value for name, value in sorted(os.environ.items())
+                                if name.startswith("RAY_SERVE_") or name == "RAY_worker_niceness"},
             "explicit_history_share": args.explicit_share,
             "videos": args.videos,
             "users": args.users,
             "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),
         }
         report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration, args.replicas,
-                                      args.autoscale_duration, args.ingress)
+                                      args.autoscale_duration, serve_config)
     in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
     serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
     eight = report["serve"]["http_8_clients"]

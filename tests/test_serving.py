@@ -409,12 +409,16 @@ def served_recommender(model_dirs) -> Recommender:
     return Recommender.from_model_dirs(model_dirs["video"], model_dirs["comment"])
 
 
+LONG_BATCH_WAIT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def served(ray_cluster, model_dirs):
     from lsvcr.serve.app import start_serving, stop_serving
 
+    # A long batch wait: a lone request must not pay it (test_http_endpoints_match_the_offline_model).
     config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
-                         max_k=500, max_history_items=200, max_body_bytes=20_000)
+                         max_k=500, max_history_items=200, max_body_bytes=20_000, batch_wait_timeout_s=LONG_BATCH_WAIT_S)
     base_url = start_serving(model_dirs["video"], model_dirs["comment"], config)
     try:
         yield base_url
@@ -445,6 +449,8 @@ def test_http_endpoints_match_the_offline_model(served, model_dirs, served_recom
     for row, body in enumerate(bodies):
         response = requests.post(f"{served}/v1/recommend/videos", json={**body, "k": 20}, timeout=30)
         assert response.status_code == 200, response.text
+        # Sent one at a time, each request is alone on the replica: its batch does not wait for company.
+        assert response.elapsed.total_seconds() < LONG_BATCH_WAIT_S / 2, response.elapsed
         items = [i for i in response.json()["items"] if i["video_id"] not in set(COLD_VIDEO_IDS.tolist())]
         idx = recommender.catalog.video_index.lookup([i["video_id"] for i in items])
         np.testing.assert_allclose([i["score"] for i in items], offline[row, idx].numpy(), atol=1e-4)

@@ -227,7 +227,8 @@ class ServeConfig:
     downscale_delay_s: float = 60.0  # load below target this long removes one (Ray's default: 600)
     num_cpus_per_replica: float = 1.0  # torch threads per replica = max(1, int(this))
     # @serve.batch, sized to the concurrency a replica sees (docs/serving.md): a batch closes when full
-    # or `batch_wait_timeout_s` after its first request; up to `max_ongoing_requests` wait per replica.
+    # or `batch_wait_timeout_s` after its first request, and waits at all only on a busy replica (other
+    # requests inside it: a lone request never waits); up to `max_ongoing_requests` wait per replica.
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 16

@@ -67,6 +67,7 @@ class RecommenderModel:
             handler.set_max_batch_size(self.config.max_batch_size)
             handler.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.batches = {"video": [0, 0], "comment": [0, 0]}  # task -> [batches, requests] of this replica
+        self.ongoing = 0  # requests inside this replica: being read, queued for a batch or in one
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _video_batch(self, requests: list[VideoRequest]) -> list[dict | RequestError]:
@@ -80,14 +81,29 @@ class RecommenderModel:
         self.batches["comment"][1] += len(requests)
         return self.recommender.recommend_comments(requests)
 
-    async def _answer(self, request: Request, schema: type[VideoRequest], batch) -> JSONResponse:
+    async def _read_and_validate(self, request: Request, schema: type[VideoRequest]) -> VideoRequest | RequestError:
         body = await _read_body(request, self.config.max_body_bytes)
         if isinstance(body, RequestError):
-            return _error_response(body)
+            return body
         try:
-            parsed = parse_request(body, schema, self.config)
+            return parse_request(body, schema, self.config)
         except RequestRejected as rejected:
-            return _error_response(rejected.error)
+            return rejected.error
+
+    async def _answer(self, request: Request, schema: type[VideoRequest], batch) -> JSONResponse:
+        self.ongoing += 1
+        try:
+            return await self._answer_one(request, schema, batch)
+        finally:
+            self.ongoing -= 1
+
+    async def _answer_one(self, request: Request, schema: type[VideoRequest], batch) -> JSONResponse:
+        parsed = await self._read_and_validate(request, schema)
+        if isinstance(parsed, RequestError):
+            return _error_response(parsed)
+        # A batch opened by this request waits for company only on a busy replica (other requests being read,
+        # queued or computed): a lone request never waits, a loaded replica still fills its batches.
+        batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s if self.ongoing > 1 else 0.0)
         try:
             result = await batch(parsed)
         except Exception as error:  # noqa: BLE001 - a server bug: still a JSON error, logged with its trace
