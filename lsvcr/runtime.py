@@ -59,6 +59,18 @@ def apply_serve_ingress_environment(ingress: str | None = None) -> None:
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = environment["RAY_SERVE_ENABLE_HA_PROXY"]
     for name, value in environment.items():
         os.environ.setdefault(name, value)
+    # HAProxy's stats and Prometheus ports default to fixed 8404 and 9101: a second local cluster on the same
+    # machine (a test run beside a job) would fail to start HAProxy. Local clusters take free ports instead.
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ.setdefault(name, str(_free_local_port()))
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def serve_ingress_in_effect() -> str:

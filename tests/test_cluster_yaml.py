@@ -61,3 +61,22 @@ def test_the_cluster_starts_ray_with_the_configured_serve_ingress():
         for name, value in SERVE_INGRESS_ENVIRONMENT[ServeConfig().ingress].items():
             assert f"{name}={value}" in command or f'{name}="{value}"' in command, (name, command)
 
+
+
+def test_a_local_cluster_takes_free_haproxy_stats_and_metrics_ports(monkeypatch):
+    """Ray's fixed HAProxy ports (8404, 9101) would stop a second local HAProxy-mode cluster on one machine;
+    an explicit value still wins (a cluster.yaml node keeps Ray's defaults: one cluster per node)."""
+    import os
+
+    from lsvcr.runtime import apply_serve_ingress_environment
+
+    names = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # restored after the test, as the others
+    apply_serve_ingress_environment("haproxy")
+    ports = [int(os.environ[name]) for name in names]
+    assert len(set(ports)) == 2 and not {8404, 9101} & set(ports), ports
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    apply_serve_ingress_environment("haproxy")
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
