@@ -349,6 +349,40 @@ def running_replicas() -> int:
     return int(states.get("RUNNING", 0))
 
 
+def interleaved_batch_waits(model_dir: Path, bodies: list[bytes], config: ServeConfig, waits_ms: list[float],
+                            rounds: int, seconds: float) -> dict:
+    """The same Serve app redeployed with each `serve.batch_wait_timeout_s` in turn, `rounds` times (A, B, A,
+    B, ...), measuring 8 and 32 clients for `seconds` each: ratios between set-ups taken minutes apart on a
+    shared machine drift by ±20%; interleaved, the drift falls on every set-up alike."""
+    from ray import serve
+
+    from lsvcr.serve.app import APP_NAME, build_application
+
+    phases: dict[str, list[dict]] = {}
+    for round_index in range(rounds):
+        for wait_ms in waits_ms:
+            waited = replace(config, batch_wait_timeout_s=wait_ms / 1000)
+            serve.run(build_application(str(model_dir), None, waited), name=APP_NAME, route_prefix="/")
+            asyncio.run(_load(config.host, config.port, bodies, 4, 3))  # warm-up of the new replicas
+            for clients in (1, 8, 32):
+                cpu_before = path_cpu_seconds()
+                phase = asyncio.run(_load(config.host, config.port, bodies, clients, seconds))
+                cpu = cpu_ms_per_request(cpu_before, path_cpu_seconds(), phase["ok"])
+                phases.setdefault(f"wait_{wait_ms:g}ms_{clients}_clients", []).append(
+                    {"round": round_index, **{k: phase[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
+                     "serve_cpu_ms_per_request": cpu.get("serve_total"), "load_average_1min": phase["load_average_1min"]})
+            print(f"round {round_index}, wait {wait_ms:g} ms: " + ", ".join(
+                f"{c} clients {phases[f'wait_{wait_ms:g}ms_{c}_clients'][-1]['requests_per_s']} req/s "
+                f"p50 {phases[f'wait_{wait_ms:g}ms_{c}_clients'][-1]['p50_ms']} ms" for c in (1, 8, 32)), flush=True)
+    summary = {name: {"requests_per_s_mean": round(float(np.mean([r["requests_per_s"] for r in runs])), 1),
+                      "requests_per_s_std": round(float(np.std([r["requests_per_s"] for r in runs])), 1),
+                      "p50_ms_mean": round(float(np.mean([r["p50_ms"] for r in runs])), 2),
+                      "p99_ms_mean": round(float(np.mean([r["p99_ms"] for r in runs])), 2),
+                      "failed": sum(r["failed"] for r in runs)}
+               for name, runs in phases.items()}
+    return {"waits_ms": waits_ms, "rounds": rounds, "seconds_per_phase": seconds, "summary": summary, "phases": phases}
+
+
 def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig, load_s: float) -> dict:
     """A load step on an autoscaled deployment (min 1, max 2 replicas, short delays): idle, 16 clients
     for `load_s`, idle again; the number of RUNNING replicas is sampled every 0.5 s."""
@@ -390,7 +424,8 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
 
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
                 kill_duration: float, replicas: int, autoscale_duration: float = 0.0,
-                serve_config: ServeConfig | None = None) -> dict:
+                serve_config: ServeConfig | None = None, interleave_waits_ms: list[float] | None = None,
+                interleave_rounds: int = 3) -> dict:
     import ray
     from ray import serve
 
@@ -457,6 +492,9 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         results["http_8_clients_replica_killed"] = phase
         print(f"HTTP, 8 clients, replica killed: {phase}", flush=True)
 
+        if interleave_waits_ms:
+            results["interleaved_batch_waits"] = interleaved_batch_waits(
+                model_dir, bodies, config, interleave_waits_ms, interleave_rounds, min(duration, 15))
         if autoscale_duration > 0:
             results["autoscaling"] = autoscale_timeline(model_dir, bodies, config, autoscale_duration)
     finally:
@@ -549,12 +587,20 @@ def main() -> int:
                         help="serve.batch_wait_timeout_s, in ms (default: the shipped value)")
     parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
                         help="serve.max_batch_size (default: the shipped value)")
+    parser.add_argument("--interleave-waits-ms", type=float, nargs="+", default=None, metavar="MS",
+                        help="after the kill phase: redeploy with each batch wait in turn, --interleave-rounds times, "
+                             "measuring 1, 8 and 32 clients (side-by-side ratios on a noisy machine)")
+    parser.add_argument("--interleave-rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+EXTRA...]",
                         help="run the bench once per variant, back to back, into one JSON (see the module doc)")
     args = parser.parse_args()
     if args.variants:
-        passed = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-                  if name not in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size")]
+        passed = []
+        for name, value in vars(args).items():
+            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size") or value is None:
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            passed += [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"]
         return run_variants(args.variants, passed, args.out)
     # Read when Ray's processes start, and inherited by them from this one.
     apply_serve_ingress_environment(args.ingress)
@@ -577,7 +623,8 @@ def main() -> int:
             "in_process": bench_in_process(model_dir, bodies, min(args.duration, 10)),
         }
         report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration, args.replicas,
-                                      args.autoscale_duration, serve_config)
+                                      args.autoscale_duration, serve_config, args.interleave_waits_ms,
+                                      args.interleave_rounds)
     in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
     serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
     eight = report["serve"]["http_8_clients"]

@@ -229,8 +229,10 @@ class ServeConfig:
     # @serve.batch, sized to the concurrency a replica sees (docs/serving.md): a batch closes when full
     # or `batch_wait_timeout_s` after its first request, and waits at all only on a busy replica (other
     # requests inside it: a lone request never waits); up to `max_ongoing_requests` wait per replica.
+    # 0: a batch is what queued while the previous one computed; on CPU a 2 ms wait bought no throughput
+    # (bench_serve --interleave-waits-ms 2 0) and cost a lone request its 2 ms.
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int = 16
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit

@@ -69,13 +69,13 @@ class RecommenderModel:
         self.batches = {"video": [0, 0], "comment": [0, 0]}  # task -> [batches, requests] of this replica
         self.ongoing = 0  # requests inside this replica: being read, queued for a batch or in one
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _video_batch(self, requests: list[VideoRequest]) -> list[dict | RequestError]:
         self.batches["video"][0] += 1
         self.batches["video"][1] += len(requests)
         return self.recommender.recommend_videos(requests)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _comment_batch(self, requests: list[CommentRequest]) -> list[dict | RequestError]:
         self.batches["comment"][0] += 1
         self.batches["comment"][1] += len(requests)
