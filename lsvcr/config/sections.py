@@ -205,11 +205,15 @@ class TuneConfig:
 # they must be set before `ray.init` / `ray start` (lsvcr.runtime.apply_serve_ingress_environment; cluster.yaml).
 # Our endpoints only read, so HAProxy may replay a request on another replica when its replica closed the
 # connection without an answer (it died): `empty-response` and `junk-response` on top of Ray's `conn-failure`.
-# Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 is faster still (1,023 vs 794 requests/s at 32 clients, measured side by
-# side: bench/results/serve.json) but not on by default: with it the replica-kill test saw a 500 (docs/serving.md).
+# Six retries, not HAProxy's three: Ray balances by leastconn, which favours a dead replica (its connections
+# fail at once, so it holds none) until three errors mark it down, so three retries could all land on it and
+# end in a 500 (seen in the replica-kill test on a loaded machine).
+# Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 is faster still (955 vs 754 requests/s at 32 clients, measured side by
+# side: bench/results/serve.json) but not on by default: with it replica kills cut responses (docs/serving.md).
 SERVE_INGRESS_ENVIRONMENT: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"},
+                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+                "RAY_SERVE_HAPROXY_RETRIES": "6"},
     "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"},
 }
 
