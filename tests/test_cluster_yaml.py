@@ -62,7 +62,6 @@ def test_the_cluster_starts_ray_with_the_configured_serve_ingress():
             assert f"{name}={value}" in command or f'{name}="{value}"' in command, (name, command)
 
 
-
 def test_a_local_cluster_takes_free_haproxy_stats_and_metrics_ports(monkeypatch):
     """Ray's fixed HAProxy ports (8404, 9101) would stop a second local HAProxy-mode cluster on one machine;
     an explicit value still wins (a cluster.yaml node keeps Ray's defaults: one cluster per node)."""
@@ -73,7 +72,7 @@ def test_a_local_cluster_takes_free_haproxy_stats_and_metrics_ports(monkeypatch)
     names = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
     for name in names:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # restored after the test, as the others
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # monkeypatch restores every variable it touched
     apply_serve_ingress_environment("haproxy")
     ports = [int(os.environ[name]) for name in names]
     assert len(set(ports)) == 2 and not {8404, 9101} & set(ports), ports
