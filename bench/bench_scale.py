@@ -232,6 +232,18 @@ def plot(results: dict, out: Path = PLOT) -> None:
     fig.savefig(out, dpi=110)
 
 
+def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: dict, size_counts: dict) -> None:
+    """Read the results as they are now (another run may have written other stages since), set this one."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
+    results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
+                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
+                           "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
+    row = results["sizes"].setdefault(size, {"stages": {}})
+    row["params"], row["counts"] = params, size_counts
+    row["stages"][stage] = entry
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (one subdirectory per size)")
@@ -244,16 +256,10 @@ def main() -> int:
     args = parser.parse_args()
     failed = False
     results_path = args.results
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
-    results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
-                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
-                           "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
     for name in args.sizes:
         params = size_params(name)
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
-        row = results["sizes"].setdefault(name, {"stages": {}})
-        row["params"] = dataclasses.asdict(params)
         for stage in args.stages:
             command = stage_command(stage, work, params)
             print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
@@ -267,17 +273,16 @@ def main() -> int:
             entry["command"] = " ".join(["python"] + command[1:])
             if stage == "serve" and (work / "serve_report.json").is_file():
                 entry["serve"] = json.loads((work / "serve_report.json").read_text())
-            row["stages"][stage] = entry
-            row["counts"] = counts(work)
+            merge_stage(results_path, name, stage, entry, dataclasses.asdict(params), counts(work))
             print(f"[{name}] {stage}: {entry['seconds']} s, peak {entry['peak_rss_gb']} GB "
                   f"(tree {entry['peak_total_rss_gb']} GB), rc {entry['returncode']}, load {entry['load_average']}",
                   flush=True)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
             if entry["returncode"] != 0:
                 print(f"[{name}] {stage} failed: see {work / f'{stage}.log'}", flush=True)
                 failed = True
                 break
-    plot(results, results_path.with_suffix(".png"))
+    if results_path.is_file():
+        plot(json.loads(results_path.read_text()), results_path.with_suffix(".png"))
     return 1 if failed else 0
 
 
