@@ -4,8 +4,9 @@ Sizes: `demo` (the demo preset), `demo10` (10x its users and videos), `kuaicomt`
 sizes, `lsvcr synth --preset kuaicomt`). Stages, each the real CLI in a subprocess watched with psutil
 (the whole process tree, Ray's raylet and workers included, sampled every 0.25 s): synth, prepare,
 encode (the hashed bag-of-words encoder: scale runs only, not LLM results), finetune_video and
-finetune_comment (1 epoch each), evaluate_video, evaluate_comment. Serving is not benchmarked here
-(issue #13 rewrites it; see the `serve` row's note).
+finetune_comment (1 epoch each), evaluate_video, evaluate_comment, and serve (bench/scale_serve.py:
+`lsvcr serve` on both trained models, then 1,000 HTTP requests on 127.0.0.1; its start and request
+times are in the row's `serve`).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes demo demo10
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes kuaicomt --stages synth
@@ -13,7 +14,8 @@ finetune_comment (1 epoch each), evaluate_video, evaluate_comment. Serving is no
 Results merge into bench/results/scale.json (`{"sizes": {NAME: {"stages": {STAGE: {"seconds",
 "peak_rss_gb", ...}}, "counts": {...}}}}`; a stage that did not run is absent or carries its error),
 and bench/results/scale.png plots time and peak RSS against the number of video training samples.
-RSS counts the pages a process has resident, memory-mapped file pages included (shared by processes).
+RSS counts the pages a process has resident, memory-mapped file pages included (shared by processes);
+`peak_private_gb` is RSS less its file-backed and shared pages (psutil's `shared`), what the process alone holds.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from lsvcr.data.synth import PRESETS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 PLOT = ROOT / "bench" / "results" / "scale.png"
-STAGES = ("synth", "prepare", "encode", "finetune_video", "finetune_comment", "evaluate_video", "evaluate_comment")
+STAGES = ("synth", "prepare", "encode", "finetune_video", "finetune_comment", "evaluate_video", "evaluate_comment",
+          "serve")
+SERVE_REQUESTS = 1000
 GB = 1024 ** 3
 RAY_START_TIMEOUT = "timed out during startup"
 
@@ -75,16 +79,44 @@ def stage_command(stage: str, work: Path, params) -> list[str]:
     if stage.startswith("evaluate_"):
         task = stage.split("_", 1)[1]
         return lsvcr + ["evaluate", "--model", str(work / f"model_{task}")]
+    if stage == "serve":
+        return [sys.executable, str(ROOT / "bench" / "scale_serve.py"), "--prepared", str(prepared),
+                "--video-model", str(work / "model_video"), "--comment-model", str(work / "model_comment"),
+                "--requests", str(SERVE_REQUESTS), "--out", str(work / "serve_report.json")]
     raise SystemExit(f"unknown stage {stage!r}")
 
 
-def run_watched(command: list[str], log_path: Path) -> dict:
-    """Run `command`; wall time, the peak RSS of each process of its tree, and the peak total."""
+def paused_seconds(pause_log: Path, start: float, end: float) -> float:
+    """Seconds of [start, end] (wall clock) the quiet watchers held the tree stopped: 'pause T' / 'resume T'
+    lines, possibly from several watchers (stopped while any of them holds it)."""
+    if not pause_log.is_file():
+        return 0.0
+    total, holders, paused_at = 0.0, 0, 0.0
+    for line in pause_log.read_text().splitlines():
+        word, stamp = line.split()[:2]
+        if word == "pause":
+            paused_at = float(stamp) if holders == 0 else paused_at
+            holders += 1
+        elif word == "resume" and holders > 0:
+            holders -= 1
+            if holders == 0:
+                total += max(0.0, min(float(stamp), end) - max(paused_at, start))
+    if holders > 0:
+        total += max(0.0, end - max(paused_at, start))
+    return total
+
+
+def run_watched(command: list[str], log_path: Path, pause_log: Path | None = None) -> dict:
+    """Run `command`; wall time (less any quiet-protocol pause), the peak RSS of each process of its tree,
+    and the peak total."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     with log_path.open("w") as log:
         process = psutil.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         peaks: dict[int, tuple[str, int]] = {}
+        labels: dict[int, str] = {}  # a Ray worker's title changes from ray::IDLE to its actor's
+        private_peaks: dict[int, int] = {}  # RSS less file-backed and shared pages (memory maps, Ray's object store)
         peak_total = 0
         while process.poll() is None:
             total = 0
@@ -94,35 +126,49 @@ def run_watched(command: list[str], log_path: Path) -> dict:
                 break
             for member in tree:
                 try:
-                    rss = member.memory_info().rss
-                    label = peaks.get(member.pid, (None, 0))[0] or _label(member)
+                    memory = member.memory_info()
+                    label = _label(member, labels.get(member.pid))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                total += rss
-                if rss > peaks.get(member.pid, ("", 0))[1]:
-                    peaks[member.pid] = (label, rss)
+                labels[member.pid] = label
+                total += memory.rss
+                if memory.rss > peaks.get(member.pid, ("", 0))[1]:
+                    peaks[member.pid] = (label, memory.rss)
+                private_peaks[member.pid] = max(private_peaks.get(member.pid, 0), memory.rss - memory.shared)
             peak_total = max(peak_total, total)
             time.sleep(0.25)
     seconds = time.perf_counter() - started
-    by_process = sorted(peaks.values(), key=lambda item: -item[1])
+    paused = paused_seconds(pause_log, wall_started, time.time()) if pause_log else 0.0
+    by_process = sorted(((labels.get(pid, label), rss, private_peaks.get(pid, 0)) for pid, (label, rss) in peaks.items()),
+                        key=lambda item: -item[1])
     result = {
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds - paused, 2),
         "peak_rss_gb": round(by_process[0][1] / GB, 3) if by_process else None,
+        "peak_private_gb": round(by_process[0][2] / GB, 3) if by_process else None,
         "peak_total_rss_gb": round(peak_total / GB, 3),
-        "processes": [{"process": label, "peak_rss_gb": round(rss / GB, 3)} for label, rss in by_process[:6]],
+        "processes": [{"process": label, "peak_rss_gb": round(rss / GB, 3), "peak_private_gb": round(private / GB, 3)}
+                      for label, rss, private in by_process[:6]],
         "returncode": process.returncode,
+        "load_average_at_start": load_at_start,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    training = [rss for label, rss in by_process if "TrainWorker" in label or "RayTrainWorker" in label]
-    if training:
-        result["peak_rss_gb_training_worker"] = round(max(training) / GB, 3)
+    if paused:
+        result["paused_seconds"] = round(paused, 2)  # subtracted; the quiet watcher stopped the whole tree
+    for role, marker in (("training_worker", "TrainWorker"), ("serve_replica", "ServeReplica")):
+        members = [(rss, private) for label, rss, private in by_process if marker in label]
+        if members:
+            result[f"peak_rss_gb_{role}"] = round(max(rss for rss, _ in members) / GB, 3)
+            result[f"peak_private_gb_{role}"] = round(max(private for _, private in members) / GB, 3)
     return result
 
 
-def _label(process: psutil.Process) -> str:
+def _label(process: psutil.Process, previous: str | None) -> str:
     cmdline = process.cmdline()
     if cmdline and cmdline[0].startswith("ray::"):
-        return cmdline[0]
+        title = cmdline[0].split()[0]
+        return previous if title == "ray::IDLE" and previous else title
+    if previous:
+        return previous
     if "-m" in cmdline and "lsvcr" in cmdline:
         return "lsvcr " + cmdline[cmdline.index("lsvcr") + 1]
     return process.name()
@@ -164,8 +210,14 @@ def plot(results: dict, out: Path = PLOT) -> None:
                 times.append(entry["seconds"])
                 mems.append(entry["peak_rss_gb"])
         if xs:
-            ax_time.plot(xs, times, marker="o", label=stage)
-            ax_mem.plot(xs, mems, marker="o", label=stage)
+            line, = ax_time.plot(xs, times, marker="o", label=stage)
+            ax_mem.plot(xs, mems, marker="o", label=stage, color=line.get_color())
+        workers = [(row["counts"]["samples"]["video_samples.train"], row["stages"][stage]["peak_rss_gb_training_worker"])
+                   for _, row in sizes if "peak_rss_gb_training_worker" in row["stages"].get(stage, {})
+                   and row["stages"][stage].get("returncode") == 0]
+        if workers:
+            ax_mem.plot(*zip(*workers), marker="x", linestyle=":", color=line.get_color(),
+                        label=f"{stage}: training worker")
     for ax, title in ((ax_time, "wall time (s)"), (ax_mem, "peak RSS of the largest process (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -174,9 +226,22 @@ def plot(results: dict, out: Path = PLOT) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_mem.axhline(6.0, color="grey", linestyle="--", linewidth=1)
     ax_time.legend(fontsize=7)
+    ax_mem.legend(fontsize=6)
     fig.suptitle("lsvcr scale benchmark (bench/bench_scale.py; 2-core shared machine)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: dict, size_counts: dict) -> None:
+    """Read the results as they are now (another run may have written other stages since), set this one."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
+    results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
+                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
+                           "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
+    row = results["sizes"].setdefault(size, {"stages": {}})
+    row["params"], row["counts"] = params, size_counts
+    row["stages"][stage] = entry
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> int:
@@ -185,42 +250,40 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["demo", "demo10"])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into (default: %(default)s)")
+    parser.add_argument("--pause-log", type=Path, default=None,
+                        help="'pause T' / 'resume T' lines of a watcher that SIGSTOPs the stage's process tree "
+                             "while another benchmark needs the CPU: the paused seconds are subtracted")
     args = parser.parse_args()
+    failed = False
     results_path = args.results
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
-    results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
-                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
-                           "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
     for name in args.sizes:
         params = size_params(name)
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
-        row = results["sizes"].setdefault(name, {"stages": {}})
-        row["params"] = dataclasses.asdict(params)
         for stage in args.stages:
             command = stage_command(stage, work, params)
             print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
-            entry = run_watched(command, work / f"{stage}.log")
+            entry = run_watched(command, work / f"{stage}.log", args.pause_log)
             for retry in range(2):  # Ray's local start has a fixed 30 s timeout, short on a loaded machine
                 if entry["returncode"] == 0 or RAY_START_TIMEOUT not in (work / f"{stage}.log").read_text():
                     break
                 print(f"[{name}] {stage}: Ray did not start in time (load {os.getloadavg()[0]:.1f}); retrying",
                       flush=True)
-                entry = run_watched(command, work / f"{stage}.log") | {"ray_start_retries": retry + 1}
+                entry = run_watched(command, work / f"{stage}.log", args.pause_log) | {"ray_start_retries": retry + 1}
             entry["command"] = " ".join(["python"] + command[1:])
-            row["stages"][stage] = entry
-            row["counts"] = counts(work)
+            if stage == "serve" and (work / "serve_report.json").is_file():
+                entry["serve"] = json.loads((work / "serve_report.json").read_text())
+            merge_stage(results_path, name, stage, entry, dataclasses.asdict(params), counts(work))
             print(f"[{name}] {stage}: {entry['seconds']} s, peak {entry['peak_rss_gb']} GB "
                   f"(tree {entry['peak_total_rss_gb']} GB), rc {entry['returncode']}, load {entry['load_average']}",
                   flush=True)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
             if entry["returncode"] != 0:
                 print(f"[{name}] {stage} failed: see {work / f'{stage}.log'}", flush=True)
+                failed = True
                 break
-        row["stages"]["serve"] = {"skipped": "serving is being rewritten (issue #13); not measured here"}
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, results_path.with_suffix(".png"))
-    return 0
+    if results_path.is_file():
+        plot(json.loads(results_path.read_text()), results_path.with_suffix(".png"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from torch import nn
 
 from lsvcr import model_files
 from lsvcr.batching import epoch_rows, history_lengths, make_batch
-from lsvcr.sample_arrays import ItemTables, SampleArrays, load_comment_likes, load_item_tables, load_sample_arrays
-from lsvcr.sample_stream import open_sample_stream
+from lsvcr.sample_arrays import ItemTables, SampleArrays, load_comment_likes, load_item_tables
+from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError
@@ -145,14 +145,17 @@ def evaluate_arrays(
 SWAP_SEED = 0
 
 
-def swap_histories(arrays: SampleArrays, seed: int = SWAP_SEED) -> SampleArrays:
+def swap_histories(arrays: SampleArrays | SampleStream, seed: int = SWAP_SEED) -> SampleArrays | SampleStream:
     """The same samples, each with another sample's histories (video and comment): a seeded random
-    cycle, so no sample keeps its own. Targets, candidates and labels are unchanged."""
+    cycle, so no sample keeps its own. Targets, candidates and labels are unchanged. A stream stays a
+    stream (a view that reads the donors' rows per batch)."""
     if len(arrays) < 2:
         raise DataError(f"the history swap needs at least 2 {arrays.split} samples; got {len(arrays)}")
     cycle = np.random.default_rng(seed).permutation(len(arrays))
     donor = np.empty_like(cycle)
     donor[cycle] = np.roll(cycle, -1)
+    if isinstance(arrays, SampleStream):
+        return arrays.with_histories_of(donor)
     return dataclasses.replace(
         arrays,
         video_history=arrays.video_history[donor],
@@ -174,12 +177,10 @@ def evaluate_model(
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
     for split in splits:
+        arrays = open_sample_stream(data_dir, task, split, config.finetune.history_length,
+                                    config.data.max_comments_per_record)
         if swapped_histories:
-            arrays = swap_histories(load_sample_arrays(data_dir, task, split, config.finetune.history_length,
-                                                       config.data.max_comments_per_record))
-        else:
-            arrays = open_sample_stream(data_dir, task, split, config.finetune.history_length,
-                                        config.data.max_comments_per_record)
+            arrays = swap_histories(arrays)
         accumulator = evaluate_arrays(model, arrays, tables, device=device, batch_size=config.finetune.eval_batch_size,
                                       full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress)
         out[split] = accumulator.result()

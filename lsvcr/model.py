@@ -200,21 +200,22 @@ class HistoryStates:
 
 @dataclass
 class ItemTables:
-    """The item-side terms of `encode_histories` and of comment scoring, computed once for every item
-    (serving: once per replica, `LSVCRModel.item_tables`). Each row is exactly what the per-request
-    path computes for that item, up to float summation order, because pc_merge and A are linear.
+    """The item-side terms of `encode_histories` and of comment scoring, computed once per serving replica
+    (`LSVCRModel.item_tables`): every video, and only the comments a replica ranks (each video's candidate
+    pool), not every comment. Each row is exactly what the per-request path computes for that item, up to
+    float summation order, because pc_merge and A are linear.
 
     video_token[v]   = gate·E_id[v] + pc_merge([A(title v); A(hot comment v)])   (the history token, per mode)
     record_video[v]  = gate·E_id[v] + W_title·A(title v) + b   (a comment record's video part; pc_merge = [W_title W_comment], b)
-    record_comment[c] = W_comment·A(comment c), averaged over a record's comments (None with an llm_emb_mlp:
-                        the MLP is applied after the mean, which is not linear; then it is computed per request)
-    comment_candidate[c] = normalize(A(comment c))
+    record_comment[c] = W_comment·A(comment c), averaged over a record's comments; None: computed per request
+                        from the (memory-mapped) text table, for the few comments of the request's records
+    comment_candidate[1 + j] = normalize(A(candidate comment j)); row 0 is the padding
     """
 
     video_token: Tensor  # [V+1, H]
     record_video: Tensor  # [V+1, H]
     record_comment: Tensor | None  # [C+1, H]
-    comment_candidate: Tensor | None  # [C+1, H]; None in `id` mode
+    comment_candidate: Tensor | None  # [P+1, H] (P candidate comments); None in `id` mode or without candidates
 
 
 # ----------------------------------------------------------------------------- the model
@@ -414,31 +415,45 @@ class LSVCRModel(nn.Module):
         return self.dropout(layer_norm(tokens))
 
     @torch.inference_mode()
-    def item_tables(self, hot_comment: Tensor) -> ItemTables:
+    def item_tables(self, hot_comment: Tensor, candidate_comments: Tensor | None = None,
+                    block_rows: int = 1 << 18) -> ItemTables:
         """`ItemTables` of every video (row = video_idx; `hot_comment[v]` = the comment_idx its history
-        token uses) and every comment, with the frozen text tables."""
+        token uses) and of the `candidate_comments` (comment_idx [P]; row 1 + j; None: no comment ranking),
+        with the frozen text tables. History records' comments stay in the text table (record_comment None):
+        a replica reads only the rows its requests name, so it never holds a vector per comment ever written.
+        The candidates are projected `block_rows` at a time (KuaiComt: 8M pooled comments)."""
         all_videos = torch.arange(self.num_videos + 1, device=self.video_position.weight.device)
         if not self.use_text:
             ids = self._gated_id(all_videos)
             return ItemTables(video_token=ids, record_video=ids, record_comment=None, comment_candidate=None)
         hidden = self.config.hidden_size
-        title_weight, comment_weight = self.pc_merge.weight[:, :hidden], self.pc_merge.weight[:, hidden:]
         titles = self.adapt_text(self.video_text, all_videos)
-        record_video = self._history_tokens(F.linear(titles, title_weight, self.pc_merge.bias), all_videos)
-        comments = self.adapt_text(self.comment_text, torch.arange(self.comment_text.shape[0], device=all_videos.device))
+        record_video = self._history_tokens(F.linear(titles, self.pc_merge.weight[:, :hidden], self.pc_merge.bias), all_videos)
         return ItemTables(
             video_token=self._history_tokens(self.video_item_text(all_videos, hot_comment.to(all_videos.device)), all_videos),
             record_video=record_video,
-            record_comment=None if self.text_mlp is not None else F.linear(comments, comment_weight),
-            comment_candidate=F.normalize(comments, dim=-1),
+            record_comment=None,
+            comment_candidate=None if candidate_comments is None else self.comment_candidate_table(candidate_comments, block_rows),
         )
+
+    @torch.inference_mode()
+    def comment_candidate_table(self, candidate_comments: Tensor, block_rows: int = 1 << 18) -> Tensor:
+        """[P+1, H]: row 1 + j = normalize(A(comment candidate_comments[j])), row 0 = zeros (padding);
+        projected `block_rows` at a time (KuaiComt: 8M pooled comments)."""
+        device = self.video_position.weight.device
+        with_pad = torch.cat([candidate_comments.new_zeros(1), candidate_comments]).long().to(device)
+        table = torch.empty(len(with_pad), self.config.hidden_size, device=device)
+        for start in range(0, len(with_pad), block_rows):
+            block = with_pad[start:start + block_rows]
+            table[start:start + len(block)] = F.normalize(self.adapt_text(self.comment_text, block), dim=-1)
+        return table
 
     def _record_tokens_from_tables(self, tables: ItemTables, videos: Tensor, comments: Tensor) -> Tensor:
         """Comment-record history tokens [B, L, H] from `tables` (the per-request part is a mean of rows)."""
         tokens = F.embedding(videos, tables.record_video)
         if not self.use_text:
             return tokens
-        if tables.record_comment is None:  # llm_emb_mlp: mean of the raw vectors, then the MLP and A
+        if tables.record_comment is None:  # mean of the raw vectors of the records' comments, then (MLP and) A
             comment_mean = self.adapt_text_mean(self.comment_text, comments)
             return tokens + F.linear(comment_mean, self.pc_merge.weight[:, self.config.hidden_size:])
         bags = F.embedding_bag(comments.reshape(-1, comments.shape[-1]), tables.record_comment, mode="mean", padding_idx=0)
@@ -599,15 +614,19 @@ class LSVCRModel(nn.Module):
 
     def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, *,
                        states: HistoryStates | None = None, video_text: Tensor | None = None,
-                       comment_text: Tensor | None = None, tables: ItemTables | None = None) -> Tensor:
+                       comment_text: Tensor | None = None, tables: ItemTables | None = None,
+                       candidate_rows: Tensor | None = None) -> Tensor:
         """Logits over the comment candidates [B, N] of the current video (0 = padding → -inf).
-        `tables`: history tokens and candidate vectors from precomputed `ItemTables` (serving)."""
+        `tables`: history tokens and candidate vectors from precomputed `ItemTables` (serving), where
+        `candidate_rows` [B, N] are the candidates' rows of `tables.comment_candidate`."""
         if states is None:
             states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text,
                                            outputs=("comment",), tables=tables)
         user = self.comment_user_vector(states, current_video, video_text)
         if tables is not None and tables.comment_candidate is not None:
-            candidate_vectors = F.embedding(candidates, tables.comment_candidate)
+            if candidate_rows is None:
+                raise ConfigError("score_comments with ItemTables needs candidate_rows (rows of comment_candidate)")
+            candidate_vectors = F.embedding(candidate_rows, tables.comment_candidate)
         else:
             candidate_vectors = self.comment_candidate_vectors(candidates, comment_text)
         logits = self._cosine_logits(user, candidate_vectors)

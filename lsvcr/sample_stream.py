@@ -187,14 +187,16 @@ class _MappedList:
 
 class SampleStream:
     """One split of one task, memory-mapped; `take(rows)` pads just those rows (a `SampleArrays`).
-    `select(rows)` is a view on a subset of the samples (row i of the view = sample rows[i])."""
+    `select(rows)` is a view on a subset of the samples (row i of the view = sample rows[i]);
+    `with_histories_of(donors)` a view whose row i shows the histories of row donors[i]."""
 
-    def __init__(self, directory: Path, rows: np.ndarray | None = None):
+    def __init__(self, directory: Path, rows: np.ndarray | None = None, history_rows: np.ndarray | None = None):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "meta.json").read_text())
         self.task, self.split = self.meta["task"], self.meta["split"]
         total = self.meta["rows"]
         self.rows = rows
+        self.history_rows = history_rows  # the samples whose histories this view's rows show (None: their own)
         self.user_all = _map(self.directory, "user_idx.values", np.int64, total)
         self.target_all = _map(self.directory, "target_video.values", np.int64, total)
         self.lists: dict[str, _MappedList] = {}
@@ -216,8 +218,19 @@ class SampleStream:
         rows = np.asarray(rows, dtype=np.int64)
         return rows if self.rows is None else self.rows[rows]
 
+    def _history_source_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._source_rows(rows) if self.history_rows is None else self.history_rows[rows]
+
     def select(self, rows: np.ndarray) -> "SampleStream":
-        return SampleStream(self.directory, self._source_rows(np.asarray(rows, dtype=np.int64)))
+        rows = np.asarray(rows, dtype=np.int64)
+        return SampleStream(self.directory, self._source_rows(rows),
+                            None if self.history_rows is None else self.history_rows[rows])
+
+    def with_histories_of(self, donors: np.ndarray) -> "SampleStream":
+        """The same samples (targets, candidates, labels), row i with the histories of row donors[i]."""
+        every_row = np.arange(len(self))
+        return SampleStream(self.directory, self._source_rows(every_row), self._history_source_rows(donors))
 
     @property
     def target_video(self) -> np.ndarray:
@@ -227,9 +240,10 @@ class SampleStream:
     def lengths(self) -> np.ndarray:
         """Kept history items per sample over both histories (= `history_lengths` of the arrays)."""
         out = np.zeros(len(self), dtype=np.int64)
+        history_rows = self.history_rows if self.history_rows is not None else self.rows
         for name in _LAST_COLUMNS:
             counts = np.diff(np.asarray(self.lists[name].offsets))
-            out += counts if self.rows is None else counts[self.rows]
+            out += counts if history_rows is None else counts[history_rows]
         return out
 
     def _last(self, name: str, rows: np.ndarray) -> np.ndarray:
@@ -261,14 +275,14 @@ class SampleStream:
 
     def take(self, rows: np.ndarray) -> SampleArrays:
         """The rows (of this view) as padded arrays: histories padded to the batch's longest."""
-        source = self._source_rows(rows)
+        source, history_source = self._source_rows(rows), self._history_source_rows(rows)
         return SampleArrays(
             task=self.task, split=self.split,
             user=np.asarray(self.user_all[source], dtype=np.int64),
             target_video=np.asarray(self.target_all[source], dtype=np.int64),
-            video_history=self._last("video_history", source),
-            comment_history_videos=self._last("comment_history_videos", source),
-            comment_history_comments=self._records(source),
+            video_history=self._last("video_history", history_source),
+            comment_history_videos=self._last("comment_history_videos", history_source),
+            comment_history_comments=self._records(history_source),
             pos_comments=self._first("pos_comments", source),
             candidates=self._first("candidates", source),
             labels=self._first("labels", source),

@@ -402,9 +402,9 @@ def test_comment_like_prior_adds_a_learned_bias_per_comment():
 
 @pytest.mark.parametrize("mode, text_mlp", [("id+text", False), ("text", False), ("id", False), ("id+text", True)])
 def test_precomputed_item_tables_give_the_per_request_scores(mode, text_mlp):
-    """Serving looks history tokens, record projections and comment candidates up in `item_tables`
-    (computed once); the scores equal the per-request path's to float tolerance, in every mode and with
-    an llm_emb_mlp (whose record mean is not linear, so it stays per request)."""
+    """Serving looks history tokens and the candidate pool's comment vectors up in `item_tables` (computed
+    once; only the pooled comments, records' comments per request); the scores equal the per-request
+    path's to float tolerance, in every mode and with an llm_emb_mlp."""
     torch.manual_seed(0)
     config = ModelConfig(mode=mode, max_position=10, comment_like_prior=True,
                          text_mlp_dim=TEXT_DIM // 2 if text_mlp else 256)
@@ -415,8 +415,11 @@ def test_precomputed_item_tables_give_the_per_request_scores(mode, text_mlp):
     batch = _batch()
     hot_comment = torch.arange(NUM_VIDEOS + 1) % (NUM_COMMENTS + 1)
     batch.video_history_hot_comment = hot_comment[batch.video_history]
-    tables = model.item_tables(hot_comment)
-    assert (tables.record_comment is None) == (text_mlp or mode == "id")
+    pool = torch.unique(COMMENT_CANDIDATES[COMMENT_CANDIDATES > 0])  # the only comments the tables hold
+    pool_rows = torch.where(COMMENT_CANDIDATES > 0, torch.searchsorted(pool, COMMENT_CANDIDATES) + 1, 0)
+    tables = model.item_tables(hot_comment, pool, block_rows=2)  # several blocks
+    assert tables.record_comment is None
+    assert mode == "id" or tables.comment_candidate.shape[0] == len(pool) + 1
     with torch.inference_mode():
         for outputs in (("video",), ("comment",)):
             per_request = model.encode_histories(batch, outputs=outputs)
@@ -427,5 +430,6 @@ def test_precomputed_item_tables_give_the_per_request_scores(mode, text_mlp):
         torch.testing.assert_close(model.score_videos(batch, states=model.encode_histories(batch, outputs=("video",), tables=tables)),
                                    model.score_videos(batch), atol=1e-4, rtol=1e-5)
         if mode != "id":
-            torch.testing.assert_close(model.score_comments(batch, CURRENT, COMMENT_CANDIDATES, tables=tables),
+            torch.testing.assert_close(model.score_comments(batch, CURRENT, COMMENT_CANDIDATES, tables=tables,
+                                                            candidate_rows=pool_rows),
                                        model.score_comments(batch, CURRENT, COMMENT_CANDIDATES), atol=1e-4, rtol=1e-5)

@@ -46,6 +46,22 @@ def test_streamed_batches_equal_the_in_memory_loader(tiny_prepared_dir, task, sp
         assert np.array_equal(stream.pos_comments, arrays.pos_comments)
 
 
+@pytest.mark.parametrize("task", ["video", "comment"])
+def test_swapped_histories_of_a_stream_equal_those_of_the_arrays(tiny_prepared_dir, task):
+    """evaluate's personalization check reads the split as a stream too (bounded memory at any size)."""
+    from lsvcr.evaluate import swap_histories
+
+    tables = load_item_tables(tiny_prepared_dir)
+    arrays = swap_histories(load_sample_arrays(tiny_prepared_dir, task, "test", history_length=5, max_comments_per_record=2))
+    stream = swap_histories(open_sample_stream(tiny_prepared_dir, task, "test", history_length=5, max_comments_per_record=2))
+    assert np.array_equal(history_lengths(stream), history_lengths(arrays))
+    for rows in epoch_rows(len(arrays), 8, None, 0, 1, drop_uneven=False, lengths=history_lengths(stream)):
+        _assert_same_batch(make_batch(arrays, tables, rows, rng=None), make_batch(stream, tables, rows, rng=None))
+    odd = stream.select(np.arange(1, len(stream), 2))  # a view of the swapped view keeps the donors
+    assert np.array_equal(odd.take(np.arange(len(odd))).video_history,
+                          stream.take(np.arange(1, len(stream), 2)).video_history)
+
+
 def test_stream_select_is_a_view_and_a_changed_table_is_converted_again(tiny_prepared_dir, tmp_path):
     import shutil
 

@@ -111,6 +111,10 @@ class Catalog:
     def comment_pool(self, video_idx: int) -> np.ndarray:
         return self.pool_comments[self.pool_offsets[video_idx]:self.pool_offsets[video_idx + 1]]
 
+    def comment_pool_rows(self, video_idx: int) -> np.ndarray:
+        """The rows of `comment_pool(video_idx)` in `ItemTables.comment_candidate` (row 0 is the padding)."""
+        return np.arange(self.pool_offsets[video_idx], self.pool_offsets[video_idx + 1], dtype=np.int64) + 1
+
     def example_video_id(self) -> int | None:
         """A video with a comment pool (a valid `video_id` of a comment request)."""
         with_comments = np.flatnonzero(np.diff(self.pool_offsets)[1:] > 0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lsvcr.errors import ConfigError
 from lsvcr.model import HistoryBatch
+from lsvcr.serve.candidate_tables import shared_comment_candidates
 from lsvcr.serve.catalog import Catalog, UserHistory, read_cold_video_vectors
 from lsvcr.serve.model_dir import LoadedModel, load_model_dir
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest
@@ -90,10 +91,13 @@ class Recommender:
         self.video_matrix = None
         if video is not None:
             self._build_video_matrix(cold_video_text)
-        # Item-side work once per replica: every history token, record projection and comment candidate.
+        # Item-side work once per replica: every video's history tokens; the comments it ranks (the pools)
+        # once per node, memory-mapped (candidate_tables.py).
         hot_comment = torch.from_numpy(catalog.hot_comment)
         self.video_tables = video.model.item_tables(hot_comment) if video is not None else None
         self.comment_tables = comment.model.item_tables(hot_comment) if comment is not None else None
+        if comment is not None and comment.model.use_text:
+            self.comment_tables.comment_candidate = shared_comment_candidates(comment, catalog.pool_comments)
 
     @classmethod
     def from_model_dirs(cls, video_model_dir: str | Path | None, comment_model_dir: str | Path | None) -> "Recommender":
@@ -243,9 +247,10 @@ class Recommender:
         model = self.comment.model
         current_video = torch.tensor([r.current_video for r in resolved])
         pools = torch.from_numpy(_pad_rows([self.catalog.comment_pool(r.current_video) for r in resolved]))
+        pool_rows = torch.from_numpy(_pad_rows([self.catalog.comment_pool_rows(r.current_video) for r in resolved]))
         # The model's own scoring (cosine/τ, plus the like prior when the model has one); pad → -inf.
         scores = model.score_comments(build_history_batch(resolved, self.catalog.hot_comment), current_video, pools,
-                                      tables=self.comment_tables)
+                                      tables=self.comment_tables, candidate_rows=pool_rows)
         seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) if r.exclude_seen else np.zeros(0, np.int64)
                         for row, r in enumerate(resolved)]
         self._mask(scores, seen_columns)
