@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -111,11 +110,8 @@ def main() -> int:
     if args.comment_model:
         command += ["--comment-model", str(args.comment_model)]
     started = time.perf_counter()
-    # HAProxy's stats and metrics listeners have fixed ports (8404, 9101 on 0.0.0.0): another Serve on the
-    # machine holds them, so this one gets free ports.
-    environment = dict(os.environ, RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
-                       RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
-    server = subprocess.Popen(command, stdout=sys.stdout, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
+    # `lsvcr serve` starts its own local cluster, with free HAProxy stats/metrics ports (lsvcr.runtime).
+    server = subprocess.Popen(command, stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_until_healthy(args.port, server, args.start_timeout)
         report = {"start_seconds": round(time.perf_counter() - started, 2), "command": " ".join(command[1:])}
