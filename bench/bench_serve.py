@@ -520,13 +520,13 @@ def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
     environment: dict[str, str] = {}
     arguments: list[str] = []
     for extra in extras:
-        number = extra.lstrip("waitbch")
+        wait_ms, batch_size = extra.removeprefix("wait"), extra.removeprefix("batch")
         if extra in VARIANT_EXTRAS:
             environment.update(VARIANT_EXTRAS[extra])
-        elif extra.startswith("wait") and number.replace(".", "", 1).isdigit():
-            arguments.append(f"--batch-wait-ms={number}")
-        elif extra.startswith("batch") and number.isdigit():
-            arguments.append(f"--max-batch-size={number}")
+        elif wait_ms != extra and wait_ms.replace(".", "", 1).isdigit():
+            arguments.append(f"--batch-wait-ms={wait_ms}")
+        elif batch_size != extra and batch_size.isdigit():
+            arguments.append(f"--max-batch-size={batch_size}")
         else:
             raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
                              "waitMS or batchN")
