@@ -59,7 +59,7 @@ def size_params(name: str):
     raise SystemExit(f"unknown size {name!r}: demo, demo10 or kuaicomt")
 
 
-def stage_command(stage: str, work: Path, params) -> list[str]:
+def stage_command(stage: str, work: Path, params, storage_dtype: str = "float32") -> list[str]:
     lsvcr = [sys.executable, "-m", "lsvcr"]
     raw, prepared, vectors = work / "raw", work / "prepared", work / "vectors"
     one_epoch = ["--set", "finetune.max_epochs=1", "--set", "finetune.num_workers=1"]
@@ -71,7 +71,8 @@ def stage_command(stage: str, work: Path, params) -> list[str]:
         return lsvcr + ["prepare", "--raw", str(raw), "--out", str(prepared), "--force"]
     if stage == "encode":
         return lsvcr + ["encode", "--data", str(prepared), "--out", str(vectors), "--what", "items",
-                        "--set", "encode.encoder=hashed", "--set", "encode.hashed_dim=64"]
+                        "--set", "encode.encoder=hashed", "--set", "encode.hashed_dim=64",
+                        "--set", f"encode.storage_dtype={storage_dtype}"]
     if stage.startswith("finetune_"):
         task = stage.split("_", 1)[1]
         return lsvcr + ["finetune", "--data", str(prepared), "--vectors", str(vectors), "--task", task,
@@ -236,7 +237,8 @@ def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: 
     """Read the results as they are now (another run may have written other stages since), set this one."""
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
     results["protocol"] = ("each stage the real CLI in a subprocess; psutil samples the RSS of its whole process "
-                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only); "
+                           "tree every 0.25 s; encode = hashed bag of words (dim 64, scale runs only; storage dtype in its "
+                           "command); "
                            "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
     row = results["sizes"].setdefault(size, {"stages": {}})
     row["params"], row["counts"] = params, size_counts
@@ -250,6 +252,9 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["demo", "demo10"])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into (default: %(default)s)")
+    parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+                        help="encode's storage of the item vectors (float16 halves the memory maps every "
+                             "worker and replica shares); recorded in the encode stage's command")
     parser.add_argument("--pause-log", type=Path, default=None,
                         help="'pause T' / 'resume T' lines of a watcher that SIGSTOPs the stage's process tree "
                              "while another benchmark needs the CPU: the paused seconds are subtracted")
@@ -261,7 +266,7 @@ def main() -> int:
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
         for stage in args.stages:
-            command = stage_command(stage, work, params)
+            command = stage_command(stage, work, params, args.storage_dtype)
             print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
             entry = run_watched(command, work / f"{stage}.log", args.pause_log)
             for retry in range(2):  # Ray's local start has a fixed 30 s timeout, short on a loaded machine

@@ -105,71 +105,112 @@ def write_item_vectors(
     write_vectors_manifest(out_dir, full_manifest)
 
 
-def read_vector_table(vectors_dir: str | Path, name: str, id_column: str) -> pa.Table | None:
-    """`name.parquet` or the shards `name/part-*.parquet`; None when neither exists."""
+def _vector_table_paths(vectors_dir: str | Path, name: str) -> list[Path]:
+    """`name.parquet`, or the shards `name/part-*.parquet`; [] when neither exists."""
     single = Path(vectors_dir) / vector_file(name)
-    shards = shard_paths(vectors_dir, name)
-    if single.is_file():
-        table = pq.read_table(single)
-    elif shards:
-        table = pa.concat_tables([pq.read_table(path) for path in shards])
-    else:
+    return [single] if single.is_file() else shard_paths(vectors_dir, name)
+
+
+def read_vector_table(vectors_dir: str | Path, name: str, id_column: str) -> pa.Table | None:
+    """`name.parquet` or the shards `name/part-*.parquet`, whole; None when neither exists."""
+    paths = _vector_table_paths(vectors_dir, name)
+    if not paths:
         return None
+    table = pa.concat_tables([pq.read_table(path) for path in paths])
     for column in (id_column, "vector"):
         if column not in table.column_names:
             raise DataError(f"VECTORS {name}: missing column '{column}' in {vectors_dir}")
     return table
 
 
-def _dense_table(table: pa.Table, id_column: str, wanted_ids: np.ndarray, what: str) -> np.ndarray:
-    """Rows ordered like `wanted_ids` (index i+1), row 0 zeros; every wanted id must be present."""
-    ids = table[id_column].to_numpy()
-    vector_column = table["vector"].combine_chunks()
-    dim = vector_column.type.list_size if pa.types.is_fixed_size_list(vector_column.type) else None
-    if dim is None:
-        raise DataError(f"VECTORS {what}: column 'vector' must be fixed_size_list<float32|float16>, got {vector_column.type}")
-    vectors = vector_column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    if len(sorted_ids) == 0:
-        raise DataError(f"VECTORS {what}: the table is empty")
-    position = np.minimum(np.searchsorted(sorted_ids, wanted_ids), len(sorted_ids) - 1)
-    found = sorted_ids[position] == wanted_ids
-    if not np.all(found):
+DENSE_BLOCK_ROWS = 65_536  # rows of a VECTORS table read at a time by the dense join
+
+
+def _vector_dim(paths: list[Path], id_column: str, what: str) -> int:
+    schema = pq.read_schema(paths[0])
+    for column in (id_column, "vector"):
+        if column not in schema.names:
+            raise DataError(f"VECTORS {what}: missing column '{column}' in {paths[0]}")
+    vector_type = schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vector_type) or vector_type.value_type not in (pa.float32(), pa.float16()):
+        raise DataError(f"VECTORS {what}: column 'vector' must be fixed_size_list<float32|float16>, got {vector_type}")
+    return vector_type.list_size
+
+
+def _fill_dense_rows(paths: list[Path], id_column: str, wanted_ids: np.ndarray, dense: np.ndarray, what: str) -> None:
+    """Write the vector of `wanted_ids[i]` into `dense[i + 1]` (row 0 stays zeros), reading the tables
+    block by block: memory stays one block plus `dense`, which may be a memory map being written.
+    The first row of an id wins; ids nobody wants are skipped; every wanted id must be present."""
+    dim = dense.shape[1]
+    order = np.argsort(wanted_ids, kind="stable")
+    sorted_wanted = wanted_ids[order]
+    found = np.zeros(len(wanted_ids), dtype=bool)
+    non_finite = 0
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=DENSE_BLOCK_ROWS, columns=[id_column, "vector"]):
+            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            vector_column = batch.column(1)
+            if vector_column.null_count or len(vector_column.values) != len(ids) * dim:
+                raise DataError(f"VECTORS {what}: null vectors or vectors not of dim {dim} in {path}")
+            vectors = vector_column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            _, first = np.unique(ids, return_index=True)  # the first row of an id repeated within the block
+            position = np.minimum(np.searchsorted(sorted_wanted, ids[first]), max(len(sorted_wanted) - 1, 0))
+            wanted = (sorted_wanted[position] == ids[first]) if len(sorted_wanted) else np.zeros(len(first), bool)
+            rows, targets = first[wanted], order[position[wanted]]
+            new = ~found[targets]  # the first row of an id repeated across blocks
+            rows, targets = rows[new], targets[new]
+            block = vectors[rows].astype(np.float32)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                non_finite += int(bad.sum())
+                block[bad] = 0.0
+            dense[targets + 1] = block
+            found[targets] = True
+    if non_finite:
+        log.warning("VECTORS %s: %d non-finite values replaced by 0 (METHOD 5.4)", what, non_finite)
+    if not found.all():
         missing = wanted_ids[~found]
         raise DataError(
             f"VECTORS {what}: no vector for {what[:-1]}_id {int(missing[0])}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    dense = np.zeros((len(wanted_ids) + 1, dim), dtype=np.float32)
-    dense[1:] = vectors[order[position]]
-    bad = ~np.isfinite(dense)
-    if bad.any():
-        log.warning("VECTORS %s: %d non-finite values replaced by 0 (METHOD 5.4)", what, int(bad.sum()))
-        dense[bad] = 0.0
-    return dense
+
+
+def _dense_sources(vectors_dir: Path, prepared_dir: Path) -> dict[str, tuple[list[Path], np.ndarray]]:
+    """For `videos` (and `comments` when PREPARED has them): the VECTORS files and the PREPARED ids
+    whose order the dense rows follow."""
+    if not vectors_dir.is_dir():
+        raise DataError(f"VECTORS directory not found: {vectors_dir}")
+    sources = {"videos": read_videos(prepared_dir, ["video_id"])["video_id"].to_numpy()}
+    if has_comments(prepared_dir):
+        sources["comments"] = read_table(prepared_dir, COMMENTS_FILE, ["comment_id"])["comment_id"].to_numpy()
+    located = {}
+    for name, wanted_ids in sources.items():
+        paths = _vector_table_paths(vectors_dir, name)
+        if not paths:
+            raise DataError(f"VECTORS: neither {name}.parquet nor {name}/part-*.parquet in {vectors_dir}")
+        located[name] = (paths, wanted_ids)
+    return located
+
+
+def _checked_dims(vectors_dir: Path, sources: dict[str, tuple[list[Path], np.ndarray]]) -> dict[str, int]:
+    dims = {name: _vector_dim(paths, f"{name[:-1]}_id", name) for name, (paths, _) in sources.items()}
+    if len(set(dims.values())) > 1:
+        raise DataError(f"VECTORS: comment dim {dims['comments']} != video dim {dims['videos']} in {vectors_dir}")
+    return dims
 
 
 def load_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(video_text [V+1, D], comment_text [C+1, D] or None for a video-only data set), float32."""
+    """(video_text [V+1, D], comment_text [C+1, D] or None for a video-only data set), float32, in memory.
+    At KuaiComt size use `open_item_vectors` (memory maps, built block by block)."""
     vectors_dir, prepared_dir = Path(vectors_dir), Path(prepared_dir)
-    if not vectors_dir.is_dir():
-        raise DataError(f"VECTORS directory not found: {vectors_dir}")
-    videos = read_videos(prepared_dir, ["video_id"])["video_id"].to_numpy()
-    video_table = read_vector_table(vectors_dir, "videos", "video_id")
-    if video_table is None:
-        raise DataError(f"VECTORS: neither videos.parquet nor videos/part-*.parquet in {vectors_dir}")
-    video_text = _dense_table(video_table, "video_id", videos, "videos")
-    comment_text = None
-    if has_comments(prepared_dir):
-        comment_ids = read_table(prepared_dir, COMMENTS_FILE, ["comment_id"])["comment_id"].to_numpy()
-        comment_table = read_vector_table(vectors_dir, "comments", "comment_id")
-        if comment_table is None:
-            raise DataError(f"VECTORS: neither comments.parquet nor comments/part-*.parquet in {vectors_dir}")
-        comment_text = _dense_table(comment_table, "comment_id", comment_ids, "comments")
-        if comment_text.shape[1] != video_text.shape[1]:
-            raise DataError(f"VECTORS: comment dim {comment_text.shape[1]} != video dim {video_text.shape[1]}")
-    return video_text, comment_text
+    sources = _dense_sources(vectors_dir, prepared_dir)
+    dims = _checked_dims(vectors_dir, sources)
+    dense = {}
+    for name, (paths, wanted_ids) in sources.items():
+        dense[name] = np.zeros((len(wanted_ids) + 1, dims[name]), dtype=np.float32)
+        _fill_dense_rows(paths, f"{name[:-1]}_id", wanted_ids, dense[name], name)
+    return dense["videos"], dense.get("comments")
 
 
 DENSE_DIR = ".dense"  # VECTORS/.dense/: the tables of `open_item_vectors`, per PREPARED
@@ -201,15 +242,23 @@ def open_item_vectors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: 
     cache = vectors_dir / DENSE_DIR
     paths = {name: cache / f"{name}.{key}.{dtype}.npy" for name in ("videos", "comments")}
     if not paths["videos"].is_file() or (has_comments(prepared_dir) and not paths["comments"].is_file()):
-        video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
+        sources = _dense_sources(vectors_dir, prepared_dir)
+        dims = _checked_dims(vectors_dir, sources)
         cache.mkdir(exist_ok=True)
-        for name, table in (("videos", video_text), ("comments", comment_text)):
-            if table is None:
-                continue
+        for name, (files, wanted_ids) in sources.items():
             partial = paths[name].with_name(f".{paths[name].name}.{os.getpid()}.partial.npy")
-            np.save(partial, table.astype(VECTOR_DTYPES[dtype][0], copy=False))
+            # a new .npy memory map starts as zeros (a sparse file): row 0 is the padding row
+            dense = np.lib.format.open_memmap(partial, mode="w+", dtype=VECTOR_DTYPES[dtype][0],
+                                              shape=(len(wanted_ids) + 1, dims[name]))
+            try:
+                _fill_dense_rows(files, f"{name[:-1]}_id", wanted_ids, dense, name)
+                dense.flush()
+            except BaseException:
+                del dense
+                partial.unlink(missing_ok=True)
+                raise
+            del dense
             os.replace(partial, paths[name])
-        del video_text, comment_text
     video_text = np.load(paths["videos"], mmap_mode="r")
     comment_text = np.load(paths["comments"], mmap_mode="r") if has_comments(prepared_dir) else None
     return video_text, comment_text
