@@ -6,7 +6,8 @@ sizes, `lsvcr synth --preset kuaicomt`). Stages, each the real CLI in a subproce
 encode (the hashed bag-of-words encoder: scale runs only, not LLM results), finetune_video and
 finetune_comment (1 epoch each), evaluate_video, evaluate_comment, and serve (bench/scale_serve.py:
 `lsvcr serve` on both trained models, then 1,000 HTTP requests on 127.0.0.1; its start and request
-times are in the row's `serve`).
+times are in the row's `serve`). On request (`--stages tune_video`): a 2-trial Ray Tune sweep of
+configs/tune_space.yaml, one trial at a time, each one epoch cut to 100 steps then a full validation.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes demo demo10
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py --work /tmp/scale --sizes kuaicomt --stages synth
@@ -43,6 +44,10 @@ RESULTS = ROOT / "bench" / "results" / "scale.json"
 PLOT = ROOT / "bench" / "results" / "scale.png"
 STAGES = ("synth", "prepare", "encode", "finetune_video", "finetune_comment", "evaluate_video", "evaluate_comment",
           "serve")
+# Not in the default list: a Ray Tune sweep at the size (2 trials, one at a time, each 1 epoch cut to
+# TUNE_STEPS batches then a full validation): what a trial holds, not what a sweep learns.
+OPTIONAL_STAGES = ("tune_video",)
+TUNE_TRIALS, TUNE_STEPS = 2, 100
 SERVE_REQUESTS = 1000
 GB = 1024 ** 3
 RAY_START_TIMEOUT = "timed out during startup"
@@ -77,6 +82,12 @@ def stage_command(stage: str, work: Path, params, storage_dtype: str = "float32"
         task = stage.split("_", 1)[1]
         return lsvcr + ["finetune", "--data", str(prepared), "--vectors", str(vectors), "--task", task,
                         "--out", str(work / f"model_{task}")] + one_epoch
+    if stage.startswith("tune_"):
+        task = stage.split("_", 1)[1]
+        return lsvcr + ["tune", "--data", str(prepared), "--vectors", str(vectors), "--task", task,
+                        "--space", str(ROOT / "configs" / "tune_space.yaml"), "--out", str(work / f"tune_{task}"),
+                        "--samples", str(TUNE_TRIALS), "--max-concurrent", "1", "--scheduler", "none",
+                        "--set", "tune.max_epochs=1", "--set", f"finetune.max_steps_per_epoch={TUNE_STEPS}"]
     if stage.startswith("evaluate_"):
         task = stage.split("_", 1)[1]
         return lsvcr + ["evaluate", "--model", str(work / f"model_{task}")]
@@ -201,7 +212,7 @@ def plot(results: dict, out: Path = PLOT) -> None:
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     sizes = sorted(results["sizes"].items(),
                    key=lambda kv: kv[1].get("counts", {}).get("samples", {}).get("video_samples.train", 0))
-    for stage in STAGES:
+    for stage in STAGES + OPTIONAL_STAGES:
         xs, times, mems = [], [], []
         for _, row in sizes:
             entry = row["stages"].get(stage)
@@ -250,7 +261,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (one subdirectory per size)")
     parser.add_argument("--sizes", nargs="+", default=["demo", "demo10"])
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + OPTIONAL_STAGES,
+                        help="default: %(default)s; also tune_video (a 2-trial Ray Tune sweep, "
+                             f"{TUNE_STEPS} steps per trial)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into (default: %(default)s)")
     parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
                         help="encode's storage of the item vectors (float16 halves the memory maps every "

@@ -195,6 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         per_rank_batch = -(-settings.batch_size // context.world_size)
         batches = epoch_rows(len(train) if window_rows is None else len(window_rows), per_rank_batch, shuffle_rng,
                              context.rank, context.world_size, lengths=train_lengths if settings.length_bucketing else None)
+        if settings.max_steps_per_epoch:
+            batches = batches[:settings.max_steps_per_epoch]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
         progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
         for rows in progress:
@@ -230,6 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
             "seconds": time.perf_counter() - started,
             "samples_per_second": samples / train_seconds,
+            "train_steps": len(batches),
         }
         if getattr(model, "use_like_prior", False) and settings.task == "comment":
             row["like_prior_weight"] = model.comment_like_weight.item() * LIKE_PRIOR_RATE

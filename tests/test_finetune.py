@@ -234,6 +234,16 @@ def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_di
         row = json.loads(video_log.read_text().splitlines()[0])
         assert np.isfinite(row["train_loss"]) and row["train_id_text"] == 0
 
+    whole = rows[0]["train_steps"]
+    capped_log = tmp_path / "capped.jsonl"
+    capped = _tiny_config("comment", epochs=1)
+    capped.finetune.max_steps_per_epoch = 2
+    assert whole > 2
+    train_loop_per_worker(make_loop_config(capped, tiny_prepared_dir, tiny_minilm_vectors_dir,
+                                           log_path=capped_log, report_to="local"))
+    capped_row = json.loads(capped_log.read_text().splitlines()[0])
+    assert capped_row["train_steps"] == 2 and 0 <= capped_row["valid_ndcg@5"] <= 1
+
 
 def test_bad_combinations_fail_with_one_clear_error(tiny_prepared_dir, tiny_video_only_prepared_dir, tmp_path):
     with pytest.raises(DataError, match="comment task"):

@@ -171,6 +171,9 @@ def validate_config(config: LSVCRConfig) -> None:
         "align.batch_size": config.align.batch_size,
         "encode.batch_size": config.encode.batch_size,
     }
+    if config.finetune.max_steps_per_epoch < 0:
+        raise ConfigError(f"finetune.max_steps_per_epoch must be 0 (whole epochs) or positive; "
+                          f"got {config.finetune.max_steps_per_epoch}")
     if config.finetune.selection_ranking == "full" and config.finetune.task != "video":
         raise ConfigError("finetune.selection_ranking=full ranks all videos: only for finetune.task=video")
     for name, value in positive.items():

@@ -80,6 +80,9 @@ class FinetuneConfig:
     weight_decay: float = 1e-5
     batch_size: int = 512
     max_epochs: int = 50
+    # 0: every batch of the epoch. N > 0: only the first N batches of each epoch's shuffled order (the same on
+    # every rank), then validation as usual: smoke runs and the KuaiComt-size Tune and scale measurements.
+    max_steps_per_epoch: int = 0  # 0 = whole epochs; N = the first N batches of each shuffled epoch
     patience: int = 5  # validations without selection_metric improvement before stopping
     history_length: int = 50
     comment_negatives: int = 19  # same-video negatives per positive comment (20-way softmax)
