@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lsvcr.errors import DataError, ModelNotFoundError
-from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, has_comments, read_table, read_videos
+from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, has_comments, read_table, read_videos, table_path
 
 log = logging.getLogger("lsvcr.vectors")
 
@@ -94,21 +95,36 @@ def write_item_vectors(
     """Write `videos.parquet`, `comments.parquet` (if any) and `manifest.json` into `out_dir`
     (the caller owns the temporary-directory-then-rename of its stage). `dtype` float16 halves the
     storage (and the memory-mapped tables of `open_item_vectors`)."""
+    comment_blocks = None if comment_ids is None or comment_vectors is None else [(comment_ids, comment_vectors)]
+    write_item_vector_blocks(out_dir, [(video_ids, video_vectors)], comment_blocks,
+                             int(np.asarray(video_vectors).shape[1]), manifest, dtype)
+
+
+VectorBlocks = Iterable[tuple[np.ndarray, np.ndarray]]  # (ids [N], vectors [N, dim]) a block at a time
+
+
+def write_item_vector_blocks(out_dir: str | Path, video_blocks: VectorBlocks, comment_blocks: VectorBlocks | None,
+                             dim: int, manifest: dict, dtype: str = "float32") -> None:
+    """`write_item_vectors` from blocks of rows, each written as it comes (memory: one block)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_vector_table(video_ids, video_vectors, "video_id", dtype), out_dir / vector_file("videos"))
-    counts = {"videos": int(len(video_ids))}
-    if comment_ids is not None and comment_vectors is not None:
-        pq.write_table(_vector_table(comment_ids, comment_vectors, "comment_id", dtype), out_dir / vector_file("comments"))
-        counts["comments"] = int(len(comment_ids))
-    full_manifest = {"dim": int(np.asarray(video_vectors).shape[1]), "counts": counts, "storage_dtype": dtype} | dict(manifest)
-    write_vectors_manifest(out_dir, full_manifest)
+    counts = {"videos": _write_vector_blocks(out_dir / vector_file("videos"), "video_id", video_blocks, dim, dtype)}
+    if comment_blocks is not None:
+        counts["comments"] = _write_vector_blocks(out_dir / vector_file("comments"), "comment_id", comment_blocks,
+                                                  dim, dtype)
+    write_vectors_manifest(out_dir, {"dim": dim, "counts": counts, "storage_dtype": dtype} | dict(manifest))
 
 
-def _vector_table_paths(vectors_dir: str | Path, name: str) -> list[Path]:
-    """`name.parquet`, or the shards `name/part-*.parquet`; [] when neither exists."""
-    single = Path(vectors_dir) / vector_file(name)
-    return [single] if single.is_file() else shard_paths(vectors_dir, name)
+def _write_vector_blocks(path: Path, id_column: str, blocks: VectorBlocks, dim: int, dtype: str) -> int:
+    rows = 0
+    with pq.ParquetWriter(path, _vector_table(np.zeros(0, np.int64), np.zeros((0, dim)), id_column, dtype).schema) as writer:
+        for ids, vectors in blocks:
+            table = _vector_table(ids, vectors, id_column, dtype)
+            if table["vector"].type.list_size != dim:
+                raise DataError(f"{id_column}: vectors of dim {table['vector'].type.list_size}, expected {dim}")
+            writer.write_table(table)
+            rows += len(table)
+    return rows
 
 
 def read_vector_table(vectors_dir: str | Path, name: str, id_column: str) -> pa.Table | None:
@@ -121,6 +137,12 @@ def read_vector_table(vectors_dir: str | Path, name: str, id_column: str) -> pa.
         if column not in table.column_names:
             raise DataError(f"VECTORS {name}: missing column '{column}' in {vectors_dir}")
     return table
+
+
+def _vector_table_paths(vectors_dir: str | Path, name: str) -> list[Path]:
+    """`name.parquet`, or the shards `name/part-*.parquet`; [] when neither exists."""
+    single = Path(vectors_dir) / vector_file(name)
+    return [single] if single.is_file() else shard_paths(vectors_dir, name)
 
 
 DENSE_BLOCK_ROWS = 65_536  # rows of a VECTORS table read at a time by the dense join
@@ -383,21 +405,25 @@ class HashedBagOfWords:
         return out
 
 
+HASHED_COMMENT_BLOCK = 1 << 20  # comments encoded and written at a time (KuaiComt: 8.5M kept comments)
+
+
 def write_hashed_vectors(prepared_dir: str | Path, out_dir: str | Path, dim: int = 64, seed: int = 0,
                          dtype: str = "float32") -> Path:
-    """Every caption and comment of PREPARED, hashed-bag-of-words encoded, into a VECTORS directory."""
+    """Every caption and comment of PREPARED, hashed-bag-of-words encoded, into a VECTORS directory.
+    Comments are read, encoded and written a block at a time."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     encoder = HashedBagOfWords(dim, seed)
     videos = read_videos(prepared_dir, ["video_id", "caption"])
-    video_vectors = encoder.encode(videos["caption"].combine_chunks())
-    comment_ids = comment_vectors = None
-    if has_comments(prepared_dir):
-        comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_id", "content"])
-        comment_ids = comments["comment_id"].to_numpy()
-        comment_vectors = encoder.encode(comments["content"].combine_chunks())
-        del comments
-    write_item_vectors(
-        out_dir, videos["video_id"].to_numpy(), video_vectors, comment_ids, comment_vectors,
+    video_blocks = [(videos["video_id"].to_numpy(), encoder.encode(videos["caption"].combine_chunks()))]
+
+    def comment_blocks():
+        comments = pq.ParquetFile(table_path(prepared_dir, COMMENTS_FILE))
+        for batch in comments.iter_batches(batch_size=HASHED_COMMENT_BLOCK, columns=["comment_id", "content"]):
+            yield batch.column(0).to_numpy(), encoder.encode(batch.column(1))
+
+    write_item_vector_blocks(
+        out_dir, video_blocks, comment_blocks() if has_comments(prepared_dir) else None, dim,
         {"model": "hashed-bow", "pooling": "sum+l2", "dtype": dtype, "prompt_template": None, "language": None,
          "hashed": {"buckets": HASHED_BUCKETS, "dim": dim, "seed": seed,
                     "note": "scale/smoke runs only; not an LLM encoding"},

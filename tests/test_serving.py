@@ -187,6 +187,40 @@ def test_comment_rankings_equal_offline_model(recommender, model_dirs, prepared_
         assert scores == sorted(scores, reverse=True)
 
 
+def test_replicas_starting_together_compute_the_comment_table_once(model_dirs, prepared_dir, tmp_path, monkeypatch):
+    """Replicas of a node share one memory-mapped candidate table: one computes it under the file lock while
+    the others wait, and the node keeps only the most recently used tables."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lsvcr.serve import candidate_tables
+    from lsvcr.serve.catalog import Catalog
+    from lsvcr.serve.model_dir import load_model_dir
+
+    monkeypatch.setenv(candidate_tables.CACHE_DIR_ENVIRONMENT, str(tmp_path / "cache"))
+    loaded = load_model_dir(model_dirs["comment"], "comment")
+    pools = Catalog(prepared_dir).pool_comments
+    computed = []
+    compute = loaded.model.comment_candidate_table
+
+    def counted(pool_comments):
+        computed.append(len(pool_comments))
+        return compute(pool_comments)
+
+    monkeypatch.setattr(loaded.model, "comment_candidate_table", counted)
+    with ThreadPoolExecutor(4) as replicas:
+        tables = list(replicas.map(lambda _: candidate_tables.shared_comment_candidates(loaded, pools), range(4)))
+    assert len(computed) == 1
+    assert all(torch.equal(table, tables[0]) for table in tables)
+    assert len(list((tmp_path / "cache").glob("comment_candidates-*.npy"))) == 1
+    assert torch.allclose(tables[0], compute(torch.from_numpy(pools)))
+
+    for dropped in range(1, candidate_tables.TABLES_KEPT + 2):  # other pools: other tables (as new versions)
+        candidate_tables.shared_comment_candidates(loaded, pools[:-dropped])
+    kept = sorted((tmp_path / "cache").glob("comment_candidates-*.npy"))
+    assert len(kept) == candidate_tables.TABLES_KEPT and len(computed) == 1 + candidate_tables.TABLES_KEPT + 1
+    assert torch.equal(tables[0], tables[0].clone())  # a map of a deleted table still reads
+
+
 def test_user_id_uses_the_stored_latest_history(recommender, prepared_dir):
     histories = pq.read_table(prepared_dir / "user_histories.parquet").slice(0, 3).to_pylist()
     catalog = recommender.catalog

@@ -137,3 +137,23 @@ def test_the_memory_mapped_dense_join_holds_one_block_in_memory(tmp_path, monkey
     assert peak < 0.25 * count * dim * 4, f"peak {peak / 1e6:.1f} MB"  # ids bookkeeping + one block
     row_of = {int(comment): row for row, comment in enumerate(ids)}
     assert np.array_equal(dense[1 + 123], np.arange(dim, dtype=np.float32) + row_of[123 + 10] * dim)
+
+
+def test_hashed_vectors_are_written_a_block_at_a_time_with_the_same_rows(tiny_prepared_dir, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from lsvcr import vectors as vectors_module
+    from lsvcr.data.prepared import read_table
+    from lsvcr.vectors import write_hashed_vectors
+
+    monkeypatch.setattr(vectors_module, "HASHED_COMMENT_BLOCK", 7)
+    write_hashed_vectors(tiny_prepared_dir, tmp_path / "v", dim=8, seed=5, dtype="float16")
+    written = pq.read_table(tmp_path / "v" / "comments.parquet")
+    comments = read_table(tiny_prepared_dir, "comments.parquet", ["comment_id", "content"])
+    assert written.num_rows == comments.num_rows and pq.ParquetFile(tmp_path / "v" / "comments.parquet").num_row_groups > 1
+    assert np.array_equal(written["comment_id"].to_numpy(), comments["comment_id"].to_numpy())
+    whole = HashedBagOfWords(dim=8, seed=5).encode(comments["content"].combine_chunks()).astype(np.float16)
+    assert np.array_equal(np.stack(written["vector"].to_numpy(zero_copy_only=False)), whole)
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert manifest["counts"] == {"videos": read_table(tiny_prepared_dir, "videos.parquet").num_rows,
+                                  "comments": comments.num_rows} and manifest["storage_dtype"] == "float16"

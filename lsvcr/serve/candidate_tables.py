@@ -4,6 +4,7 @@ size 8.2M pooled comments x 64 x 4 B = 2.1 GB, held once in the page cache inste
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from lsvcr.vectors import read_vectors_manifest_if_any
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENVIRONMENT = "LSVCR_SERVE_CACHE"  # default: <temp dir>/lsvcr-serve-tables (node-local)
+TABLES_KEPT = 4  # the most recently opened tables a node keeps (older model versions' tables are deleted)
 
 
 def cache_dir() -> Path:
@@ -38,22 +40,37 @@ def _table_key(loaded: LoadedModel, pool_comments: np.ndarray) -> str:
 
 
 def shared_comment_candidates(loaded: LoadedModel, pool_comments: np.ndarray) -> torch.Tensor:
-    """`loaded.model.comment_candidate_table(pool_comments)` from the node's cache file (written by the first
-    replica that needs it: a temporary file, then a rename), as a read-only memory map. Where the cache
-    cannot be written, the replica keeps its own copy."""
-    path = cache_dir() / f"comment_candidates-{_table_key(loaded, pool_comments)}.npy"
-    if not path.is_file():
-        table = loaded.model.comment_candidate_table(torch.from_numpy(np.asarray(pool_comments, dtype=np.int64)))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")
-            with partial.open("wb") as handle:
-                np.save(handle, table.numpy())
-            os.replace(partial, path)
-        except OSError as error:
-            log.warning("comment candidate table not cached in %s (%s): this replica keeps its own copy", path, error)
-            return table
-        del table
+    """`loaded.model.comment_candidate_table(pool_comments)` from the node's cache file, as a read-only
+    memory map. The first replica that needs it computes it under a file lock (replicas starting together
+    wait for it rather than each computing it) and writes a temporary file, then renames it. Where the
+    cache cannot be written, the replica keeps its own copy."""
+    directory = cache_dir()
+    path = directory / f"comment_candidates-{_table_key(loaded, pool_comments)}.npy"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                table = loaded.model.comment_candidate_table(torch.from_numpy(np.asarray(pool_comments, dtype=np.int64)))
+                partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")
+                with partial.open("wb") as handle:
+                    np.save(handle, table.numpy())
+                os.replace(partial, path)
+                del table
+                _keep_recent_tables(directory, TABLES_KEPT)
+            os.utime(path)  # recently used: kept by _keep_recent_tables
+    except OSError as error:
+        log.warning("comment candidate table not cached in %s (%s): this replica keeps its own copy", path, error)
+        return loaded.model.comment_candidate_table(torch.from_numpy(np.asarray(pool_comments, dtype=np.int64)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.load(path, mmap_mode="r"))
+
+
+def _keep_recent_tables(directory: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used tables. A replica still mapping a deleted table keeps
+    reading it (the file lives until its last map closes); a new replica of that version recomputes it."""
+    tables = sorted(directory.glob("comment_candidates-*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in tables[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
