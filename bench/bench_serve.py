@@ -23,7 +23,8 @@ writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. A
 Ray variables (VARIANT_EXTRAS): `throughput` Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the
 replica's event loop, buffered request logs, ...), `plain` sets it to 0, `loop` only runs user code on
 the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr; `waitN`
-sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N.
+sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N,
+`pin` sets serve.pin_replica_cpus (each replica's threads on its own core).
 The Serve replicas run at nice 0, as `lsvcr`'s own clusters start them (lsvcr.runtime.ensure_ray).
 """
 
@@ -523,13 +524,15 @@ def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
         wait_ms, batch_size = extra.removeprefix("wait"), extra.removeprefix("batch")
         if extra in VARIANT_EXTRAS:
             environment.update(VARIANT_EXTRAS[extra])
+        elif extra == "pin":
+            arguments.append("--pin-replica-cpus")
         elif wait_ms != extra and wait_ms.replace(".", "", 1).isdigit():
             arguments.append(f"--batch-wait-ms={wait_ms}")
         elif batch_size != extra and batch_size.isdigit():
             arguments.append(f"--max-batch-size={batch_size}")
         else:
             raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
-                             "waitMS or batchN")
+                             "pin, waitMS or batchN")
     return ingress, environment, arguments
 
 
@@ -587,6 +590,8 @@ def main() -> int:
                         help="serve.batch_wait_timeout_s, in ms (default: the shipped value)")
     parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
                         help="serve.max_batch_size (default: the shipped value)")
+    parser.add_argument("--pin-replica-cpus", action="store_true",
+                        help="serve.pin_replica_cpus: each replica's threads on its own core(s)")
     parser.add_argument("--interleave-waits-ms", type=float, nargs="+", default=None, metavar="MS",
                         help="after the kill phase: redeploy with each batch wait in turn, --interleave-rounds times, "
                              "measuring 1, 8 and 32 clients (side-by-side ratios on a noisy machine)")
@@ -597,7 +602,8 @@ def main() -> int:
     if args.variants:
         passed = []
         for name, value in vars(args).items():
-            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size") or value is None:
+            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size", "pin_replica_cpus") \
+                    or value is None or value is False:
                 continue
             flag = f"--{name.replace('_', '-')}"
             passed += [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"]
@@ -605,7 +611,7 @@ def main() -> int:
     # Read when Ray's processes start, and inherited by them from this one.
     apply_serve_ingress_environment(args.ingress)
     serve_config = ServeConfig(ingress=args.ingress, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                               max_batch_size=args.max_batch_size)
+                               max_batch_size=args.max_batch_size, pin_replica_cpus=args.pin_replica_cpus)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)

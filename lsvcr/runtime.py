@@ -50,6 +50,24 @@ def set_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
+def pin_to_cores(slot: int, num_cores: int) -> list[int] | None:
+    """Pin every thread of this process (and so the threads it starts later) to `num_cores` of the CPUs it
+    may use: slot k takes the k-th group of `num_cores`, wrapping around. The cores, or None where the OS
+    has no affinity API (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    count = max(1, min(int(num_cores), len(allowed)))
+    start = (slot * count) % len(allowed)
+    cores = {allowed[(start + i) % len(allowed)] for i in range(count)}
+    for thread_id in os.listdir("/proc/self/task"):  # sched_setaffinity(0, ...) would pin the calling thread only
+        try:
+            os.sched_setaffinity(int(thread_id), cores)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(cores)
+
+
 def apply_serve_ingress_environment(ingress: str | None = None) -> None:
     """Set the RAY_SERVE_* variables of `ingress` (default: serve.ingress's) in this process, for the Ray
     processes it starts next; an explicit value of the other variables (e.g. RAY_SERVE_HAPROXY_RETRY_ON) wins."""

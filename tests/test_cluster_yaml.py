@@ -1,6 +1,10 @@
 """cluster.yaml is checked against Ray's own cluster-launcher schema."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -79,3 +83,24 @@ def test_a_local_cluster_takes_free_haproxy_stats_and_metrics_ports(monkeypatch)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     apply_serve_ingress_environment("haproxy")
     assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_a_pinned_replica_runs_every_thread_on_its_own_cores():
+    """serve.pin_replica_cpus: the replica at rank k on its node takes the k-th group of cores (wrapping), for
+    every thread it has (threads started before pinning) and starts afterwards (they inherit it)."""
+    probe = ("import os, threading, time, json\n"
+             "from lsvcr.runtime import pin_to_cores\n"
+             "early = threading.Thread(target=time.sleep, args=(2,)); early.start()\n"
+             "cores = pin_to_cores(int(os.environ['SLOT']), 1)\n"
+             "late = threading.Thread(target=time.sleep, args=(1,)); late.start()\n"
+             "threads = {t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')}\n"
+             "print(json.dumps({'cores': cores, 'threads': threads}))\n")
+    allowed = sorted(os.sched_getaffinity(0))
+    for slot in (0, 1, len(allowed)):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                env={**os.environ, "SLOT": str(slot)}, timeout=60)
+        report = json.loads(result.stdout)
+        expected = [allowed[slot % len(allowed)]]
+        assert report["cores"] == expected, report
+        assert len(report["threads"]) >= 3 and all(cores == expected for cores in report["threads"].values()), report

@@ -240,6 +240,9 @@ class ServeConfig:
     # (bench_serve --interleave-waits-ms 2 0) and cost a lone request its 2 ms.
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.0
+    # Pin each replica's threads to its own num_cpus_per_replica cores (by its rank on the node; Linux), so
+    # replicas do not migrate between cores or share one (bench_serve variant +pin measures it).
+    pin_replica_cpus: bool = False
     max_ongoing_requests: int = 16
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit

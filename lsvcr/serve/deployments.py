@@ -5,6 +5,7 @@ default, serve.ingress; or Serve's Python proxy): no separate gateway deployment
 from __future__ import annotations
 
 import logging
+import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from lsvcr.config import ServeConfig
-from lsvcr.runtime import serve_ingress_in_effect, set_threads
+from lsvcr.runtime import pin_to_cores, serve_ingress_in_effect, set_threads
 from lsvcr.serve.recommender import Recommender
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest, parse_request
 
@@ -62,6 +63,8 @@ class RecommenderModel:
         self.config = ServeConfig(**serve_config)
         # A replica computes on the cores it reserves, no more (oversubscribed torch is several times slower).
         set_threads(max(1, int(self.config.num_cpus_per_replica)))
+        if self.config.pin_replica_cpus:
+            pin_to_cores(serve.get_replica_context().rank.local_rank, max(1, int(self.config.num_cpus_per_replica)))
         self.recommender = Recommender.from_model_dirs(video_model_dir, comment_model_dir)
         for handler in (self._video_batch, self._comment_batch):
             handler.set_max_batch_size(self.config.max_batch_size)
@@ -135,6 +138,7 @@ class RecommenderModel:
         info["serve"] = {k: getattr(self.config, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_k",
                                                                 "max_history_items", "max_body_bytes")}
         info["serve"]["ingress"] = serve_ingress_in_effect()
+        info["serve"]["cpu_affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         return JSONResponse(info)
 
     def describe(self) -> dict[str, Any]:
