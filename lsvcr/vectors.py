@@ -172,9 +172,10 @@ def _fill_dense_rows(paths: list[Path], id_column: str, wanted_ids: np.ndarray, 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=DENSE_BLOCK_ROWS, columns=[id_column, "vector"]):
             ids = batch.column(0).to_numpy(zero_copy_only=False)
             vector_column = batch.column(1)
-            if vector_column.null_count or len(vector_column.values) != len(ids) * dim:
+            values = vector_column.flatten()  # the block's own values (`.values` ignores a slice's offset)
+            if vector_column.null_count or values.null_count or len(values) != len(ids) * dim:
                 raise DataError(f"VECTORS {what}: null vectors or vectors not of dim {dim} in {path}")
-            vectors = vector_column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            vectors = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
             _, first = np.unique(ids, return_index=True)  # the first row of an id repeated within the block
             position = np.minimum(np.searchsorted(sorted_wanted, ids[first]), max(len(sorted_wanted) - 1, 0))
             wanted = (sorted_wanted[position] == ids[first]) if len(sorted_wanted) else np.zeros(len(first), bool)
