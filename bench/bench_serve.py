@@ -445,6 +445,9 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         print(f"serving at {base_url} after {results['startup_s']} s", flush=True)
         host, port = config.host, config.port
         asyncio.run(_load(host, port, bodies, 4, 5))  # warm-up
+        # the cores each replica may run on, as /v1/model reports them (serve.pin_replica_cpus)
+        results["replica_cpu_affinity"] = sorted({tuple(_model_info(host, port)["serve"]["cpu_affinity"] or ())
+                                                  for _ in range(16)})
 
         requests = [VideoRequest.model_validate_json(body) for body in bodies]
 
