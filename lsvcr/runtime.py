@@ -122,11 +122,6 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, serve_in
         # Serve replicas: measured on a 2-core machine, a fine-tune step went from about 0.9 s to 8 s beside ten
         # busy processes (docs/cluster.md). The workers are the work; an explicit RAY_worker_niceness still wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # glibc gives each thread that allocates its own malloc arena and keeps freed memory in it: a KuaiComt
-        # Train worker (the training function runs in a thread beside Ray's) held ~30 arenas of ~64 MB. Two
-        # arenas: a demo-size worker's peak RSS 2.66 -> 1.96 GB at no cost in time (docs/results.md, Scale).
-        # Read by each process when it starts, so it is set here for the Ray processes this one starts.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         apply_serve_ingress_environment(serve_ingress)
         # address="local": start our own cluster, never attach to a stranger's `ray start` on this machine.
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
