@@ -218,7 +218,9 @@ def test_replicas_starting_together_compute_the_comment_table_once(model_dirs, p
         candidate_tables.shared_comment_candidates(loaded, pools[:-dropped])
     kept = sorted((tmp_path / "cache").glob("comment_candidates-*.npy"))
     assert len(kept) == candidate_tables.TABLES_KEPT and len(computed) == 1 + candidate_tables.TABLES_KEPT + 1
-    assert torch.equal(tables[0], tables[0].clone())  # a map of a deleted table still reads
+    first_file = candidate_tables.cache_dir() / f"comment_candidates-{candidate_tables._table_key(loaded, pools)}.npy"
+    assert not first_file.exists()  # the least recently used table was deleted ...
+    assert torch.allclose(tables[0], compute(torch.from_numpy(pools)))  # ... and its map still reads
 
 
 def test_user_id_uses_the_stored_latest_history(recommender, prepared_dir):
