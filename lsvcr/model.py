@@ -198,6 +198,9 @@ class HistoryStates:
     comment_item_text: Tensor | None  # y_j [B, Lc, H]
 
 
+CANDIDATE_BLOCK_ROWS = 1 << 18  # candidate comments projected at a time (KuaiComt: 8M pooled comments)
+
+
 @dataclass
 class ItemTables:
     """The item-side terms of `encode_histories` and of comment scoring, computed once per serving replica
@@ -416,7 +419,7 @@ class LSVCRModel(nn.Module):
 
     @torch.inference_mode()
     def item_tables(self, hot_comment: Tensor, candidate_comments: Tensor | None = None,
-                    block_rows: int = 1 << 18) -> ItemTables:
+                    block_rows: int = CANDIDATE_BLOCK_ROWS) -> ItemTables:
         """`ItemTables` of every video (row = video_idx; `hot_comment[v]` = the comment_idx its history
         token uses) and of the `candidate_comments` (comment_idx [P]; row 1 + j; None: no comment ranking),
         with the frozen text tables. History records' comments stay in the text table (record_comment None):
@@ -437,7 +440,7 @@ class LSVCRModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def comment_candidate_table(self, candidate_comments: Tensor, block_rows: int = 1 << 18) -> Tensor:
+    def comment_candidate_table(self, candidate_comments: Tensor, block_rows: int = CANDIDATE_BLOCK_ROWS) -> Tensor:
         """[P+1, H]: row 1 + j = normalize(A(comment candidate_comments[j])), row 0 = zeros (padding);
         projected `block_rows` at a time (KuaiComt: 8M pooled comments)."""
         device = self.video_position.weight.device

@@ -62,9 +62,10 @@ class RecommenderModel:
     def __init__(self, video_model_dir: str | None, comment_model_dir: str | None, serve_config: dict):
         self.config = ServeConfig(**serve_config)
         # A replica computes on the cores it reserves, no more (oversubscribed torch is several times slower).
-        set_threads(max(1, int(self.config.num_cpus_per_replica)))
+        threads = max(1, int(self.config.num_cpus_per_replica))
+        set_threads(threads)
         if self.config.pin_replica_cpus:
-            pin_to_cores(serve.get_replica_context().rank.local_rank, max(1, int(self.config.num_cpus_per_replica)))
+            pin_to_cores(serve.get_replica_context().rank.local_rank, threads)
         self.recommender = Recommender.from_model_dirs(video_model_dir, comment_model_dir)
         for handler in (self._video_batch, self._comment_batch):
             handler.set_max_batch_size(self.config.max_batch_size)
