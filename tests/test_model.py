@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lsvcr.config import ModelConfig
 from lsvcr.errors import ConfigError, DataError
-from lsvcr.model import LIKE_PRIOR_RATE, Dropout, HistoryBatch, LSVCRModel, _sampled_info_nce, masked_softmax
+from lsvcr.model import (LIKE_PRIOR_RATE, Dropout, HistoryBatch, LSVCRModel, MultiHeadAttention, _sampled_info_nce,
+                         masked_softmax)
 
 NUM_VIDEOS, NUM_COMMENTS, TEXT_DIM = 30, 60, 16
 
@@ -71,6 +72,21 @@ def test_masked_softmax_all_pad_row_is_zero_not_nan():
     weights = masked_softmax(torch.randn(2, 3), torch.tensor([[True, False, True], [False, False, False]]))
     assert torch.equal(weights[1], torch.zeros(3))
     assert weights[0, 1] == 0 and torch.isclose(weights[0].sum(), torch.tensor(1.0))
+
+
+def test_inference_attention_equals_the_training_formula_including_rows_without_keys():
+    """Eval mode takes the fused scaled_dot_product_attention kernel; with dropout off it must give the
+    explicit masked-softmax attention's values, and zero context (not NaN) for a query with no key."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(hidden=16, heads=2, attn_dropout=0.0, hidden_dropout=0.0, eps=1e-12)
+    hidden, key_value = torch.randn(3, 5, 16), torch.randn(3, 4, 16)
+    mask = torch.rand(3, 5, 4) > 0.4
+    mask[1] = False  # a user whose other history is empty
+    mask[2, 3] = False  # one query position without keys
+    explicit = attention.train()(hidden, key_value, mask)
+    fused = attention.eval()(hidden, key_value, mask)
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(fused, explicit, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["id+text", "text"])

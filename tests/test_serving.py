@@ -349,6 +349,7 @@ def test_unknown_ids_and_empty_pools_are_rejected(recommender, prepared_dir):
     user_id = catalog.example_user_id()
     known_video = int(catalog.video_ids[1])
     other_video_comment = int(catalog.comment_ids[np.flatnonzero(catalog.comment_video != 1)[1]])
+    own_comments = catalog.comment_ids[np.flatnonzero(catalog.comment_video == 1)].tolist()
     no_comments = np.flatnonzero(np.diff(catalog.pool_offsets)[1:] == 0)
     cases = [
         (VideoRequest(video_history=[known_video, 123]), 422, "video_history[1]"),
@@ -356,6 +357,10 @@ def test_unknown_ids_and_empty_pools_are_rejected(recommender, prepared_dir):
         (VideoRequest(comment_history=[{"video_id": known_video, "comment_ids": [99]}]), 422, "comment_history[0].comment_ids[0]"),
         (VideoRequest(comment_history=[{"video_id": known_video, "comment_ids": [other_video_comment]}]), 422,
          "comment_history[0].comment_ids[0]"),
+        # records are validated all at once: the error still names the record and the position in it
+        (VideoRequest(comment_history=[{"video_id": known_video, "comment_ids": own_comments[:2]},
+                                       {"video_id": known_video, "comment_ids": [*own_comments[:1], 99]}]), 422,
+         "comment_history[1].comment_ids[1]"),
     ]
     for request, status, field in cases:
         error = recommender.recommend_videos([request])[0]

@@ -24,14 +24,17 @@ from lsvcr.serve.catalog import Catalog, UserHistory, read_cold_video_vectors
 from lsvcr.serve.model_dir import LoadedModel, load_model_dir
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest
 
+NO_INDICES = np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class ResolvedRequest:
     """A validated request in index space, its history truncated to the model's limit."""
 
-    video_history: np.ndarray
+    video_history: np.ndarray  # integer indices (int32 views of the catalog or int64 lookups)
     comment_history_videos: np.ndarray
     comment_history_comments: list[np.ndarray]
-    seen_videos: np.ndarray  # every history video (before truncation): masked when exclude_seen
+    seen_videos: np.ndarray  # every history video (before truncation) when exclude_seen, else empty
     seen_comments: np.ndarray
     truncated: dict[str, dict[str, int]]
     k: int
@@ -142,6 +145,21 @@ class Recommender:
             raise RequestRejected(422, f"{field_name}[{i}]", f"video_id {raw_ids[i]} {reason}")
         return indices
 
+    def _lookup_record_comments(self, records: list, record_videos: np.ndarray) -> list[np.ndarray]:
+        """Each record's comment indices, all records looked up at once; a comment that is unknown or not
+        under its record's video is a 422 naming it."""
+        counts = np.array([len(record.comment_ids) for record in records], dtype=np.int64)
+        raw_ids = [comment_id for record in records for comment_id in record.comment_ids]
+        comment_idx = self.catalog.comment_index.lookup(raw_ids)
+        bad = np.flatnonzero((comment_idx == 0) | (self.catalog.comment_video[comment_idx] != np.repeat(record_videos, counts)))
+        if len(bad):
+            record_of = np.repeat(np.arange(len(records)), counts)
+            i, flat = int(record_of[bad[0]]), int(bad[0])
+            j = flat - int(counts[:i].sum())
+            problem = "is not a known comment" if comment_idx[flat] == 0 else f"is not a comment of video_id {records[i].video_id}"
+            raise RequestRejected(422, f"comment_history[{i}].comment_ids[{j}]", f"comment_id {raw_ids[flat]} {problem}")
+        return np.split(comment_idx, np.cumsum(counts)[:-1]) if len(records) else []
+
     def _resolve(self, request: VideoRequest, loaded: LoadedModel) -> ResolvedRequest:
         stored = None
         if request.user_id is not None and (request.video_history is None or request.comment_history is None):
@@ -158,15 +176,7 @@ class Recommender:
 
         if request.comment_history is not None:
             record_videos = self._lookup_videos([r.video_id for r in request.comment_history], "comment_history")
-            record_comments = []
-            for i, record in enumerate(request.comment_history):
-                comment_idx = self.catalog.comment_index.lookup(record.comment_ids)
-                bad = np.flatnonzero((comment_idx == 0) | (self.catalog.comment_video[comment_idx] != record_videos[i]))
-                if len(bad):
-                    j = int(bad[0])
-                    problem = "is not a known comment" if comment_idx[j] == 0 else f"is not a comment of video_id {record.video_id}"
-                    raise RequestRejected(422, f"comment_history[{i}].comment_ids[{j}]", f"comment_id {record.comment_ids[j]} {problem}")
-                record_comments.append(comment_idx)
+            record_comments = self._lookup_record_comments(request.comment_history, record_videos)
         else:
             record_videos, record_comments = stored.comment_history_videos, stored.comment_history_comments
 
@@ -183,12 +193,18 @@ class Recommender:
         per_record = loaded.comments_per_record
         if any(len(c) > per_record for c in kept_records):
             truncated["comment_ids_per_record"] = {"given": max(len(c) for c in kept_records), "kept": per_record}
+        if request.exclude_seen:
+            seen_videos = np.unique(np.concatenate([video_history, record_videos]).astype(np.int64))
+            seen_comments = np.unique(np.concatenate([NO_INDICES, *record_comments]).astype(np.int64))
+        else:
+            seen_videos = seen_comments = NO_INDICES
+        # Views, not copies: build_history_batch casts while padding.
         return ResolvedRequest(
-            video_history=np.asarray(video_history[-limit:], dtype=np.int64),
-            comment_history_videos=np.asarray(record_videos[-limit:], dtype=np.int64),
-            comment_history_comments=[np.asarray(c[:per_record], dtype=np.int64) for c in kept_records],  # as sample_arrays.py
-            seen_videos=np.unique(np.concatenate([video_history, record_videos]).astype(np.int64)),
-            seen_comments=np.unique(np.concatenate([np.zeros(0, np.int64), *record_comments]).astype(np.int64)),
+            video_history=video_history[-limit:],
+            comment_history_videos=record_videos[-limit:],
+            comment_history_comments=[c[:per_record] for c in kept_records],  # as sample_arrays.py
+            seen_videos=seen_videos,
+            seen_comments=seen_comments,
             truncated=truncated,
             k=request.k,
             exclude_seen=request.exclude_seen,
@@ -224,7 +240,7 @@ class Recommender:
         users = F.normalize(model.video_user_vector(states), dim=-1) / model.config.temperature  # tau folded in
         scores = users @ self.video_matrix.T  # ONE product for the whole batch: [B, d] @ [d, V]
         scores[:, 0] = float("-inf")  # padding row
-        self._mask(scores, [r.seen_videos if r.exclude_seen else np.zeros(0, np.int64) for r in resolved])
+        self._mask(scores, [r.seen_videos for r in resolved])
         top_scores, top_rows = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
         top_ids = self.row_video_ids[top_rows.numpy()]
         for row, (position, item) in enumerate(zip(positions, resolved)):
@@ -251,8 +267,7 @@ class Recommender:
         # The model's own scoring (cosine/τ, plus the like prior when the model has one); pad → -inf.
         scores = model.score_comments(build_history_batch(resolved, self.catalog.hot_comment), current_video, pools,
                                       tables=self.comment_tables, candidate_rows=pool_rows)
-        seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) if r.exclude_seen else np.zeros(0, np.int64)
-                        for row, r in enumerate(resolved)]
+        seen_columns = [np.flatnonzero(np.isin(pools[row].numpy(), r.seen_comments)) for row, r in enumerate(resolved)]
         self._mask(scores, seen_columns)
         top_scores, top_columns = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
         top_ids = self.catalog.comment_ids[torch.gather(pools, 1, top_columns).numpy()]
