@@ -24,7 +24,7 @@ Ray variables (VARIANT_EXTRAS): `throughput` Ray's RAY_SERVE_THROUGHPUT_OPTIMIZE
 replica's event loop, buffered request logs, ...), `plain` sets it to 0, `loop` only runs user code on
 the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr; `waitN`
 sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N,
-`pin` sets serve.pin_replica_cpus (each replica's threads on its own core).
+`pin` / `nopin` set serve.pin_replica_cpus on / off (each replica's threads on its own core; on by default).
 The Serve replicas run at nice 0, as `lsvcr`'s own clusters start them (lsvcr.runtime.ensure_ray).
 """
 
@@ -527,15 +527,15 @@ def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
         wait_ms, batch_size = extra.removeprefix("wait"), extra.removeprefix("batch")
         if extra in VARIANT_EXTRAS:
             environment.update(VARIANT_EXTRAS[extra])
-        elif extra == "pin":
-            arguments.append("--pin-replica-cpus")
+        elif extra in ("pin", "nopin"):
+            arguments.append("--pin-replica-cpus" if extra == "pin" else "--no-pin-replica-cpus")
         elif wait_ms != extra and wait_ms.replace(".", "", 1).isdigit():
             arguments.append(f"--batch-wait-ms={wait_ms}")
         elif batch_size != extra and batch_size.isdigit():
             arguments.append(f"--max-batch-size={batch_size}")
         else:
             raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
-                             "pin, waitMS or batchN")
+                             "pin, nopin, waitMS or batchN")
     return ingress, environment, arguments
 
 
@@ -593,8 +593,8 @@ def main() -> int:
                         help="serve.batch_wait_timeout_s, in ms (default: the shipped value)")
     parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
                         help="serve.max_batch_size (default: the shipped value)")
-    parser.add_argument("--pin-replica-cpus", action="store_true",
-                        help="serve.pin_replica_cpus: each replica's threads on its own core(s)")
+    parser.add_argument("--pin-replica-cpus", action=argparse.BooleanOptionalAction, default=ServeConfig.pin_replica_cpus,
+                        help="serve.pin_replica_cpus: each replica's threads on its own core(s) (default: the shipped value)")
     parser.add_argument("--interleave-waits-ms", type=float, nargs="+", default=None, metavar="MS",
                         help="after the kill phase: redeploy with each batch wait in turn, --interleave-rounds times, "
                              "measuring 1, 8 and 32 clients (side-by-side ratios on a noisy machine)")
