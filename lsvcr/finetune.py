@@ -154,6 +154,7 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     metrics["best_epoch"] = state["best_epoch"]
     metrics["epochs_run"] = state["epoch"]
     metrics["resumed_after_epochs"] = state["resumed_after"]
+    metrics["resumed_inside_epochs"] = state.get("resumed_inside_epoch", [])  # [epoch, steps done] per resume
     if state.get("like_prior_init") is not None:
         metrics["like_prior"] = {"init_weight": state["like_prior_init"],
                                  "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}

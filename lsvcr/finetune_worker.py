@@ -98,6 +98,8 @@ class WorkerContext:
     get_checkpoint: Callable[[], Any]
     keeps_checkpoints: bool = True
     checkpoint_class: Any = None  # ray.train.Checkpoint or ray.tune.Checkpoint (distinct classes in Ray 2.60)
+    # finetune.checkpoint_every_steps applies (Ray Train only: a Tune report is a scheduler's training iteration)
+    checkpoints_inside_epochs: bool = False
 
 
 def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
@@ -107,7 +109,8 @@ def _worker_context(report_to: str, use_gpu: str) -> WorkerContext:
 
         context = ray.train.get_context()
         return WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                             ray.train.report, ray.train.get_checkpoint, checkpoint_class=ray.train.Checkpoint)
+                             ray.train.report, ray.train.get_checkpoint, checkpoint_class=ray.train.Checkpoint,
+                             checkpoints_inside_epochs=True)
     if report_to == "tune":
         import ray.tune
 
@@ -161,12 +164,21 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     checkpoint = context.get_checkpoint()
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
                              "history": [], "init_report": None, "resumed_after": []}
+    mid_epoch = None  # a checkpoint taken inside an epoch: where in it to go on (finetune.checkpoint_every_steps)
     if checkpoint is not None:
         state = train_driver.load_checkpoint_state(checkpoint)
         model.load_state_dict(state.pop("model"))
+        mid_epoch = state.pop("mid_epoch", None)
+        if mid_epoch is not None and len(mid_epoch["rank_states"]) != context.world_size:
+            log.warning("the checkpoint inside epoch %d was taken by %d workers, not %d: that epoch restarts",
+                        mid_epoch["epoch"], len(mid_epoch["rank_states"]), context.world_size)
+            mid_epoch = None
         state["resumed_after"].append(state["epoch"])
-        log.info("resuming after epoch %d (best %s %.4f at epoch %d)", state["epoch"], selection_metric,
-                 state["best"], state["best_epoch"])
+        if mid_epoch is not None:
+            state.setdefault("resumed_inside_epoch", []).append([mid_epoch["epoch"], mid_epoch["steps_done"]])
+        log.info("resuming after epoch %d%s (best %s %.4f at epoch %d)", state["epoch"],
+                 f" and {mid_epoch['steps_done']} steps of epoch {mid_epoch['epoch']}" if mid_epoch else "",
+                 selection_metric, state["best"], state["best_epoch"])
     else:
         if loop_config.get("init"):
             state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
@@ -198,7 +210,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if settings.max_steps_per_epoch:
             batches = batches[:settings.max_steps_per_epoch]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, id_text, samples
-        progress = tqdm(batches, desc=f"epoch {epoch}", disable=context.rank != 0, leave=False, mininterval=2.0)
+        steps_done = 0
+        if mid_epoch is not None and mid_epoch["epoch"] == epoch:  # go on where the checkpoint was taken
+            steps_done = mid_epoch["steps_done"]
+            if context.rank == 0:  # all ranks' sums so far; the epoch end all-reduces them with the others' rest
+                sums = mid_epoch["sums"].clone()
+            started -= mid_epoch["train_seconds"]
+            cpu_started -= mid_epoch["train_cpu_seconds"]
+            restore_rank_state(mid_epoch["rank_states"][context.rank], batch_rng)
+            mid_epoch = None
+        progress = tqdm(batches[steps_done:], desc=f"epoch {epoch}", disable=context.rank != 0, leave=False,
+                        mininterval=2.0, initial=steps_done, total=len(batches))
         for rows in progress:
             if window_rows is None:
                 batch = make_batch(train, tables, rows, rng=batch_rng, comment_negatives=settings.comment_negatives)
@@ -214,6 +236,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             sums += torch.tensor([loss.item() * targets, ce.item() * targets, id_text.item() * targets, targets],
                                  dtype=torch.float64)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at mininterval
+            steps_done += 1
+            if wants_mid_epoch_checkpoint(settings.checkpoint_every_steps, steps_done, len(batches), context):
+                _report_mid_epoch(context, state, model, optimizer, {
+                    "epoch": epoch, "steps_done": steps_done, "steps": len(batches), "sums": sums,
+                    "train_seconds": time.perf_counter() - started,
+                    "train_cpu_seconds": time.process_time() - cpu_started}, batch_rng)
         train_seconds = time.perf_counter() - started
         train_cpu_seconds = time.process_time() - cpu_started  # ≪ train_seconds when the machine is shared
         sums = _all_reduce_sum(sums, context)
@@ -259,6 +287,48 @@ def ray_train_worker(loop_config: dict) -> None:
     """`train_loop_per_worker` for Ray Train, which rejects tensors in a worker's return value (the
     state travels in the checkpoints instead)."""
     train_loop_per_worker(loop_config)
+
+
+def wants_mid_epoch_checkpoint(every_steps: int, steps_done: int, epoch_steps: int, context: WorkerContext) -> bool:
+    """A checkpoint inside the epoch after `steps_done` steps? Only where the context allows it (Ray Train),
+    and never at the epoch's last step (the epoch end reports then)."""
+    return (context.checkpoints_inside_epochs and every_steps > 0 and steps_done % every_steps == 0
+            and steps_done < epoch_steps)
+
+
+def rank_state(batch_rng: np.random.Generator) -> dict:
+    """What makes this rank's rest of the epoch the same after a resume: its sampling and dropout RNGs."""
+    return {"batch_rng": batch_rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+
+def restore_rank_state(saved: dict, batch_rng: np.random.Generator) -> None:
+    batch_rng.bit_generator.state = saved["batch_rng"]
+    torch.set_rng_state(saved["torch_rng"])
+
+
+def _gather(value: Any, context: WorkerContext) -> list[Any]:
+    """`value` of every rank, in rank order (a collective: every rank calls it at the same step)."""
+    if context.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _report_mid_epoch(context: WorkerContext, state: dict, model: nn.Module, optimizer, progress: dict,
+                      batch_rng: np.random.Generator) -> None:
+    """Every rank reports the steps done; rank 0 attaches a checkpoint of the model, the optimizer, the epoch's
+    partial sums (all ranks') and every rank's RNG states, so the resumed epoch goes on as if never stopped."""
+    progress = dict(progress, sums=_all_reduce_sum(progress["sums"].clone(), context))  # resumes on rank 0
+    rank_states = _gather(rank_state(batch_rng), context)
+    metrics = {"epoch": progress["epoch"] - 1, "step_in_epoch": progress["steps_done"], "steps_in_epoch": progress["steps"]}
+
+    def payload() -> dict:
+        return dict(state, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    mid_epoch=dict(progress, rank_states=rank_states))
+
+    attaches = context.rank == 0
+    train_driver.report(context.report, metrics, payload if attaches else None, context.checkpoint_class)
 
 
 def _report_epoch(context: WorkerContext, row: dict, state: dict, model: nn.Module, optimizer) -> None:

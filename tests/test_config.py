@@ -46,6 +46,7 @@ def test_round_trip(tmp_path):
         ("finetune.lr=-1", "finetune.lr must be positive"),
         ("finetune.contrast_negatives_shared_by=0", "finetune.contrast_negatives_shared_by must be positive"),
         ("finetune.max_steps_per_epoch=-1", "finetune.max_steps_per_epoch must be 0"),
+        ("finetune.checkpoint_every_steps=-2", "finetune.checkpoint_every_steps must be 0"),
         ("finetune.lr", "must look like section.key=value"),
     ],
 )

@@ -312,6 +312,59 @@ def test_killed_run_resumes_from_latest_checkpoint(ray_cluster, tiny_prepared_di
     assert evaluated["full_ranking"]["test"]["samples"] == evaluated["test"]["samples"]
 
 
+def _registered_mid_epoch_step(staging: Path) -> tuple[int, int] | None:
+    """(epochs done, steps done in the next) of the latest checkpoint Ray Train's controller has registered
+    (`checkpoint_manager_snapshot.json`; a folder on disk is not enough) if it was taken inside an epoch."""
+    snapshot = staging / "ray_train" / "checkpoint_manager_snapshot.json"
+    try:
+        metrics = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics", {})
+    except (OSError, ValueError):  # not there yet, or being rewritten
+        return None
+    return (metrics["epoch"], metrics["step_in_epoch"]) if "step_in_epoch" in metrics else None
+
+
+@pytest.mark.slow
+def test_run_killed_inside_an_epoch_resumes_there_and_equals_an_uninterrupted_run(
+        ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
+    config_file = tmp_path / "ft.yaml"
+    config_file.write_text("finetune:\n  max_epochs: 2\n  patience: 5\n  batch_size: 64\n  checkpoint_every_steps: 2\n")
+    config = load_config(config_file, ["finetune.task=video"])
+    reference = run_finetune(config, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path / "reference")
+
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "lsvcr", "finetune", "--data", str(tiny_prepared_dir),
+               "--vectors", str(tiny_minilm_vectors_dir), "--task", "video", "--out", str(out),
+               "--config", str(config_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    staging = tmp_path / ".model.partial"
+    killed_inside = None
+    try:
+        deadline = time.time() + 300
+        while killed_inside is None and time.time() < deadline and process.poll() is None:
+            registered = _registered_mid_epoch_step(staging)
+            if registered is not None and registered[0] == 1:  # inside epoch 2
+                killed_inside = registered[1]
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert killed_inside is not None, "no registered checkpoint inside epoch 2 before the run ended"
+
+    resumed = run_finetune(config, tiny_prepared_dir, tiny_minilm_vectors_dir, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    (resumed_inside,) = metrics["resumed_inside_epochs"]
+    assert resumed_inside[0] == 2 and resumed_inside[1] >= killed_inside >= 2
+    # Not restarted: the epoch went on from its last checkpoint, with every rank's RNGs, so the run is the
+    # uninterrupted one (the epoch's loss counts the steps before the kill too).
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    for name in ("train_loss", "train_ce", "valid_ndcg@5", "valid_recall@10"):
+        assert resumed.history[-1][name] == pytest.approx(reference.history[-1][name], rel=1e-5), name
+    final = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-5) for k in expected)
+
+
 @pytest.mark.slow
 def test_two_workers_match_one_worker(ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
     runs = {}
