@@ -67,7 +67,10 @@ def size_params(name: str):
 def stage_command(stage: str, work: Path, params, storage_dtype: str = "float32") -> list[str]:
     lsvcr = [sys.executable, "-m", "lsvcr"]
     raw, prepared, vectors = work / "raw", work / "prepared", work / "vectors"
-    one_epoch = ["--set", "finetune.max_epochs=1", "--set", "finetune.num_workers=1"]
+    # A lost worker resumes at its last 500-step checkpoint, not the epoch's start (the KuaiComt video epoch is
+    # ~3,150 steps, ~70 min; the 2026-12-06 row predates this and lost 42 min to one such restart).
+    one_epoch = ["--set", "finetune.max_epochs=1", "--set", "finetune.num_workers=1",
+                 "--set", "finetune.checkpoint_every_steps=500"]
     if stage == "synth":
         preset = "kuaicomt" if params == PRESETS["kuaicomt"] else "demo"
         return lsvcr + ["synth", "--out", str(raw), "--preset", preset, "--users", str(params.users),
