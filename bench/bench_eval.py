@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lsvcr.sample_arrays import ItemTables, SampleArrays  # noqa: E402
+from lsvcr.sample_arrays import CommentPools, SampleArrays  # noqa: E402
 from lsvcr.config import ModelConfig  # noqa: E402
 from lsvcr.evaluate import evaluate_arrays  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> int:
     arrays = random_histories(rng, args.users, args.videos, args.comments, 50, 8)
     pool = np.zeros((args.videos + 1, 3), dtype=np.int64)
     pool[1:] = rng.integers(1, args.comments + 1, (args.videos, 3))
-    tables = ItemTables(args.videos, args.comments, pool, np.full(args.videos + 1, 3), np.zeros(args.comments + 1))
+    tables = CommentPools(args.videos, args.comments, pool, np.full(args.videos + 1, 3), np.zeros(args.comments + 1))
 
     evaluate_arrays(model, arrays, tables, batch_size=args.batch_size, full_ranking=True)  # warm-up
     seconds, cpu_seconds = [], []

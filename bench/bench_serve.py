@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from lsvcr.config import LSVCRConfig, ServeConfig, save_config  # noqa: E402
 from lsvcr.data import schema  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402
 from lsvcr.config import SERVE_INGRESS_ENVIRONMENT  # noqa: E402
-from lsvcr.runtime import apply_serve_ingress_environment  # noqa: E402
+from lsvcr.runtime import apply_serve_ingress_environment, free_local_port  # noqa: E402
 from lsvcr.vectors import write_item_vectors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
@@ -328,11 +327,6 @@ def _model_info(host: str, port: int) -> dict:
         return json.loads(response.read())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _replica_actor_names() -> list[str]:
     import ray
@@ -436,7 +430,7 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
     # address="local": never join a cluster another process started with `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # A fixed replica count for the measured phases: no replica starts inside one.
-    config = replace(serve_config or ServeConfig(), port=_free_port(), min_replicas=replicas, max_replicas=replicas)
+    config = replace(serve_config or ServeConfig(), port=free_local_port(), min_replicas=replicas, max_replicas=replicas)
     results: dict = {"serve_config": asdict(config)}
     try:
         t0 = time.perf_counter()

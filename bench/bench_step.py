@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from lsvcr.baselines import build_model  # noqa: E402
 from lsvcr.batching import epoch_rows, make_batch  # noqa: E402
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays  # noqa: E402
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
 from lsvcr.finetune_worker import build_objective  # noqa: E402
 from synthetic_data import synthetic_prepared  # noqa: E402  (bench/ is on sys.path)
@@ -44,7 +44,7 @@ def main() -> None:
 
     config = load_config(None, [f"finetune.task={args.task}", *args.overrides])
     prepared = synthetic_prepared(Path(args.work), "demo")
-    tables = load_item_tables(prepared, config.data.hot_comments)
+    tables = load_comment_pools(prepared, config.data.hot_comments)
     train = load_sample_arrays(prepared, args.task, "train", config.finetune.history_length,
                                config.data.max_comments_per_record)
     generator = torch.Generator().manual_seed(0)

@@ -69,12 +69,12 @@ def quick_steps(args) -> int:
 
     from lsvcr.baselines import build_model
     from lsvcr.batching import epoch_rows, history_lengths, make_batch
-    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+    from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
     from lsvcr.finetune_worker import build_objective
 
     torch.set_num_threads(1)
     data = video_only_data(Path(args.work))
-    tables = load_item_tables(data)
+    tables = load_comment_pools(data)
     train = load_sample_arrays(data, "video", "train", 50)
     batches = epoch_rows(len(train), 512, np.random.default_rng(0), lengths=history_lengths(train))[: args.steps]
     result = {}

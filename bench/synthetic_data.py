@@ -26,7 +26,7 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     import torch
 
     from lsvcr.baselines import build_model
-    from lsvcr.sample_arrays import load_item_tables
+    from lsvcr.sample_arrays import load_comment_pools
     from lsvcr.evaluate import load_text_tables
     from lsvcr.finetune import make_loop_config
     from lsvcr.finetune_worker import train_loop_per_worker
@@ -36,7 +36,7 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     torch.manual_seed(seed)
     state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
     video_text, comment_text = load_text_tables(config, data, vectors)
-    tables = load_item_tables(data)
+    tables = load_comment_pools(data)
     trained = build_model(config.model, tables.num_videos, video_text, comment_text,
                           torch.from_numpy(tables.comment_likes))
     trained.load_state_dict(state["best_state"])

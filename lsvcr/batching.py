@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lsvcr.errors import DataError
 from lsvcr.history_views import hot_comments_for, record_comments_for
-from lsvcr.sample_arrays import ItemTables, SampleArrays
+from lsvcr.sample_arrays import CommentPools, SampleArrays
 from lsvcr.sample_stream import SampleStream, batch_arrays
 
 
@@ -72,7 +72,7 @@ class Batch:
 
 
 def sample_comment_candidates(
-    current_video: np.ndarray, pos_comments: np.ndarray, tables: ItemTables, num_negatives: int,
+    current_video: np.ndarray, pos_comments: np.ndarray, tables: CommentPools, num_negatives: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training candidates of the comment task (METHOD 1.5): column 0 = one random positive, then
@@ -112,7 +112,7 @@ def _trim(array: np.ndarray, axis: int) -> np.ndarray:
 
 
 def make_batch(
-    arrays: SampleArrays, tables: ItemTables, rows: np.ndarray, *, rng: np.random.Generator | None,
+    arrays: SampleArrays, tables: CommentPools, rows: np.ndarray, *, rng: np.random.Generator | None,
     comment_negatives: int = 19, comments_per_record: int | None = None, deterministic_views: bool = False,
 ) -> Batch:
     """Rows of `arrays` → a `Batch`. `rng` given = training (random hot comments, sampled comment

@@ -28,7 +28,7 @@ from torch import nn
 
 from lsvcr import model_files
 from lsvcr.batching import epoch_rows, history_lengths, make_batch
-from lsvcr.sample_arrays import ItemTables, SampleArrays, load_comment_likes, load_item_tables
+from lsvcr.sample_arrays import CommentPools, SampleArrays, load_comment_likes, load_comment_pools
 from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
@@ -110,7 +110,7 @@ def protocol_description(task: str, full_ranking: bool, exclude_seen: bool, hist
 
 @torch.no_grad()
 def evaluate_arrays(
-    model: nn.Module, arrays: SampleArrays, tables: ItemTables, *, device: torch.device | str = "cpu",
+    model: nn.Module, arrays: SampleArrays, tables: CommentPools, *, device: torch.device | str = "cpu",
     batch_size: int = 1024, full_ranking: bool = False, exclude_seen: bool = True, rank: int = 0, world_size: int = 1,
     progress: bool = False,
 ) -> MetricAccumulator:
@@ -167,12 +167,12 @@ def swap_histories(arrays: SampleArrays | SampleStream, seed: int = SWAP_SEED) -
 def evaluate_model(
     model: nn.Module, task: str, data_dir: str | Path, config: LSVCRConfig, *, device: str | torch.device = "cpu",
     full_ranking: bool = False, exclude_seen: bool = True, splits: tuple[str, ...] = ("valid", "test"),
-    progress: bool = True, swapped_histories: bool = False, tables: ItemTables | None = None,
+    progress: bool = True, swapped_histories: bool = False, tables: CommentPools | None = None,
 ) -> dict:
     """{"protocol": ..., split: metrics} for one model on one PREPARED directory (`swapped_histories`:
     every sample scored with another sample's history, see `swap_histories`; `tables`: the directory's
     item tables, if the caller already has them)."""
-    tables = load_item_tables(data_dir) if tables is None else tables
+    tables = load_comment_pools(data_dir) if tables is None else tables
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
@@ -204,7 +204,7 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json."""
     trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
     config = trained.config
-    tables = load_item_tables(trained.data_dir)
+    tables = load_comment_pools(trained.data_dir)
     sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device, tables=tables)
     metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
     metrics["swapped_history"] = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device,

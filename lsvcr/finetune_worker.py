@@ -28,7 +28,7 @@ from lsvcr.finetune_init import load_stage1_checkpoint, warm_start_like_prior
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE, HistoryStates
 from lsvcr.runtime import choose_device, set_threads
-from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.sample_stream import open_sample_stream
 
 log = logging.getLogger("lsvcr.finetune")
@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     vectors_dir = Path(loop_config["vectors_dir"]) if loop_config.get("vectors_dir") else None
 
     # 2. data and the model
-    tables = load_item_tables(data_dir, config.data.hot_comments)
+    tables = load_comment_pools(data_dir, config.data.hot_comments)
     # Memory-mapped, padded per batch: a worker reads only the rows of its own batches (issue #16).
     train = open_sample_stream(data_dir, settings.task, "train", settings.history_length,
                                config.data.max_comments_per_record)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lsvcr.sample_arrays import ItemTables
+from lsvcr.sample_arrays import CommentPools
 
 # Stage 1: at most 3 of a record's comments, the same ones in the LLM prompt and the SR input (METHOD 2.2, 4.2;
 # data.py:131-132). Stage 2 (no prompt) averages all of them (up to data.max_comments_per_record).
@@ -27,7 +27,7 @@ def hot_comment_picks(video_history: np.ndarray, comment_pool: np.ndarray, hot_c
     return comment_pool[video_history, pick]
 
 
-def hot_comments_for(video_history: np.ndarray, tables: ItemTables, rng: np.random.Generator | None) -> np.ndarray:
+def hot_comments_for(video_history: np.ndarray, tables: CommentPools, rng: np.random.Generator | None) -> np.ndarray:
     """`hot_comment_picks` over the item tables' comment pools."""
     return hot_comment_picks(video_history, tables.comment_pool, tables.hot_count, rng)
 
@@ -47,7 +47,7 @@ class ViewAugmentation:
 
 
 def augment_views(video_history: np.ndarray, hot_comment: np.ndarray, record_videos: np.ndarray,
-                  records: np.ndarray, tables: ItemTables, rng: np.random.Generator, settings: ViewAugmentation,
+                  records: np.ndarray, tables: CommentPools, rng: np.random.Generator, settings: ViewAugmentation,
                   prompt_fixed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(prompt hot comments, SR hot comments, prompt records, SR records) under METHOD 5.1's augmentation.
 

@@ -80,10 +80,11 @@ def apply_serve_ingress_environment(ingress: str | None = None) -> None:
     # HAProxy's stats and Prometheus ports default to fixed 8404 and 9101: a second local cluster on the same
     # machine (a test run beside a job) would fail to start HAProxy. Local clusters take free ports instead.
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        os.environ.setdefault(name, str(_free_local_port()))
+        os.environ.setdefault(name, str(free_local_port()))
 
 
-def _free_local_port() -> int:
+def free_local_port() -> int:
+    """A TCP port free on every interface of this machine now (Serve, Ray and HAProxy ports of local runs)."""
     import socket
 
     with socket.socket() as probe:

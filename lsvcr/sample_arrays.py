@@ -1,4 +1,4 @@
-"""PREPARED tables → padded NumPy arrays (METHOD 1.5, 2.2), vectorised: the per-video `ItemTables` and one
+"""PREPARED tables → padded NumPy arrays (METHOD 1.5, 2.2), vectorised: the per-video `CommentPools` and one
 split's `SampleArrays`.
 
 Everything per sample is computed once from Arrow list offsets (no per-sample Python loop).
@@ -96,8 +96,9 @@ def last_records_padded(nested: pa.ChunkedArray, max_records: int, max_comments:
 
 
 @dataclass
-class ItemTables:
-    """Per-video lookup tables used while batching (row 0 = padding video)."""
+class CommentPools:
+    """Each video's comment pool and every comment's like count, used while batching (row 0 = padding video).
+    (Not `lsvcr.model.ItemTables`, the model's precomputed item-side terms for serving.)"""
 
     num_videos: int
     num_comments: int
@@ -121,7 +122,7 @@ def load_comment_likes(prepared_dir: str | Path) -> np.ndarray:
     return likes
 
 
-def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS) -> ItemTables:
+def load_comment_pools(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS) -> CommentPools:
     videos = read_videos(prepared_dir, ["video_idx", "hot_comments"])
     video_idx = videos["video_idx"].to_numpy()
     if not np.array_equal(video_idx, np.arange(1, len(video_idx) + 1)):
@@ -130,7 +131,7 @@ def load_item_tables(prepared_dir: str | Path, hot_comments: int = HOT_COMMENTS)
     comment_pool = np.zeros((len(video_idx) + 1, pool.shape[1]), dtype=np.int64)
     comment_pool[1:] = pool
     likes = load_comment_likes(prepared_dir)
-    return ItemTables(
+    return CommentPools(
         num_videos=len(video_idx),
         num_comments=len(likes) - 1,
         comment_pool=comment_pool,

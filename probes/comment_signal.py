@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lsvcr.baselines import build_model, fit_popularity  # noqa: E402
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays  # noqa: E402
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays  # noqa: E402
 from lsvcr.config import load_config  # noqa: E402
 from lsvcr.data.prepared import is_prepared, read_comments, read_users, read_videos  # noqa: E402
 from lsvcr.evaluate import evaluate_model, load_text_tables  # noqa: E402
@@ -115,7 +115,7 @@ def ceiling(prepared: Path, vectors: Path, comment_open_rate: float | None) -> N
     accuracy = style_probe_accuracy(comment_text[1:], style[1:])
     print(f"comment style from the text vectors in {vectors}: linear probe held-out accuracy {accuracy:.3f}")
     style_weight, likes_weight = latents["comment_choice_weights"]
-    log_likes = np.log1p(load_item_tables(prepared).comment_likes.astype(np.float64))
+    log_likes = np.log1p(load_comment_pools(prepared).comment_likes.astype(np.float64))
     for split in ("valid", "test"):
         arrays = load_sample_arrays(prepared, "comment", split, history_length=50)
         candidate_style = np.maximum(style[arrays.candidates], 0)
@@ -168,7 +168,7 @@ def model_free(prepared: Path, vectors: Path) -> None:
     from lsvcr.vectors import load_item_vectors
 
     _, comment_text = load_item_vectors(vectors, prepared)
-    tables = load_item_tables(prepared)
+    tables = load_comment_pools(prepared)
     prior = like_prior(torch.from_numpy(tables.comment_likes)).numpy()
     centered = section_centered(comment_text, tables.comment_pool)
     readers = {"raw vectors": comment_text, "section-centered": centered,
@@ -202,7 +202,7 @@ def write_reader_vectors(prepared: Path, vectors: Path, out: Path, k: int) -> No
     from lsvcr.vectors import load_item_vectors, write_item_vectors
 
     video_text, comment_text = load_item_vectors(vectors, prepared)
-    comments = section_centered(comment_text, load_item_tables(prepared).comment_pool)
+    comments = section_centered(comment_text, load_comment_pools(prepared).comment_pool)
     videos = video_text
     if k > 0:
         comments, videos = top_components(comments, k), top_components(video_text - video_text[1:].mean(axis=0), k)
@@ -219,7 +219,7 @@ def train(prepared: Path, vectors: Path, seeds: list[int], overrides: list[str])
         metrics = evaluate_model(fit_popularity(prepared, signal), "comment", prepared, base, progress=False)
         print(f"popularity by {signal}: valid ndcg@5 {metrics['valid']['ndcg@5']:.4f} "
               f"test {metrics['test']['ndcg@5']:.4f}", flush=True)
-    tables = load_item_tables(prepared)
+    tables = load_comment_pools(prepared)
     for seed in seeds:
         config = load_config(None, ["finetune.task=comment", "finetune.max_epochs=20", "finetune.patience=5",
                                     f"finetune.seed={seed}", *overrides])

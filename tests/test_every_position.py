@@ -12,7 +12,7 @@ import torch
 
 from lsvcr.baselines import build_model
 from lsvcr.batching import HistoryBatch, make_batch, position_windows
-from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.sample_stream import open_sample_stream
 from lsvcr.config import ModelConfig, load_config
 from lsvcr.data.prepare import prepare
@@ -102,7 +102,7 @@ def prepared(raw_dir: Path, tmp_path_factory) -> Path:
 def test_all_positions_loss_equals_the_per_sample_loss(prepared: Path, architecture: str) -> None:
     config = load_config(MOVIELENS, [f"model.architecture={architecture}", "model.mode=id",
                                      "model.hidden_dropout=0", "model.attn_dropout=0"])
-    tables = load_item_tables(prepared)
+    tables = load_comment_pools(prepared)
     train = open_sample_stream(prepared, "video", "train", config.finetune.history_length)
     torch.manual_seed(0)
     objective = build_objective(config, build_model(config.model, tables.num_videos, None, None))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lsvcr.batching import epoch_rows, make_batch, sample_comment_candidates
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
 from lsvcr.baselines import build_model, fit_popularity
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
@@ -62,7 +62,7 @@ def test_padded_arrays_match_the_arrow_lists(tiny_prepared_dir):
 
 
 def test_hot_comments_and_comment_negatives(tiny_prepared_dir):
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", history_length=50)
     rows = np.arange(len(arrays))
     evaluation = make_batch(arrays, tables, rows, rng=None)
@@ -197,7 +197,7 @@ def test_a_history_blind_ranker_passes_the_swap_unchanged(tiny_prepared_dir):
 def test_a_trained_video_model_loses_quality_with_another_users_history(tiny_prepared_dir, tiny_minilm_vectors_dir):
     config = _tiny_config("video", epochs=2)
     state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir, report_to="local"))
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     video_text, comment_text = load_text_tables(config, tiny_prepared_dir, tiny_minilm_vectors_dir)
     model = build_model(config.model, tables.num_videos, video_text, comment_text, torch.from_numpy(tables.comment_likes))
     model.load_state_dict(state["best_state"])

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.config import load_config
 
 
@@ -109,7 +109,7 @@ def test_frozen_alignment_end_to_end_loads_into_finetune(ray_cluster, tiny_prepa
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["mode"] == "frozen" and "0.weight" in checkpoint["text_mlp_state_dict"]
     stage2 = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text), torch.from_numpy(comment_text),
-                        torch.from_numpy(load_item_tables(tiny_prepared_dir).comment_likes))
+                        torch.from_numpy(load_comment_pools(tiny_prepared_dir).comment_likes))
     report = load_stage1_checkpoint(stage2, out / "checkpoint.pt")
     assert "llm_adapter.weight" in report["loaded"] and not report["skipped"]
     # Stage-2-only parameters; the like prior's weight exists only when the (non-paper) prior is on.
@@ -159,13 +159,13 @@ def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_p
     prompt (even positions) and the SR model (odd); frozen keeps the prompt's view; probability 0 = no change."""
     from lsvcr.batching import make_batch
     from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views
-    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+    from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
     from lsvcr.config import LSVCRConfig
     from lsvcr.llm.align_data import view_augmentation
 
     defaults = view_augmentation(LSVCRConfig())
     assert (defaults.video_p, defaults.comment_p, defaults.item_p, defaults.popular) == (0.5, 0.5, 0.3, 10)
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", 20, 8)
     history = make_batch(arrays, tables, np.arange(len(arrays)), rng=np.random.default_rng(0), comment_negatives=1,
                          comments_per_record=STAGE_ONE_COMMENTS_PER_RECORD).history

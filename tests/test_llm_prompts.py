@@ -160,12 +160,12 @@ def test_prompt_and_sr_batches_show_the_same_comments(tiny_prepared_dir):
 
     from lsvcr.batching import make_batch
     from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD
-    from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+    from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
     from lsvcr.llm.prompts import histories_from_samples, load_item_texts
 
     table = pq.read_table(Path(tiny_prepared_dir) / "comment_samples.train.parquet")
     arrays = load_sample_arrays(tiny_prepared_dir, "comment", "train", 20, 8)
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     prompt = histories_from_samples(table, load_item_texts(tiny_prepared_dir), 20, max_comments_per_record=8)
     rows = np.arange(len(arrays))
     rng = np.random.default_rng(0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lsvcr.runtime import free_local_port
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _job_env() -> dict[str, str]:
@@ -41,14 +37,14 @@ def _job_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def head_node():
     temp_dir = tempfile.mkdtemp(prefix="lsvcr-head-", dir="/tmp")  # short: Unix socket paths are limited
-    gcs_port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_port = free_local_port(), free_local_port(), free_local_port()
     # Every port is chosen here: the test session's own Ray (conftest) already holds the defaults, e.g. the
     # dashboard agent's 52365, and a head whose agent cannot bind accepts no job ("No available agent").
     process = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent_port}",
-         f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={free_local_port()}", f"--runtime-env-agent-port={free_local_port()}",
+         f"--metrics-export-port={free_local_port()}", f"--ray-client-server-port={free_local_port()}",
          "--num-cpus=2", "--block", f"--temp-dir={temp_dir}"],
         env=_job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
 from lsvcr.config import LSVCRConfig, load_config
 from lsvcr.data.prepare import prepare
 from lsvcr.errors import ConfigError
@@ -89,7 +89,7 @@ def _trained_state(prepared: Path, overrides: list[str]) -> tuple[dict, LSVCRCon
 
 
 def _valid_metric(state: dict, config: LSVCRConfig, prepared: Path, **ranking) -> float:
-    tables = load_item_tables(prepared)
+    tables = load_comment_pools(prepared)
     model = build_model(config.model, tables.num_videos, None, None)
     model.load_state_dict(state["best_state"])
     valid = load_sample_arrays(prepared, "video", "valid", config.finetune.history_length)

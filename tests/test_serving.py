@@ -4,7 +4,6 @@ app over real HTTP on 127.0.0.1 (docs: lsvcr/serve/__init__.py)."""
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,10 +15,11 @@ import torch.nn.functional as F
 import yaml
 
 from lsvcr.batching import make_batch
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
 from lsvcr.config import LSVCRConfig, ServeConfig, save_config
 from lsvcr.errors import ConfigError, ModelNotFoundError
 from lsvcr.model import LSVCRModel
+from lsvcr.runtime import free_local_port
 from lsvcr.serve.recommender import Recommender
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest, parse_request
 from lsvcr.vectors import load_item_vectors, write_item_vectors
@@ -67,7 +67,7 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     torch.manual_seed(seed)
     model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text),
                        None if comment_text is None else torch.from_numpy(comment_text),
-                       torch.from_numpy(load_item_tables(prepared_dir).comment_likes))
+                       torch.from_numpy(load_comment_pools(prepared_dir).comment_likes))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -99,7 +99,7 @@ def _offline_model(model_dir: Path, prepared_dir: Path, vectors_dir: Path) -> LS
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     model = LSVCRModel(LSVCRConfig().model.__class__(**checkpoint["model_config"]), checkpoint["num_videos"],
                        torch.from_numpy(video_text), torch.from_numpy(comment_text),
-                       torch.from_numpy(load_item_tables(prepared_dir).comment_likes))
+                       torch.from_numpy(load_comment_pools(prepared_dir).comment_likes))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -108,7 +108,7 @@ def _offline_video_scores(model_dirs, prepared_dir, vectors_dir, rows: np.ndarra
     """Logits [B, V+1] of the offline model over all videos, on test samples batched by lsvcr.batching."""
     model = _offline_model(model_dirs["video"], prepared_dir, vectors_dir)
     arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    batch = make_batch(arrays, load_comment_pools(prepared_dir), rows, rng=None)
     with torch.no_grad():
         return model.score_videos(batch.history)
 
@@ -117,7 +117,7 @@ def _offline_comment_scores(model_dirs, prepared_dir, vectors_dir, rows: np.ndar
     """(comment pools [B, P] of the target videos, the offline model's logits over them [B, P])."""
     model = _offline_model(model_dirs["comment"], prepared_dir, vectors_dir)
     arrays = load_sample_arrays(prepared_dir, "comment", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    tables = load_item_tables(prepared_dir)
+    tables = load_comment_pools(prepared_dir)
     batch = make_batch(arrays, tables, rows, rng=None)
     pool = torch.from_numpy(tables.comment_pool[batch.target_video.numpy()])
     with torch.no_grad():
@@ -262,7 +262,7 @@ def test_cold_videos_are_scored_through_the_text_path(recommender, model_dirs, p
     cold_text = torch.tensor([vectors["vector"][vectors["video_id"].index(int(i))] for i in COLD_VIDEO_IDS])
     bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 3))
     arrays = load_sample_arrays(prepared_dir, "video", "test", HISTORY_LENGTH, max_comments_per_record=2)
-    batch = make_batch(arrays, load_item_tables(prepared_dir), rows, rng=None)
+    batch = make_batch(arrays, load_comment_pools(prepared_dir), rows, rng=None)
     with torch.no_grad():
         user = F.normalize(model.video_user_vector(model.encode_histories(batch.history)), dim=-1)
         expected = user @ F.normalize(model.llm_adapter(cold_text), dim=-1).T / model.config.temperature
@@ -438,11 +438,6 @@ def test_serve_app_builder_is_typed():
 # the Ray Serve app over real HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served_recommender(model_dirs) -> Recommender:
@@ -458,7 +453,7 @@ def served(ray_cluster, model_dirs):
     from lsvcr.serve.app import start_serving, stop_serving
 
     # A long batch wait: a lone request must not pay it (test_http_endpoints_match_the_offline_model).
-    config = ServeConfig(port=_free_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
+    config = ServeConfig(port=free_local_port(), min_replicas=1, max_replicas=1, num_cpus_per_replica=0.5,
                          max_k=500, max_history_items=200, max_body_bytes=20_000, batch_wait_timeout_s=LONG_BATCH_WAIT_S)
     base_url = start_serving(model_dirs["video"], model_dirs["comment"], config)
     try:

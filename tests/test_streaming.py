@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lsvcr.batching import epoch_rows, history_lengths, make_batch
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
 from lsvcr.sample_stream import STREAM_DIR, open_sample_stream
 
 HISTORY_FIELDS = ("video_history", "video_history_hot_comment", "comment_history_videos", "comment_history_comments")
@@ -29,7 +29,7 @@ def _assert_same_batch(expected, got) -> None:
 @pytest.mark.parametrize("task", ["video", "comment"])
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
 def test_streamed_batches_equal_the_in_memory_loader(tiny_prepared_dir, task, split):
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     arrays = load_sample_arrays(tiny_prepared_dir, task, split, history_length=5, max_comments_per_record=2)
     stream = open_sample_stream(tiny_prepared_dir, task, split, history_length=5, max_comments_per_record=2)
     assert len(stream) == len(arrays)
@@ -51,7 +51,7 @@ def test_swapped_histories_of_a_stream_equal_those_of_the_arrays(tiny_prepared_d
     """evaluate's personalization check reads the split as a stream too (bounded memory at any size)."""
     from lsvcr.evaluate import swap_histories
 
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     arrays = swap_histories(load_sample_arrays(tiny_prepared_dir, task, "test", history_length=5, max_comments_per_record=2))
     stream = swap_histories(open_sample_stream(tiny_prepared_dir, task, "test", history_length=5, max_comments_per_record=2))
     assert np.array_equal(history_lengths(stream), history_lengths(arrays))
@@ -85,13 +85,13 @@ MEASURE = r"""
 import json, sys
 import numpy as np
 from lsvcr.batching import epoch_rows, history_lengths, make_batch
-from lsvcr.sample_arrays import load_item_tables, load_sample_arrays
+from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
 from lsvcr.sample_stream import open_sample_stream
 def peak_rss_bytes():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
 prepared, loader = sys.argv[1], sys.argv[2]
-tables = load_item_tables(prepared)
+tables = load_comment_pools(prepared)
 before = peak_rss_bytes()
 samples = (open_sample_stream if loader == "stream" else load_sample_arrays)(prepared, "video", "train", 50, 64)
 rng = np.random.default_rng(0)

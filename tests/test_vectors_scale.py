@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lsvcr.baselines import build_model
-from lsvcr.sample_arrays import load_item_tables
+from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.config import load_config
 from lsvcr.errors import ConfigError
 from lsvcr.llm.encode import run_encode
@@ -54,7 +54,7 @@ def test_the_model_reads_memory_mapped_float16_tables_in_place(tiny_prepared_dir
                                 "model.mode=id+text"])
     run_encode(config, tiny_prepared_dir, tmp_path / "v16", what="items")
     video, comment = open_item_tensors(tmp_path / "v16", tiny_prepared_dir)
-    tables = load_item_tables(tiny_prepared_dir)
+    tables = load_comment_pools(tiny_prepared_dir)
     likes = torch.from_numpy(tables.comment_likes)
     torch.manual_seed(0)
     mapped = build_model(config.model, tables.num_videos, video, comment, likes).to("cpu")

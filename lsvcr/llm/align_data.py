@@ -20,7 +20,7 @@ from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import load_manifest
 from lsvcr.errors import DataError
 from lsvcr.history_views import STAGE_ONE_COMMENTS_PER_RECORD, ViewAugmentation, augment_views
-from lsvcr.sample_arrays import ItemTables, load_item_tables
+from lsvcr.sample_arrays import CommentPools, load_comment_pools
 from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.vectors import open_item_tensors, read_vector_table
 
@@ -143,7 +143,7 @@ def mixed_epoch_batches(num_video: int, num_comment: int, batch_size: int, rng: 
 
 @dataclass
 class StageOneData:
-    tables: ItemTables
+    tables: CommentPools
     video: SampleStream  # video_samples.train
     comment: SampleStream | None  # comment_samples.train (None: video-only data)
     raw_video: Tensor | None = None  # frozen: [V+1, D] LLM item vectors (row 0 zeros)
@@ -176,7 +176,7 @@ def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[
 def load_stage_one_data(config: LSVCRConfig, data_dir: Path, vectors_dir: Path | None, frozen: bool) -> StageOneData:
     settings = config.align
     has_comments = bool(load_manifest(data_dir).get("has_comments"))
-    tables = load_item_tables(data_dir)
+    tables = load_comment_pools(data_dir)
     video = open_sample_stream(data_dir, "video", "train", settings.history_length, config.data.max_comments_per_record)
     comment = (open_sample_stream(data_dir, "comment", "train", settings.history_length,
                                   config.data.max_comments_per_record) if has_comments else None)
