@@ -246,8 +246,8 @@ class ServeConfig:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.0
     # Pin each replica's threads to its own num_cpus_per_replica cores (by its rank on the node, wrapping
-    # around the node's cores; Linux), so replicas do not migrate between cores or share one. Two bench runs
-    # (docs/serving.md): +12-33% requests/s at 8 and 32 clients over unpinned replicas in the same run.
+    # around the node's cores; Linux), so replicas do not migrate between cores or share one. Three bench runs
+    # (docs/serving.md): +4-33% requests/s at 32 clients over unpinned replicas in the same run; mixed at 8.
     pin_replica_cpus: bool = True
     max_ongoing_requests: int = 16
     max_k: int = 200
