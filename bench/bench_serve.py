@@ -14,6 +14,9 @@ What it does, all on 127.0.0.1, each phase of fixed length (it stops by itself):
    (no HTTP, no proxy, no gateway), to split the overhead;
 4. a replica-kill phase: 8 clients for `--kill-duration` s, one RecommenderModel replica is `ray.kill`ed
    mid-run, and the failed requests are counted.
+A client re-sends a request once when its connection closes before the whole response (as HTTP clients do
+for idempotent requests): `resent_once_after_a_cut_off` counts those, `failed` what still failed. Runs before
+2026-12-06 19:45 UTC did not re-send: their `failed` includes cut-off responses.
 Results: bench/results/serve.json.
 
 `--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
@@ -218,8 +221,31 @@ def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> d
 # HTTP load generator (raw sockets, keep-alive: the client must cost less CPU than the server)
 
 
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, str | None, bool]:
+    """Send one request on a keep-alive connection and read its whole response: (status, Retry-After, whether
+    the server closes the connection after it)."""
+    writer.write(request)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+    status = int(head.split(b" ", 2)[1])
+    length, retry_after, server_closes = 0, None, False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+        elif line.lower().startswith(b"retry-after:"):
+            retry_after = line.split(b":", 1)[1].strip().decode()
+        elif line.lower().replace(b" ", b"") == b"connection:close":
+            server_closes = True
+    await reader.readexactly(length)
+    return status, retry_after, server_closes
+
+
 async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float, path: str, stats: dict,
                       seed: int) -> None:
+    """A keep-alive client. A request whose connection closes before its whole response (a replica killed
+    mid-write, HAProxy reloading) is re-sent once on a new connection, as an HTTP client does for an
+    idempotent request; `stats["resent"]` counts those, `stats["failed"]` what still failed (and every
+    timeout, malformed response or non-200)."""
     rng = random.Random(seed)
     reader = writer = None
     while time.perf_counter() < deadline:
@@ -227,33 +253,35 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
         request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
         start = time.perf_counter()
-        try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection(host, port)
-            writer.write(request)
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
-            status = int(head.split(b" ", 2)[1])
-            length, retry_after, server_closes = 0, None, False
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-                elif line.lower().startswith(b"retry-after:"):
-                    retry_after = line.split(b":", 1)[1].strip().decode()
-                elif line.lower().replace(b" ", b"") == b"connection:close":
-                    server_closes = True
-            await reader.readexactly(length)
-            if server_closes:  # HTTP/1.1: the server closes after this response (HAProxy does on a reload)
-                writer.close()
-                reader = writer = None
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as error:
-            stats["failed"] += 1
-            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s {type(error).__name__}: {error}")
+        error: BaseException | None = None
+        for attempt in (1, 2):
+            cut_off = False
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                status, retry_after, server_closes = await _exchange(reader, writer, request)
+                error = None
+            except (OSError, asyncio.IncompleteReadError) as closed:  # the connection closed under the request
+                error, cut_off = closed, True
+            except (asyncio.TimeoutError, ValueError, IndexError) as other:  # a hang or a malformed response
+                error = other
+            if error is None:
+                break
             if writer is not None:
                 writer.close()
             reader = writer = None
+            if not cut_off or attempt == 2:
+                break
+            stats["resent"] += 1
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s re-sent after {type(error).__name__}: {error}")
+        if error is not None:
+            stats["failed"] += 1
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s {type(error).__name__}: {error}")
             await asyncio.sleep(0.05)
             continue
+        if server_closes:  # HTTP/1.1: the server closes after this response (HAProxy does on a reload)
+            writer.close()
+            reader = writer = None
         latency = (time.perf_counter() - start) * 1000
         if status == 200:
             stats["latencies"].append(latency)
@@ -268,7 +296,7 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
 
 async def _load(host: str, port: int, bodies: list[bytes], clients: int, duration: float,
                 path: str = "/v1/recommend/videos", during=None) -> dict:
-    stats = {"latencies": [], "completed_at": [], "failed": 0, "failed_by_status": {}, "errors": [],
+    stats = {"latencies": [], "completed_at": [], "failed": 0, "resent": 0, "failed_by_status": {}, "errors": [],
              "t0": time.perf_counter()}
     deadline = time.perf_counter() + duration
     tasks = [asyncio.create_task(_one_client(host, port, bodies, deadline, path, stats, seed)) for seed in range(clients)]
@@ -279,7 +307,8 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
     completions = np.sort(np.asarray([stats["t0"], *stats["completed_at"]]))
     longest_gap = float(np.diff(completions).max()) if len(completions) > 1 else elapsed
     return {"clients": clients, "longest_gap_without_a_response_s": round(longest_gap, 2), "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
-            "failed": stats["failed"], "failed_by_status": {str(k): v for k, v in stats["failed_by_status"].items()},
+            "failed": stats["failed"], "resent_once_after_a_cut_off": stats["resent"],
+            "failed_by_status": {str(k): v for k, v in stats["failed_by_status"].items()},
             "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
 
@@ -558,7 +587,7 @@ def run_variants(variants: list[str], passed: list[str], out: Path) -> int:
 def _write_comparison(out: Path, reports: dict[str, dict]) -> None:
     comparison = [{"variant": name, **{k: report["summary"][k] for k in (
         "http_1_client", "http_8_clients", "serve_vs_in_process_throughput", "failed_requests_with_replica_kill",
-        "cpu_ms_per_request_at_8_clients", "load_average_1min_at_end")},
+        "resent_requests_with_replica_kill", "cpu_ms_per_request_at_8_clients", "load_average_1min_at_end")},
         "load_average_1min_at_start": report["machine"]["load_average_1min_at_start"]}
         for name, report in reports.items() if "error" not in report]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -648,6 +677,7 @@ def main() -> int:
         "http_8_clients": {k: eight[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
         "http_1_client": {k: one[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
         "failed_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["failed"],
+        "resent_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["resent_once_after_a_cut_off"],
         # Where the CPU goes per request at 8 clients: the model's own work (in-process, batch 8) vs every
         # process on the request path (the model replica's figure includes the model's work).
         "cpu_ms_per_request_at_8_clients": {"model_in_process_batch_8": in_process_8, **eight["cpu_ms_per_request"]},
