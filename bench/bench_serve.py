@@ -16,7 +16,7 @@ What it does, all on 127.0.0.1, each phase of fixed length (it stops by itself):
    mid-run, and the failed requests are counted.
 A client re-sends a request once when its connection closes before the whole response (as HTTP clients do
 for idempotent requests): `resent_once_after_a_cut_off` counts those, `failed` what still failed. Runs before
-2026-12-06 19:45 UTC did not re-send: their `failed` includes cut-off responses.
+commit a30cb0b (2026-12-06 19:35 UTC) did not re-send: their `failed` includes cut-off responses.
 Results: bench/results/serve.json.
 
 `--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
