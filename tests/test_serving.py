@@ -4,6 +4,7 @@ app over real HTTP on 127.0.0.1 (docs: lsvcr/serve/__init__.py)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -478,6 +479,9 @@ def test_http_endpoints_match_the_offline_model(served, model_dirs, served_recom
     assert info["models"]["comment"]["metrics"]["test"] == {"ndcg@5": 0.1}
     assert info["versions"]["ray"] and info["catalog"]["cold_videos"] == len(COLD_VIDEO_IDS)
     assert info["serve"]["ingress"] == "haproxy"  # one hop: HAProxy → the replica's own HTTP server
+    # serve.pin_replica_cpus (default on): the replica's threads run on its own core, one per torch thread
+    affinity = info["serve"]["cpu_affinity"]
+    assert len(affinity) == 1 and affinity[0] in os.sched_getaffinity(0), affinity
 
     # Video endpoint: top-k scores equal the offline model's logits on the same history.
     bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 4))
