@@ -148,6 +148,39 @@ def _calibrate_bias(logits: np.ndarray, target_rate: float) -> float:
     return (low + high) / 2
 
 
+def _choose_comments(rng: np.random.Generator, record_user: np.ndarray, record_first_comment: np.ndarray,
+                     record_pool_size: np.ndarray, record_size: np.ndarray, style_preference: np.ndarray,
+                     comment_style: np.ndarray, comment_likes: np.ndarray,
+                     max_pairs: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's `record_size` comments of its video's pool by Gumbel-top-k over the user's style
+    preference and the comment's likes: (record, comment) pairs, by record, best score first.
+    Scored `max_pairs` (record, candidate) pairs at a time: at KuaiComt size all pairs together are
+    ~120M (several GB per array). The Gumbel noise is drawn chunk after chunk, the same stream as one draw,
+    so the result does not depend on `max_pairs`."""
+    pair_ends = np.cumsum(record_pool_size)
+    chosen_records, chosen_comments = [], []
+    start = 0
+    while start < len(record_pool_size):
+        first_pair = pair_ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(pair_ends, first_pair + max_pairs, side="right")))
+        pool_size = record_pool_size[start:stop]
+        pair_record = np.repeat(np.arange(start, stop), pool_size)
+        pair_offsets = np.concatenate([[0], np.cumsum(pool_size)])
+        pair_rank = np.arange(len(pair_record)) - pair_offsets[pair_record - start]
+        pair_comment = record_first_comment[pair_record] + pair_rank
+        score = (COMMENT_STYLE_WEIGHT * style_preference[record_user[pair_record], comment_style[pair_comment]]
+                 + COMMENT_LIKES_WEIGHT * np.log1p(comment_likes[pair_comment])
+                 + rng.gumbel(size=len(pair_record)))
+        order = np.lexsort((-score, pair_record))
+        rank_in_record = np.arange(len(order)) - pair_offsets[pair_record[order] - start]
+        chosen = order[rank_in_record < record_size[pair_record[order]]]
+        chosen_records.append(pair_record[chosen])
+        chosen_comments.append(pair_comment[chosen])
+        start = stop
+    empty = np.zeros(0, dtype=np.int64)
+    return np.concatenate([empty, *chosen_records]), np.concatenate([empty, *chosen_comments])
+
+
 def generate(params: SynthParams, latents: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
     """The five KuaiComt tables, as Arrow tables with the documented schemas. A `latents` dict, if given,
     receives the hidden truths the comment choices were drawn from (for ceiling probes, never for training):
@@ -272,29 +305,20 @@ def generate(params: SynthParams, latents: dict[str, np.ndarray] | None = None) 
     record_video = impression_video[record_impression]
     record_user = impression_user[record_impression]
     record_size = np.minimum(1 + rng.poisson(0.7, len(record_impression)), comments_per_video[record_video])
-    candidates_per_record = comments_per_video[record_video]
-    pair_record = np.repeat(np.arange(len(record_impression)), candidates_per_record)
-    pair_offsets = np.concatenate([[0], np.cumsum(candidates_per_record)])
-    pair_rank = np.arange(len(pair_record)) - pair_offsets[pair_record]
-    pair_comment = comment_offsets[record_video[pair_record]] + pair_rank
-    score = (COMMENT_STYLE_WEIGHT * style_preference[record_user[pair_record], comment_style[pair_comment]]
-             + COMMENT_LIKES_WEIGHT * np.log1p(comment_likes[pair_comment])
-             + rng.gumbel(size=len(pair_record)))
     if latents is not None:
         latents.update(user_id=user_ids, style_preference=style_preference, comment_id=comment_ids,
                        comment_style=comment_style,
                        comment_choice_weights=np.array([COMMENT_STYLE_WEIGHT, COMMENT_LIKES_WEIGHT]))
-    order = np.lexsort((-score, pair_record))
-    chosen = order[(np.arange(len(order)) - pair_offsets[pair_record[order]]) < record_size[pair_record[order]]]
-    chosen_record = pair_record[chosen]
-    chosen_comment = pair_comment[chosen]
-    delays = rng.integers(3, 90, size=len(chosen))
+    chosen_record, chosen_comment = _choose_comments(
+        rng, record_user, comment_offsets[record_video], comments_per_video[record_video], record_size,
+        style_preference, comment_style, comment_likes)
+    delays = rng.integers(3, 90, size=len(chosen_record))
     cumulative = np.cumsum(delays)
     record_first = np.concatenate([[0], np.cumsum(record_size)])[:-1]
     seconds_after = cumulative - (cumulative - delays)[record_first][chosen_record]
     comment_time_s = (impression_ms[record_impression][chosen_record] // 1000 + 2 + seconds_after).astype(np.int64)
-    is_reply = rng.random(len(chosen)) < 0.15
-    comment_is_like = ~is_reply | (rng.random(len(chosen)) < 0.3)
+    is_reply = rng.random(len(chosen_record)) < 0.15
+    comment_is_like = ~is_reply | (rng.random(len(chosen_record)) < 0.3)
     record_seconds = np.zeros(len(record_impression), dtype=np.int64)
     np.maximum.at(record_seconds, chosen_record, seconds_after)
     comment_stay_time = np.zeros(num_impressions, dtype=np.int64)
