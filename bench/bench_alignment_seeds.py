@@ -36,6 +36,20 @@ def _summary(values: list[float]) -> dict:
             "values": [round(value, 4) for value in values]}
 
 
+def _same_training(model_dir: Path, run_config) -> bool:
+    """Whether a finished MODEL dir was trained as `run_config` would train it (the model and the stage-2
+    settings; the thread count aside), so that its figures can stand for this run's."""
+    from dataclasses import asdict
+
+    from lsvcr.config import load_config
+
+    saved = load_config(model_dir / "config.yaml")
+    def training(config) -> dict:
+        return {"model": asdict(config.model), "finetune": {key: value for key, value in asdict(config.finetune).items()
+                                                             if key not in ("threads_per_worker", "num_workers")}}
+    return training(saved) == training(run_config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -110,13 +124,14 @@ def main() -> None:
             rows = []
             for seed in args.seeds:
                 out = work / f"{task}-{variant}-{seed}"
+                run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
+                                                          f"model.comment_like_prior={str(like_prior).lower()}",
+                                                          *overrides])
                 if (seed == config.finetune.seed and variant in pipeline_model
-                        and storage.is_finished(pipeline_model[variant])):
+                        and storage.is_finished(pipeline_model[variant])
+                        and _same_training(storage.pull(pipeline_model[variant]), run_config)):
                     out = storage.pull(pipeline_model[variant])  # the pipeline's own run: same config and seed
                 if not (out / model_files.METRICS).is_file():
-                    run_config = load_config(args.config, [f"finetune.task={task}", f"finetune.seed={seed}",
-                                                              f"model.comment_like_prior={str(like_prior).lower()}",
-                                                              *overrides])
                     run_finetune(run_config, layout.prepared, inputs["vectors"], out, init=inputs["init"])
                 metrics = model_files.read_metrics(out)
                 log_lines = (out / model_files.TRAIN_LOG).read_text().splitlines()
