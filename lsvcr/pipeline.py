@@ -216,7 +216,8 @@ def stage_report(config: LSVCRConfig, run: PipelineRun, results: dict) -> Path:
     from lsvcr.pipeline_report import write_pipeline_report
 
     local = storage.local_dir(run.layout.report)
-    path = write_pipeline_report(local, run.layout, results, run.timings, synthetic=not config.paths.raw)
+    path = write_pipeline_report(local, run.layout, results, run.timings, synthetic=not config.paths.raw,
+                                 budget=(config.finetune.max_epochs, config.finetune.patience))
     storage.mark_finished(local)
     storage.push(local, run.layout.report)
     return path

@@ -49,7 +49,27 @@ def plot_results(results: dict, path: Path, metrics: tuple[str, ...] = ("ndcg@5"
     return path
 
 
-def write_pipeline_report(out_dir: Path, layout, results: dict, timings: dict[str, float], synthetic: bool) -> Path:
+def budget_lines(rows: dict[str, dict], max_epochs: int, patience: int) -> list[str]:
+    """Each fine-tuned row's best epoch against the stage-2 budget, and which runs the epoch cap (not early
+    stopping) ended while they were still improving: their figures are the budget's, not the method's."""
+    trained = {label: row for label, row in rows.items() if row.get("epochs_run")}
+    if not trained:
+        return []
+    best = ", ".join(f"{label} {row.get('best_epoch')} of {row['epochs_run']}" for label, row in trained.items())
+    lines = [f"Stage 2 ran at most {max_epochs} epochs, stopping after {patience} without improvement "
+             f"(the paper, and lsvcr's defaults: 50 and 5). Best epoch of the epochs run: {best}."]
+    capped = [label for label, row in trained.items()
+              if row["epochs_run"] >= max_epochs and (row.get("best_epoch") or 0) > max_epochs - patience]
+    if capped:
+        lines[0] += (f" **Ended by the epoch cap while still improving:** {', '.join(capped)}. These figures are "
+                     "this budget's; with the paper's (`--set finetune.max_epochs=50 --set finetune.patience=5`) "
+                     "they may differ (docs/results.md).")
+    return lines + [""]
+
+
+def write_pipeline_report(out_dir: Path, layout, results: dict, timings: dict[str, float], synthetic: bool,
+                          budget: tuple[int, int] = (50, 5)) -> Path:
+    """`budget`: the stage-2 (max_epochs, patience) the models were trained with."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -69,7 +89,7 @@ def write_pipeline_report(out_dir: Path, layout, results: dict, timings: dict[st
                   f"Protocol: candidates = {protocol['candidates']}; split = {protocol['split']}; "
                   f"ties = {protocol['ties']}; multi-positive: {protocol['multi_positive']}; "
                   f"history length {protocol['history_length']}.", "",
-                  "Test split:", "", *_metric_table(rows, "test"), "",
+                  "Test split:", "", *_metric_table(rows, "test"), "", *budget_lines(rows, *budget),
                   "Validation split:", "", *_metric_table(rows, "valid"), ""]
         if any(label.endswith("another user's history") for label in rows):
             lines += ["Rows ending in \"another user's history\" are the personalization check: the same test samples "

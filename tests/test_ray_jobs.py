@@ -134,6 +134,7 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
                 "popularity (train interactions, the bar)"):
         assert row in report
     assert "Protocol:" in report and (run / "report" / "results.png").stat().st_size > 0
+    assert "Stage 2 ran at most 2 epochs, stopping after 2 without improvement" in report
 
     again = submit(head_node, "pipeline.py", "--config", str(config))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -141,3 +142,18 @@ def test_pipeline_job_runs_every_stage_and_a_resubmit_skips_them(head_node, tmp_
     for stage in ("prepare", "encode", "align", "finetune-video", "finetune-video-noalign", "finetune-comment",
                   "finetune-comment-noalign", "finetune-comment-likeprior"):
         assert f'"{stage}"' in skipped, f"{stage} ran again on re-submit"
+
+
+def test_the_report_says_which_runs_the_epoch_cap_ended():
+    """A run whose best epoch is within `patience` of the cap was still improving: the report must say its
+    figures are the budget's (the demo caps stage 2 at 12 epochs; the paper runs up to 50, patience 5)."""
+    from lsvcr.pipeline_report import budget_lines
+
+    rows = {"LSVCR (aligned)": {"best_epoch": 11, "epochs_run": 12},
+            "LSVCR (no alignment)": {"best_epoch": 6, "epochs_run": 9},
+            "LSVCR (aligned), another user's history": {"test": {}}, "popularity": {"test": {}}}
+    text = budget_lines(rows, max_epochs=12, patience=3)[0]
+    assert "LSVCR (aligned) 11 of 12, LSVCR (no alignment) 6 of 9" in text
+    assert "still improving:** LSVCR (aligned)." in text
+    assert "cap" not in budget_lines({"LSVCR (aligned)": {"best_epoch": 8, "epochs_run": 12}}, 12, 3)[0]
+    assert budget_lines({"popularity": {"test": {}}}, 12, 3) == []
