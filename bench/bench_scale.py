@@ -255,7 +255,12 @@ def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: 
                            "command); "
                            "finetune = 1 epoch, 1 Ray Train worker; default configs otherwise")
     row = results["sizes"].setdefault(size, {"stages": {}})
-    row["params"], row["counts"] = params, size_counts
+    row["params"] = params
+    # A stage run in a fresh work dir (e.g. synth alone) sees fewer files: keep the counts it cannot see.
+    merged = dict(row.get("counts", {}))
+    for key, value in size_counts.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    row["counts"] = merged
     row["stages"][stage] = entry
     results_path.write_text(json.dumps(results, indent=2) + "\n")
 
