@@ -44,6 +44,7 @@ def _same_training(model_dir: Path, run_config) -> bool:
     from lsvcr.config import load_config
 
     saved = load_config(model_dir / "config.yaml")
+
     def training(config) -> dict:
         return {"model": asdict(config.model), "finetune": {key: value for key, value in asdict(config.finetune).items()
                                                              if key not in ("threads_per_worker", "num_workers")}}
