@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lsvcr import storage  # noqa: E402
+from lsvcr.config import FinetuneConfig  # noqa: E402
 from lsvcr.metrics import METRIC_NAMES  # noqa: E402
 
 
@@ -56,19 +57,21 @@ def budget_lines(rows: dict[str, dict], max_epochs: int, patience: int) -> list[
     if not trained:
         return []
     best = ", ".join(f"{label} {row.get('best_epoch')} of {row['epochs_run']}" for label, row in trained.items())
+    paper = FinetuneConfig()  # lsvcr's defaults are the paper's stage-2 budget (METHOD 6.2)
     lines = [f"Stage 2 ran at most {max_epochs} epochs, stopping after {patience} without improvement "
-             f"(the paper, and lsvcr's defaults: 50 and 5). Best epoch of the epochs run: {best}."]
+             f"(the paper, and lsvcr's defaults: {paper.max_epochs} and {paper.patience}). "
+             f"Best epoch of the epochs run: {best}."]
     capped = [label for label, row in trained.items()
               if row["epochs_run"] >= max_epochs and (row.get("best_epoch") or 0) > max_epochs - patience]
     if capped:
         lines[0] += (f" **Ended by the epoch cap while still improving:** {', '.join(capped)}. These figures are "
-                     "this budget's; with the paper's (`--set finetune.max_epochs=50 --set finetune.patience=5`) "
-                     "they may differ (docs/results.md).")
+                     f"this budget's; with the paper's (`--set finetune.max_epochs={paper.max_epochs} "
+                     f"--set finetune.patience={paper.patience}`) they may differ (docs/results.md).")
     return lines + [""]
 
 
 def write_pipeline_report(out_dir: Path, layout, results: dict, timings: dict[str, float], synthetic: bool,
-                          budget: tuple[int, int] = (50, 5)) -> Path:
+                          budget: tuple[int, int]) -> Path:
     """`budget`: the stage-2 (max_epochs, patience) the models were trained with."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
