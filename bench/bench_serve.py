@@ -14,9 +14,11 @@ What it does, all on 127.0.0.1, each phase of fixed length (it stops by itself):
    (no HTTP, no proxy, no gateway), to split the overhead;
 4. a replica-kill phase: 8 clients for `--kill-duration` s, one RecommenderModel replica is `ray.kill`ed
    mid-run, and the failed requests are counted.
-A client re-sends a request once when its connection closes before the whole response (as HTTP clients do
-for idempotent requests): `resent_once_after_a_cut_off` counts those, `failed` what still failed. Runs before
-commit a30cb0b (2026-12-06 19:35 UTC) did not re-send: their `failed` includes cut-off responses.
+A client re-sends a request the service never answered (lsvcr.serve.resend: the connection closed before the
+whole response, or the ingress's own error page) up to 3 times, as HTTP clients do for idempotent requests:
+`resent_after_no_answer` counts those requests, `failed` what still failed. Runs before commit a30cb0b
+(2026-12-06 19:35 UTC) did not re-send: their `failed` includes cut-off responses; runs from then until the
+change to lsvcr.serve.resend (2026-12-07) re-sent once, on a cut-off only (`resent_once_after_a_cut_off`).
 Results: bench/results/serve.json.
 
 `--variants haproxy proxy haproxy+throughput` runs the whole bench once per Serve set-up, back to back in
@@ -61,6 +63,7 @@ from lsvcr.data import schema  # noqa: E402
 from lsvcr.model import LSVCRModel  # noqa: E402
 from lsvcr.config import SERVE_INGRESS_ENVIRONMENT  # noqa: E402
 from lsvcr.runtime import apply_serve_ingress_environment, free_local_port  # noqa: E402
+from lsvcr.serve.resend import MAX_RESENDS, is_ingress_error, resend_delay_s  # noqa: E402
 from lsvcr.vectors import write_item_vectors  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
@@ -223,7 +226,7 @@ def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> d
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, str | None, bool]:
     """Send one request on a keep-alive connection and read its whole response: (status, Retry-After, whether
-    the server closes the connection after it)."""
+    the server closes the connection after it, body)."""
     writer.write(request)
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
@@ -236,16 +239,17 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
             retry_after = line.split(b":", 1)[1].strip().decode()
         elif line.lower().replace(b" ", b"") == b"connection:close":
             server_closes = True
-    await reader.readexactly(length)
-    return status, retry_after, server_closes
+    body = await reader.readexactly(length)
+    return status, retry_after, server_closes, body
 
 
 async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float, path: str, stats: dict,
                       seed: int) -> None:
-    """A keep-alive client. A request whose connection closes before its whole response (a replica killed
-    mid-write, HAProxy reloading) is re-sent once on a new connection, as an HTTP client does for an
-    idempotent request; `stats["resent"]` counts those, `stats["failed"]` what still failed (and every
-    timeout, malformed response or non-200)."""
+    """A keep-alive client. A request the service never answered (lsvcr.serve.resend: its connection closed
+    before a whole response, a replica killed mid-write or HAProxy reloading, or the ingress's own error page)
+    is re-sent on a new connection, up to MAX_RESENDS times with a growing delay, as an HTTP client does for
+    an idempotent request; `stats["resent"]` counts the requests re-sent, `stats["failed"]` what still failed
+    (and every timeout, malformed response or non-200)."""
     rng = random.Random(seed)
     reader = writer = None
     while time.perf_counter() < deadline:
@@ -253,35 +257,34 @@ async def _one_client(host: str, port: int, bodies: list[bytes], deadline: float
         request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
         start = time.perf_counter()
-        error: BaseException | None = None
-        for attempt in (1, 2):
-            cut_off = False
+        for resend in range(MAX_RESENDS + 1):
+            error: BaseException | None = None
+            never_answered = False
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
-                status, retry_after, server_closes = await _exchange(reader, writer, request)
-                error = None
+                status, retry_after, server_closes, answer = await _exchange(reader, writer, request)
+                never_answered = is_ingress_error(status, answer)
             except (OSError, asyncio.IncompleteReadError) as closed:  # the connection closed under the request
-                error, cut_off = closed, True
+                error, never_answered = closed, True
             except (asyncio.TimeoutError, ValueError, IndexError) as other:  # a hang or a malformed response
                 error = other
-            if error is None:
+            if error is not None or never_answered or server_closes:
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+            if not never_answered or resend == MAX_RESENDS:
                 break
-            if writer is not None:
-                writer.close()
-            reader = writer = None
-            if not cut_off or attempt == 2:
-                break
-            stats["resent"] += 1
-            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s re-sent after {type(error).__name__}: {error}")
+            if resend == 0:
+                stats["resent"] += 1
+            what = f"{type(error).__name__}: {error}" if error is not None else f"the ingress's HTTP {status}"
+            stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s re-sent after {what}")
+            await asyncio.sleep(resend_delay_s(resend))
         if error is not None:
             stats["failed"] += 1
             stats["errors"].append(f"{time.perf_counter() - stats['t0']:.2f}s {type(error).__name__}: {error}")
             await asyncio.sleep(0.05)
             continue
-        if server_closes:  # HTTP/1.1: the server closes after this response (HAProxy does on a reload)
-            writer.close()
-            reader = writer = None
         latency = (time.perf_counter() - start) * 1000
         if status == 200:
             stats["latencies"].append(latency)
@@ -307,7 +310,7 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
     completions = np.sort(np.asarray([stats["t0"], *stats["completed_at"]]))
     longest_gap = float(np.diff(completions).max()) if len(completions) > 1 else elapsed
     return {"clients": clients, "longest_gap_without_a_response_s": round(longest_gap, 2), "load_average_1min": round(os.getloadavg()[0], 2), "duration_s": round(elapsed, 1), "ok": len(stats["latencies"]),
-            "failed": stats["failed"], "resent_once_after_a_cut_off": stats["resent"],
+            "failed": stats["failed"], "resent_after_no_answer": stats["resent"],
             "failed_by_status": {str(k): v for k, v in stats["failed_by_status"].items()},
             "requests_per_s": round(len(stats["latencies"]) / elapsed, 1),
             **percentiles(stats["latencies"]), "first_errors": stats["errors"][:10]}
@@ -677,7 +680,7 @@ def main() -> int:
         "http_8_clients": {k: eight[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
         "http_1_client": {k: one[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
         "failed_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["failed"],
-        "resent_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["resent_once_after_a_cut_off"],
+        "resent_requests_with_replica_kill": report["serve"]["http_8_clients_replica_killed"]["resent_after_no_answer"],
         # Where the CPU goes per request at 8 clients: the model's own work (in-process, batch 8) vs every
         # process on the request path (the model replica's figure includes the model's work).
         "cpu_ms_per_request_at_8_clients": {"model_in_process_batch_8": in_process_8, **eight["cpu_ms_per_request"]},

@@ -15,6 +15,8 @@ Modules, from the inside out (each imports only the ones above it):
   parses and validates JSON, turns every bad input into a 4xx `{"error": {"field", "message"}}`) and the
   `Recommender` behind `@serve.batch`, in one replica (one hop from the ingress, HAProxy by default: docs/serving.md).
 - `app`: the typed app builder (`ServeAppArgs` -> `build_app`), `start_serving` / `stop_serving`.
+- `resend`: which outcomes a client sends again (a connection cut before a whole response, the ingress's own
+  error page): the policy of the serving tests and `bench/bench_serve.py`, for any client of the endpoints.
 - `cli`: `lsvcr serve` (arguments only).
 
 Scores are the model's logits, cos(u, item) / temperature (METHOD 2.7), so a served ranking is exactly the
