@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_alignment_seeds.py [--config configs/demo.yaml] [--seeds 2024 2025 2026]
         [--tasks video comment] [--work runs/bench_alignment_seeds] [--aligned lora=ALIGNED_DIR ...]
-        [--scratch NAME=VECTORS ...]
+        [--scratch NAME=VECTORS ...] [--variants NAME ...]
 
 The pipeline (`lsvcr demo`) trains each task once from the stage-1 checkpoint and once from scratch on the
 raw LLM vectors, with one seed: a single difference may be noise. This re-runs exactly those two stage-2
@@ -66,6 +66,9 @@ def main() -> None:
                              "separates what the stage-1 vectors do from what the stage-1 weights do")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for the CLI (e.g. paths.storage=runs/demo_s2024)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="train only these variants (e.g. `lora lora_like_prior` beside a table whose other "
+                             "rows exist); default: all of them. The popularity rows are always computed")
     parser.add_argument("--out", default=str(HERE / "results" / "alignment_seeds.json"))
     args = parser.parse_args()
 
@@ -101,6 +104,11 @@ def main() -> None:
     for name, inputs in list(variants.items()):
         if inputs["init"] is not None:  # every stage-1 start also gets the like-prior row on the comment task
             variants[f"{name}_like_prior"] = {**inputs, "like_prior": True}
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(variants)}")
+        variants = {name: inputs for name, inputs in variants.items() if name in args.variants}
     results: dict = {"config": args.config, "storage": config.paths.storage, "seeds": args.seeds, "runs": {},
                      "threads": config.finetune.threads_per_worker, "max_epochs": config.finetune.max_epochs,
                      "patience": config.finetune.patience, "load_average_start": os.getloadavg()[0]}

@@ -276,6 +276,9 @@ def main() -> int:
     parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
                         help="encode's storage of the item vectors (float16 halves the memory maps every "
                              "worker and replica shares); recorded in the encode stage's command")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the finetune and tune stages (e.g. a probe's "
+                             "finetune.max_steps_per_epoch=250); recorded in the stage's command")
     parser.add_argument("--pause-log", type=Path, default=None,
                         help="'pause T' / 'resume T' lines of a watcher that SIGSTOPs the stage's process tree "
                              "while another benchmark needs the CPU: the paused seconds are subtracted")
@@ -288,6 +291,8 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         for stage in args.stages:
             command = stage_command(stage, work, params, args.storage_dtype)
+            if stage.startswith(("finetune_", "tune_")):
+                command += [part for override in args.overrides for part in ("--set", override)]
             print(f"[{name}] {stage}: {' '.join(command[1:])}", flush=True)
             entry = run_watched(command, work / f"{stage}.log", args.pause_log)
             for retry in range(2):  # Ray's local start has a fixed 30 s timeout, short on a loaded machine

@@ -24,7 +24,7 @@ from lsvcr.batching import HistoryBatch
 from lsvcr.config import ModelConfig
 from lsvcr.data.prepared import COMMENTS_FILE, has_comments, num_videos, read_table, samples_file
 from lsvcr.errors import ConfigError
-from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder
+from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder, catalog_cross_entropy
 
 
 class SASRec(nn.Module):
@@ -62,6 +62,13 @@ class SASRec(nn.Module):
         logits = user @ self.item_embedding.weight.T
         logits[:, 0] = float("-inf")
         return logits
+
+    def video_user_vector(self, states: HistoryStates) -> Tensor:
+        return states.video_states[:, 0]
+
+    def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0) -> Tensor:
+        """CE over all items, the logits taken `max_logits_mb` at a time (lsvcr.model.catalog_cross_entropy)."""
+        return catalog_cross_entropy(self.score_user_vectors, user, targets, self.num_videos + 1, max_logits_mb)
 
     def user_vector(self, video_history: Tensor) -> Tensor:
         mask = video_history != 0

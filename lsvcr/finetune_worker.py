@@ -41,9 +41,11 @@ class FinetuneObjective(nn.Module):
     """The training loss as one `forward`, so DDP sees every parameter use (METHOD 2.8, 6.3)."""
 
     def __init__(self, model: nn.Module, task: str, id_text_weight: float, contrast_negatives: int,
-                 contrast_negatives_shared_by: int, contrast_negatives_per_direction: bool = True):
+                 contrast_negatives_shared_by: int, contrast_negatives_per_direction: bool = True,
+                 max_logits_mb: float = 0.0):
         super().__init__()
         self.contrast_negatives_per_direction = contrast_negatives_per_direction
+        self.max_logits_mb = max_logits_mb
         self.model = model
         self.task = task
         self.id_text_weight = id_text_weight
@@ -54,9 +56,9 @@ class FinetuneObjective(nn.Module):
         if batch.first_target_position is not None:
             return self._every_position(batch)
         states = self.model.encode_histories(batch.history, outputs=(self.task,))
-        if self.task == "video":
-            logits = self.model.score_videos(batch.history, None, states=states)  # all videos, pad = -inf
-            ce = F.cross_entropy(logits, batch.target_video)
+        if self.task == "video":  # CE over all videos (the pad excluded)
+            ce = self.model.video_cross_entropy(self.model.video_user_vector(states), batch.target_video,
+                                                self.max_logits_mb)
         else:
             logits = self.model.score_comments(batch.history, batch.target_video, batch.candidates, states=states)
             ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
@@ -76,14 +78,14 @@ class FinetuneObjective(nn.Module):
         targets = batch.position_targets()
         counted = targets != 0
         users = self.model.every_position_user_vectors(batch.history)
-        ce = F.cross_entropy(self.model.score_user_vectors(users[counted]), targets[counted])
+        ce = self.model.video_cross_entropy(users[counted], targets[counted], self.max_logits_mb)
         return self._with_id_text(ce, batch, None)
 
 
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:
     return FinetuneObjective(model, config.finetune.task, config.finetune.id_text_loss_weight,
                              config.finetune.contrast_negatives, config.finetune.contrast_negatives_shared_by,
-                             config.finetune.contrast_negatives_per_direction)
+                             config.finetune.contrast_negatives_per_direction, config.finetune.max_logits_mb)
 
 
 # ----------------------------------------------------------------------------- the worker loop

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lsvcr.batching import HistoryBatch  # noqa: F401 - the model's input; defined with the batches
 from lsvcr.config import ModelConfig
@@ -606,9 +608,20 @@ class LSVCRModel(nn.Module):
 
     def score_user_vectors(self, user: Tensor, video_text: Tensor | None = None) -> Tensor:
         """Logits of user vectors [N, H] over all videos [N, V+1] (column 0, the pad, is -inf)."""
-        logits = self._cosine_logits(user, self.video_candidate_vectors(None, video_text))
+        return self._logits_over_videos(user, self.video_candidate_vectors(None, video_text))
+
+    def _logits_over_videos(self, user: Tensor, candidates: Tensor) -> Tensor:
+        logits = self._cosine_logits(user, candidates)
         logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
         return logits
+
+    def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
+                            video_text: Tensor | None = None) -> Tensor:
+        """Mean CE of user vectors [N, H] against their target videos [N] over all videos (METHOD 2.8), with
+        the logits taken `max_logits_mb` at a time (`catalog_cross_entropy`)."""
+        candidates = self.video_candidate_vectors(None, video_text)
+        return catalog_cross_entropy(lambda rows: self._logits_over_videos(rows, candidates), user, targets,
+                                     candidates.shape[0], max_logits_mb)
 
     def every_position_user_vectors(self, batch: HistoryBatch) -> Tensor:
         """[B, L, H]: position j's user vector is the video user vector of the history cut after position
@@ -706,6 +719,27 @@ def _sampled_info_nce(anchors: Tensor, targets: Tensor, negatives: Tensor | None
         negative_logits = negative_logits.masked_fill(is_own, float("-inf"))[:count]
     logits = torch.cat([positive, negative_logits], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=anchors.device))
+
+
+def catalog_cross_entropy(logits_of: Callable[[Tensor], Tensor], user: Tensor, targets: Tensor, columns: int,
+                          max_logits_mb: float = 0.0) -> Tensor:
+    """Mean CE of `logits_of(user)` [N, columns] against `targets` [N]: the loss over a whole catalog.
+
+    The logits, their log-softmax and its gradient are N × columns floats each (the video task at KuaiComt
+    size: 512 × 82,453 × 4 B = 169 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 and
+    autograd on, the rows are taken a chunk at a time so that a chunk's logits stay under that size, and each
+    chunk's logits are recomputed in the backward pass instead of kept (activation recomputation: one small
+    matrix product per chunk). Loss and gradients are the unchunked ones up to float summation order."""
+    rows = max(1, int(max_logits_mb * 2**20 / (4 * columns))) if max_logits_mb > 0 else len(user)
+    if rows >= len(user) or not torch.is_grad_enabled():
+        return F.cross_entropy(logits_of(user), targets)
+
+    def summed(user_rows: Tensor, target_rows: Tensor) -> Tensor:
+        return F.cross_entropy(logits_of(user_rows), target_rows, reduction="sum")
+
+    total = sum(checkpoint(summed, user[start:start + rows], targets[start:start + rows], use_reentrant=False)
+                for start in range(0, len(user), rows))
+    return total / len(user)
 
 
 def count_parameters(model: nn.Module, exclude_id_table: bool = True) -> int:

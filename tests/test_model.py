@@ -155,6 +155,60 @@ def test_video_cross_entropy_by_hand():
     assert torch.isclose(model_loss, manual_loss, atol=1e-5)
 
 
+def _saved_for_backward_bytes(loss_of) -> tuple[torch.Tensor, int]:
+    """(loss, bytes of the tensors autograd keeps for the backward pass outside checkpointed regions)."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of()
+    return loss, sum(saved)
+
+
+@pytest.mark.parametrize("architecture", ["lsvcr", "sasrec"])
+def test_video_cross_entropy_in_chunks_has_the_same_loss_and_gradients_and_keeps_less(architecture):
+    """finetune.max_logits_mb: the CE over all videos taken a few rows at a time, each chunk's logits
+    recomputed in the backward pass, gives the one-pass loss and gradients (up to summation order) while
+    autograd keeps a fraction of the [N, V+1] logits."""
+    from lsvcr.baselines import SASRec
+    from lsvcr.model import catalog_cross_entropy
+
+    videos, rows = 3000, 256
+    torch.manual_seed(0)
+    config = ModelConfig(max_position=10, comment_like_prior=False)
+    video_text = torch.randn(videos + 1, TEXT_DIM)
+    video_text[0] = 0
+    model = (SASRec(config, videos) if architecture == "sasrec"
+             else LSVCRModel(config, videos, video_text, torch.zeros(1, TEXT_DIM), torch.zeros(1))).train()
+    user = torch.randn(rows, config.hidden_size, requires_grad=True)
+    targets = torch.randint(1, videos + 1, (rows,))
+    one_chunk_mb = rows * (videos + 1) * 4 / 2**20  # 2.9 MB of logits
+
+    results = {}
+    for max_logits_mb in (0.0, one_chunk_mb / 5):  # 0: one pass; then 6 chunks of up to 51 rows
+        model.zero_grad()
+        user.grad = None
+        loss, kept = _saved_for_backward_bytes(lambda: model.video_cross_entropy(user, targets, max_logits_mb))
+        loss.backward()
+        results[max_logits_mb] = (loss.detach(), user.grad.clone(),
+                                  {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+                                  kept)
+    (whole_loss, whole_user_grad, whole_grads, whole_kept), (loss, user_grad, grads, kept) = results.values()
+    assert torch.allclose(loss, whole_loss, rtol=1e-6)
+    assert torch.allclose(user_grad, whole_user_grad, atol=1e-7, rtol=1e-5)
+    assert grads.keys() == whole_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, whole_grads[name], atol=1e-7, rtol=1e-4), name
+    logits_bytes = rows * (videos + 1) * 4
+    assert whole_kept - kept >= 1.5 * logits_bytes  # the logits and their log-softmax are no longer kept
+    with torch.no_grad():  # no autograd, nothing to recompute: one pass
+        assert torch.allclose(catalog_cross_entropy(lambda u: u @ user.T, user, torch.arange(rows), rows, 1e-6),
+                              F.cross_entropy(user @ user.T, torch.arange(rows)))
+
+
 def test_comment_cross_entropy_by_hand():
     model = _model()
     batch = _batch()
