@@ -123,9 +123,11 @@ class FinetuneConfig:
     train_targets: str = "last"  # last | all_positions (video-only data, RecBole prefixes; docs/model.md)
     target_stride: int = 10  # all_positions: windows step back this far through long histories
     # The video task's CE over all videos holds batch x (V+1) logits several times over (KuaiComt: 169 MB each).
-    # Above this size a step takes the rows a chunk at a time and recomputes each chunk's logits in the backward
-    # pass (lsvcr.model.catalog_cross_entropy): same loss up to float summation order. 0 = never chunk.
-    max_logits_mb: float = 64.0  # video CE: logits kept per chunk of rows, recomputed in backward; 0 = one chunk
+    # N > 0: a step takes the rows a chunk at a time (chunk logits <= N MB) and recomputes each chunk's logits in
+    # the backward pass (lsvcr.model.catalog_cross_entropy): same loss up to float summation order. Measured at
+    # KuaiComt size (docs/results.md, Scale): 64 keeps 343 MB less for the backward pass but makes the CE 37%
+    # slower (~20% of a step), and lowered a worker's peak by only 0.26 GB: off unless memory is the limit.
+    max_logits_mb: float = 0.0  # video CE: logits kept per chunk of rows, recomputed in backward; 0 = one pass
 
 
 @dataclass
