@@ -177,6 +177,9 @@ def validate_config(config: LSVCRConfig) -> None:
     if config.finetune.checkpoint_every_steps < 0:
         raise ConfigError(f"finetune.checkpoint_every_steps must be 0 (at epoch ends only) or positive; "
                           f"got {config.finetune.checkpoint_every_steps}")
+    if config.finetune.max_logits_mb < 0:
+        raise ConfigError(f"finetune.max_logits_mb must be 0 (one pass) or a positive size in MB; "
+                          f"got {config.finetune.max_logits_mb}")
     if config.finetune.selection_ranking == "full" and config.finetune.task != "video":
         raise ConfigError("finetune.selection_ranking=full ranks all videos: only for finetune.task=video")
     for name, value in positive.items():
