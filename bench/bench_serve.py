@@ -200,7 +200,8 @@ def bench_in_process(model_dir: Path, bodies: list[bytes], duration: float) -> d
                 t2 = time.perf_counter()
                 model = recommender.video.model
                 with torch.inference_mode():
-                    states = model.encode_histories(build_history_batch(resolved, recommender.catalog.hot_comment))
+                    states = model.encode_histories(build_history_batch(resolved, recommender.catalog.hot_comment),
+                                                    outputs=("video",), tables=recommender.video_tables)
                     users = torch.nn.functional.normalize(model.video_user_vector(states), dim=-1)
                     t3 = time.perf_counter()
                     torch.topk(users @ recommender.video_matrix.T, 10, dim=1)

@@ -427,12 +427,14 @@ class LSVCRModel(nn.Module):
 
     @torch.inference_mode()
     def item_tables(self, hot_comment: Tensor, candidate_comments: Tensor | None = None,
-                    block_rows: int = CANDIDATE_BLOCK_ROWS) -> ItemTables:
+                    block_rows: int = CANDIDATE_BLOCK_ROWS, record_comments: bool = False) -> ItemTables:
         """`ItemTables` of every video (row = video_idx; `hot_comment[v]` = the comment_idx its history
         token uses) and of the `candidate_comments` (comment_idx [P]; row 1 + j; None: no comment ranking),
         with the frozen text tables. History records' comments stay in the text table (record_comment None):
-        a replica reads only the rows its requests name, so it never holds a vector per comment ever written.
-        The candidates are projected `block_rows` at a time (KuaiComt: 8M pooled comments)."""
+        a replica reads only the rows its requests name, so it never holds a vector per comment ever written;
+        `record_comments` projects every comment once instead (`comment_record_table`: a replica that can hold
+        it saves the per-request projection). Tables are projected `block_rows` at a time (KuaiComt: 8M pooled
+        comments)."""
         all_videos = torch.arange(self.num_videos + 1, device=self.video_position.weight.device)
         if not self.use_text:
             ids = self._gated_id(all_videos)
@@ -443,9 +445,31 @@ class LSVCRModel(nn.Module):
         return ItemTables(
             video_token=self._history_tokens(self.video_item_text(all_videos, hot_comment.to(all_videos.device)), all_videos),
             record_video=record_video,
-            record_comment=None,
+            record_comment=self.comment_record_table(block_rows) if record_comments else None,
             comment_candidate=None if candidate_comments is None else self.comment_candidate_table(candidate_comments, block_rows),
         )
+
+    def records_precompute_exactly(self) -> bool:
+        """Whether a record's comment term can come from a per-comment table: A and pc_merge are linear, so the
+        mean of projected comments is the projection of their mean; an llm_emb_mlp (non-linear) averages the raw
+        vectors first, so it cannot."""
+        return self.use_text and self.text_mlp is None
+
+    @torch.inference_mode()
+    def comment_record_table(self, block_rows: int = CANDIDATE_BLOCK_ROWS) -> Tensor:
+        """[C+1, H]: row c = W_comment·A(comment c) (the comment half of pc_merge, no bias), row 0 = zeros; the
+        mean of a record's rows equals `adapt_text_mean` then W_comment (`records_precompute_exactly`)."""
+        if not self.records_precompute_exactly():
+            raise ConfigError("comment_record_table needs a text model without llm_emb_mlp (a linear comment path)")
+        device = self.video_position.weight.device
+        comment_weight = self.pc_merge.weight[:, self.config.hidden_size:]
+        rows = len(self.comment_text)
+        table = torch.empty(rows, self.config.hidden_size, device=device)
+        for start in range(0, rows, block_rows):
+            raw = self.comment_text[start:start + block_rows].to(device=device, dtype=torch.float32)
+            table[start:start + len(raw)] = F.linear(self.llm_adapter(raw), comment_weight)
+        table[0] = 0.0  # padding: embedding_bag skips it
+        return table
 
     @torch.inference_mode()
     def comment_candidate_table(self, candidate_comments: Tensor, block_rows: int = CANDIDATE_BLOCK_ROWS) -> Tensor:

@@ -188,6 +188,41 @@ def test_comment_rankings_equal_offline_model(recommender, model_dirs, prepared_
         assert scores == sorted(scores, reverse=True)
 
 
+def test_history_records_from_the_precomputed_comment_table_equal_the_per_request_projection(
+        recommender, model_dirs, prepared_dir):
+    """A replica that can hold a projected row per comment (serve.record_comment_table_max_mb) reads history
+    records from it; one that cannot projects them per request. Same scores either way; the fixture's
+    replica holds the table, so the offline-equality tests above cover that path."""
+    assert recommender.video_tables.record_comment is not None and recommender.comment_tables.record_comment is not None
+    per_request = Recommender.from_model_dirs(model_dirs["video"], model_dirs["comment"], record_comment_table_max_mb=0)
+    assert per_request.video_tables.record_comment is None and per_request.comment_tables.record_comment is None
+    for task, schema, recommend in (("video", VideoRequest, "recommend_videos"), ("comment", CommentRequest, "recommend_comments")):
+        bodies, _ = _raw_requests(prepared_dir, task, slice(0, 12))
+        assert any(body["comment_history"] for body in bodies)
+        requests = [schema(**body, k=50) for body in bodies]
+        for with_table, without in zip(getattr(recommender, recommend)(requests), getattr(per_request, recommend)(requests)):
+            id_name = f"{task}_id"
+            assert [i[id_name] for i in with_table["items"]] == [i[id_name] for i in without["items"]]
+            np.testing.assert_allclose([i["score"] for i in with_table["items"]], [i["score"] for i in without["items"]],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_no_comment_record_table_for_a_model_with_an_llm_emb_mlp():
+    """Raw LLM vectors go through a non-linear llm_emb_mlp after the record's mean: a per-comment table would
+    not be exact, so it is refused and serving projects records per request."""
+    from lsvcr.config import ModelConfig
+    from lsvcr.errors import ConfigError
+    from lsvcr.serve.recommender import _record_table_fits
+
+    model = LSVCRModel(ModelConfig(text_mlp_dim=16), 5, torch.randn(6, 32), torch.randn(9, 32), torch.zeros(9))
+    assert model.text_mlp is not None and not model.records_precompute_exactly()
+    assert not _record_table_fits(model, max_mb=1e6)
+    with pytest.raises(ConfigError, match="without llm_emb_mlp"):
+        model.comment_record_table()
+    linear = LSVCRModel(ModelConfig(), 5, torch.randn(6, 32), torch.randn(9, 32), torch.zeros(9))
+    assert _record_table_fits(linear, max_mb=1.0) and not _record_table_fits(linear, max_mb=0.0)
+
+
 def test_replicas_starting_together_compute_the_comment_table_once(model_dirs, prepared_dir, tmp_path, monkeypatch):
     """Replicas of a node share one memory-mapped candidate table: one computes it under the file lock while
     the others wait, and the node keeps only the most recently used tables."""

@@ -180,6 +180,9 @@ def validate_config(config: LSVCRConfig) -> None:
     if config.finetune.max_logits_mb < 0:
         raise ConfigError(f"finetune.max_logits_mb must be 0 (one pass) or a positive size in MB; "
                           f"got {config.finetune.max_logits_mb}")
+    if config.serve.record_comment_table_max_mb < 0:
+        raise ConfigError(f"serve.record_comment_table_max_mb must be 0 (records projected per request) or a "
+                          f"positive size in MB; got {config.serve.record_comment_table_max_mb}")
     if config.finetune.selection_ranking == "full" and config.finetune.task != "video":
         raise ConfigError("finetune.selection_ranking=full ranks all videos: only for finetune.task=video")
     for name, value in positive.items():

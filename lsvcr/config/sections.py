@@ -256,6 +256,11 @@ class ServeConfig:
     # (docs/serving.md): +4-33% requests/s at 32 clients over unpinned replicas in the same run; mixed at 8.
     pin_replica_cpus: bool = True
     max_ongoing_requests: int = 16
+    # A replica projects every comment once for the comment records of histories (exact: the comment path is
+    # linear) when that table, comments x hidden x 4 B, fits this; above it (KuaiComt: 8.5M comments, 2.2 GB
+    # at hidden 64) each request projects the few rows it names from the memory-mapped text table. ~10% of a
+    # served video request's CPU at 50k comments (docs/serving.md). 0: always per request.
+    record_comment_table_max_mb: float = 256.0
     max_k: int = 200
     max_history_items: int = 1000  # longer requests are rejected; up to this, truncated to the model's limit
     max_body_bytes: int = 1_000_000

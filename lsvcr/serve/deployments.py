@@ -66,7 +66,8 @@ class RecommenderModel:
         set_threads(threads)
         if self.config.pin_replica_cpus:
             pin_to_cores(serve.get_replica_context().rank.local_rank, threads)
-        self.recommender = Recommender.from_model_dirs(video_model_dir, comment_model_dir)
+        self.recommender = Recommender.from_model_dirs(video_model_dir, comment_model_dir,
+                                                        self.config.record_comment_table_max_mb)
         for handler in (self._video_batch, self._comment_batch):
             handler.set_max_batch_size(self.config.max_batch_size)
             handler.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)

@@ -17,14 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lsvcr.config import ServeConfig
 from lsvcr.errors import ConfigError
-from lsvcr.model import HistoryBatch
+from lsvcr.model import HistoryBatch, LSVCRModel
 from lsvcr.serve.candidate_tables import shared_comment_candidates
 from lsvcr.serve.catalog import Catalog, UserHistory, read_cold_video_vectors
 from lsvcr.serve.model_dir import LoadedModel, load_model_dir
 from lsvcr.serve.schemas import CommentRequest, RequestError, RequestRejected, VideoRequest
 
 NO_INDICES = np.zeros(0, dtype=np.int64)
+RECORD_COMMENT_TABLE_MAX_MB = ServeConfig.record_comment_table_max_mb
 
 
 @dataclass
@@ -51,6 +53,14 @@ def _pad_rows(rows: list[np.ndarray], min_width: int = 1) -> np.ndarray:
         column_index = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         out[row_index, column_index] = np.concatenate(rows)
     return out
+
+
+def _record_table_fits(model: LSVCRModel, max_mb: float) -> bool:
+    """Whether a replica keeps a projected row per comment for history records (`ItemTables.record_comment`):
+    exact for a linear comment path, and only within `max_mb` (KuaiComt's 8.5M comments at hidden 64 are 2.2 GB
+    per replica; their few rows per request are then projected from the memory-mapped text table)."""
+    size_mb = len(model.comment_text) * model.config.hidden_size * 4 / 1e6 if model.use_text else 0.0
+    return model.records_precompute_exactly() and size_mb <= max_mb
 
 
 def build_history_batch(resolved: list[ResolvedRequest], hot_comment: np.ndarray) -> HistoryBatch:
@@ -83,7 +93,8 @@ class Recommender:
     """
 
     def __init__(self, video: LoadedModel | None, comment: LoadedModel | None, catalog: Catalog,
-                 cold_video_ids: np.ndarray | None = None, cold_video_text: torch.Tensor | None = None):
+                 cold_video_ids: np.ndarray | None = None, cold_video_text: torch.Tensor | None = None,
+                 record_comment_table_max_mb: float = RECORD_COMMENT_TABLE_MAX_MB):
         if video is None and comment is None:
             raise ConfigError("serving needs at least one model: give --video-model and/or --comment-model")
         self.video = video
@@ -97,13 +108,19 @@ class Recommender:
         # Item-side work once per replica: every video's history tokens; the comments it ranks (the pools)
         # once per node, memory-mapped (candidate_tables.py).
         hot_comment = torch.from_numpy(catalog.hot_comment)
-        self.video_tables = video.model.item_tables(hot_comment) if video is not None else None
-        self.comment_tables = comment.model.item_tables(hot_comment) if comment is not None else None
+        self.video_tables = self.comment_tables = None
+        if video is not None:
+            self.video_tables = video.model.item_tables(
+                hot_comment, record_comments=_record_table_fits(video.model, record_comment_table_max_mb))
+        if comment is not None:
+            self.comment_tables = comment.model.item_tables(
+                hot_comment, record_comments=_record_table_fits(comment.model, record_comment_table_max_mb))
         if comment is not None and comment.model.use_text:
             self.comment_tables.comment_candidate = shared_comment_candidates(comment, catalog.pool_comments)
 
     @classmethod
-    def from_model_dirs(cls, video_model_dir: str | Path | None, comment_model_dir: str | Path | None) -> "Recommender":
+    def from_model_dirs(cls, video_model_dir: str | Path | None, comment_model_dir: str | Path | None,
+                        record_comment_table_max_mb: float = RECORD_COMMENT_TABLE_MAX_MB) -> "Recommender":
         video = load_model_dir(video_model_dir, "video") if video_model_dir else None
         comment = load_model_dir(comment_model_dir, "comment") if comment_model_dir else None
         models = [m for m in (video, comment) if m is not None]
@@ -116,7 +133,7 @@ class Recommender:
         cold_ids, cold_text = (None, None)
         if video is not None and video.model.use_text and video.vectors_dir is not None:
             cold_ids, cold_text = read_cold_video_vectors(video.vectors_dir, catalog)
-        return cls(video, comment, catalog, cold_ids, cold_text)
+        return cls(video, comment, catalog, cold_ids, cold_text, record_comment_table_max_mb)
 
     # ---------------------------------------------------------------- the serving item matrix
 
@@ -193,9 +210,9 @@ class Recommender:
         per_record = loaded.comments_per_record
         if any(len(c) > per_record for c in kept_records):
             truncated["comment_ids_per_record"] = {"given": max(len(c) for c in kept_records), "kept": per_record}
-        if request.exclude_seen:
-            seen_videos = np.unique(np.concatenate([video_history, record_videos]).astype(np.int64))
-            seen_comments = np.unique(np.concatenate([NO_INDICES, *record_comments]).astype(np.int64))
+        if request.exclude_seen:  # repeats are harmless: masking a column twice is masking it
+            seen_videos = np.concatenate([video_history, record_videos]).astype(np.int64)
+            seen_comments = np.concatenate([NO_INDICES, *record_comments]).astype(np.int64)
         else:
             seen_videos = seen_comments = NO_INDICES
         # Views, not copies: build_history_batch casts while padding.
@@ -243,8 +260,9 @@ class Recommender:
         self._mask(scores, [r.seen_videos for r in resolved])
         top_scores, top_rows = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
         top_ids = self.row_video_ids[top_rows.numpy()]
+        top_scores, finite = top_scores.numpy(), torch.isfinite(top_scores).numpy()
         for row, (position, item) in enumerate(zip(positions, resolved)):
-            results[position] = self._response(top_ids[row], top_scores[row], item, "video_id", self.video)
+            results[position] = self._response(top_ids[row], top_scores[row], finite[row], item, "video_id", self.video)
         return results
 
     @torch.inference_mode()
@@ -271,8 +289,9 @@ class Recommender:
         self._mask(scores, seen_columns)
         top_scores, top_columns = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
         top_ids = self.catalog.comment_ids[torch.gather(pools, 1, top_columns).numpy()]
+        top_scores, finite = top_scores.numpy(), torch.isfinite(top_scores).numpy()
         for row, (position, item) in enumerate(zip(positions, resolved)):
-            results[position] = self._response(top_ids[row], top_scores[row], item, "comment_id", self.comment)
+            results[position] = self._response(top_ids[row], top_scores[row], finite[row], item, "comment_id", self.comment)
         return results
 
     @staticmethod
@@ -283,11 +302,12 @@ class Recommender:
             scores[rows, torch.from_numpy(np.concatenate(columns_per_row).astype(np.int64))] = float("-inf")
 
     @staticmethod
-    def _response(ids: np.ndarray, scores: torch.Tensor, item: ResolvedRequest, id_name: str,
+    def _response(ids: np.ndarray, scores: np.ndarray, finite: np.ndarray, item: ResolvedRequest, id_name: str,
                   loaded: LoadedModel) -> dict[str, Any]:
-        keep = torch.isfinite(scores[: item.k]).numpy()
+        """The first `item.k` of a row's top ids and scores, masked (-inf) columns left out."""
+        keep = finite[: item.k]
         return {
-            "items": [{id_name: int(i), "score": float(s)}
+            "items": [{id_name: i, "score": s}
                       for i, s in zip(ids[: item.k][keep].tolist(), scores[: item.k][keep].tolist())],
             "truncated": item.truncated,
             "model": {"task": loaded.task, "version": loaded.version},
