@@ -51,6 +51,9 @@ TUNE_TRIALS, TUNE_STEPS = 2, 100
 SERVE_REQUESTS = 1000
 GB = 1024 ** 3
 RAY_START_TIMEOUT = "timed out during startup"
+# The memory allocator's settings, recorded beside each stage's peaks (they are the lever on glibc's retention).
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                       "MIMALLOC_PURGE_DELAY", "MIMALLOC_ARENA_EAGER_COMMIT")
 
 
 def size_params(name: str):
@@ -167,6 +170,9 @@ def run_watched(command: list[str], log_path: Path, pause_log: Path | None = Non
         "load_average_at_start": load_at_start,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+    allocator = {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
+    if allocator:
+        result["allocator_environment"] = allocator  # inherited by the stage's whole tree (raylet, workers)
     if paused:
         result["paused_seconds"] = round(paused, 2)  # subtracted; the quiet watcher stopped the whole tree
     for role, marker in (("training_worker", "TrainWorker"), ("serve_replica", "ServeReplica")):
