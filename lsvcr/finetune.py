@@ -36,6 +36,7 @@ from lsvcr.evaluate import evaluate_model_dir, load_text_tables, metrics_line
 from lsvcr.finetune_worker import ray_train_worker
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE
+from lsvcr.runtime import allocator_environment
 from lsvcr.sample_stream import build_sample_stream
 from lsvcr.training_log import plot_curves, read_jsonl, write_jsonl
 
@@ -134,7 +135,8 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
         num_workers=settings.num_workers, use_gpu=settings.use_gpu, threads_per_worker=settings.threads_per_worker,
         max_failures=settings.max_failures, checkpoints_to_keep=settings.checkpoints_to_keep,
         no_checkpoint_message="fine-tuning produced no checkpoint (max_epochs = 0?)",
-        resources_per_worker=resources_per_worker, callbacks=callbacks)
+        resources_per_worker=resources_per_worker, env_vars=allocator_environment(settings.allocator),
+        callbacks=callbacks)
     loop_config = make_loop_config(config, data_dir, vectors_dir, init, staging / model_files.TRAIN_LOG)
     state = train_driver.fit(ray_train_worker, loop_config, trainer_settings, staging)
 

@@ -128,6 +128,11 @@ class FinetuneConfig:
     # KuaiComt size (docs/results.md, Scale): 64 keeps 343 MB less for the backward pass but makes the CE 37%
     # slower (~20% of a step), and lowered a worker's peak by only 0.26 GB: off unless memory is the limit.
     max_logits_mb: float = 0.0  # video CE: logits kept per chunk of rows, recomputed in backward; 0 = one pass
+    # The Ray Train workers' memory allocator (set in their environment before they start). mimalloc (the
+    # cmeel-mimalloc wheel's libmimalloc.so via LD_PRELOAD, never returning freed pages to the OS) reuses a step's
+    # freed activations instead of keeping glibc's fragmented heaps: demo video steps at the same speed with 26%
+    # less peak RSS (docs/results.md, Scale). system: the C library's malloc.
+    allocator: str = "mimalloc"  # mimalloc | system
 
 
 @dataclass

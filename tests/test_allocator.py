@@ -1,0 +1,49 @@
+"""finetune.allocator: the Ray Train workers' malloc, set in their environment before they start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lsvcr import train_driver
+from lsvcr.errors import ConfigError
+from lsvcr.runtime import allocator_environment
+
+
+def test_allocator_environment_names_the_library_or_nothing():
+    environment = allocator_environment("mimalloc")
+    assert Path(environment["LD_PRELOAD"].split()[0]).name == "libmimalloc.so"
+    assert Path(environment["LD_PRELOAD"].split()[0]).is_file()
+    assert environment["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert allocator_environment("system") == {}
+    with pytest.raises(ConfigError, match="finetune.allocator must be one of mimalloc, system"):
+        allocator_environment("jemalloc")
+
+
+def test_a_missing_library_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("sys.path", ["/nonexistent"])
+    with pytest.raises(ConfigError, match="needs libmimalloc.so from the cmeel-mimalloc wheel"):
+        allocator_environment("mimalloc")
+
+
+@pytest.mark.parametrize("allocator", ["mimalloc", "system"])
+def test_ray_train_workers_run_on_the_configured_allocator(ray_cluster, tmp_path, allocator):
+    def report_allocator(config: dict) -> None:  # defined here: pickled by value for the worker
+        import os
+
+        import ray.train
+
+        from lsvcr import train_driver
+
+        with open("/proc/self/maps") as maps:
+            mapped = "libmimalloc" in maps.read()
+        state = {"mimalloc_mapped": mapped, "purge_delay": os.environ.get("MIMALLOC_PURGE_DELAY")}
+        train_driver.report(ray.train.report, {"done": 1}, lambda: state, ray.train.Checkpoint)
+
+    settings = train_driver.TrainerSettings(
+        num_workers=1, use_gpu="false", threads_per_worker=1, max_failures=0, checkpoints_to_keep=1,
+        no_checkpoint_message="no checkpoint", env_vars=allocator_environment(allocator))
+    state = train_driver.fit(report_allocator, {}, settings, tmp_path)
+    assert state["mimalloc_mapped"] is (allocator == "mimalloc")
+    assert state["purge_delay"] == ("-1" if allocator == "mimalloc" else None)
