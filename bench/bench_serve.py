@@ -29,9 +29,7 @@ Ray variables (VARIANT_EXTRAS): `throughput` Ray's RAY_SERVE_THROUGHPUT_OPTIMIZE
 replica's event loop, buffered request logs, ...), `plain` sets it to 0, `loop` only runs user code on
 the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr; `waitN`
 sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N,
-`pin` / `nopin` set serve.pin_replica_cpus on / off (each replica's threads on its own core; on by default),
-`thread` / `nothread` serve.batch_in_thread (a batch computes in a worker thread while the replica's event loop
-reads the next requests; on by default).
+`pin` / `nopin` set serve.pin_replica_cpus on / off (each replica's threads on its own core; on by default).
 The Serve replicas run at nice 0, as `lsvcr`'s own clusters start them (lsvcr.runtime.ensure_ray).
 """
 
@@ -558,15 +556,13 @@ def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
             environment.update(VARIANT_EXTRAS[extra])
         elif extra in ("pin", "nopin"):
             arguments.append("--pin-replica-cpus" if extra == "pin" else "--no-pin-replica-cpus")
-        elif extra in ("thread", "nothread"):
-            arguments.append("--batch-in-thread" if extra == "thread" else "--no-batch-in-thread")
         elif wait_ms != extra and wait_ms.replace(".", "", 1).isdigit():
             arguments.append(f"--batch-wait-ms={wait_ms}")
         elif batch_size != extra and batch_size.isdigit():
             arguments.append(f"--max-batch-size={batch_size}")
         else:
             raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
-                             "pin, nopin, thread, nothread, waitMS or batchN")
+                             "pin, nopin, waitMS or batchN")
     return ingress, environment, arguments
 
 
@@ -626,8 +622,6 @@ def main() -> int:
                         help="serve.max_batch_size (default: the shipped value)")
     parser.add_argument("--pin-replica-cpus", action=argparse.BooleanOptionalAction, default=ServeConfig.pin_replica_cpus,
                         help="serve.pin_replica_cpus: each replica's threads on its own core(s) (default: the shipped value)")
-    parser.add_argument("--batch-in-thread", action=argparse.BooleanOptionalAction, default=ServeConfig.batch_in_thread,
-                        help="serve.batch_in_thread: batches compute off the replica's event loop (default: the shipped value)")
     parser.add_argument("--interleave-waits-ms", type=float, nargs="+", default=None, metavar="MS",
                         help="after the kill phase: redeploy with each batch wait in turn, --interleave-rounds times, "
                              "measuring 1, 8 and 32 clients (side-by-side ratios on a noisy machine)")
@@ -638,8 +632,7 @@ def main() -> int:
     if args.variants:
         passed = []
         for name, value in vars(args).items():
-            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size", "pin_replica_cpus",
-                        "batch_in_thread") \
+            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size", "pin_replica_cpus") \
                     or value is None or value is False:
                 continue
             flag = f"--{name.replace('_', '-')}"
@@ -648,8 +641,7 @@ def main() -> int:
     # Read when Ray's processes start, and inherited by them from this one.
     apply_serve_ingress_environment(args.ingress)
     serve_config = ServeConfig(ingress=args.ingress, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                               max_batch_size=args.max_batch_size, pin_replica_cpus=args.pin_replica_cpus,
-                               batch_in_thread=args.batch_in_thread)
+                               max_batch_size=args.max_batch_size, pin_replica_cpus=args.pin_replica_cpus)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)

@@ -260,9 +260,6 @@ class ServeConfig:
     # around the node's cores; Linux), so replicas do not migrate between cores or share one. Three bench runs
     # (docs/serving.md): +4-33% requests/s at 32 clients over unpinned replicas in the same run; mixed at 8.
     pin_replica_cpus: bool = True
-    # A batch computes in a worker thread (torch releases the GIL), so the replica's event loop keeps reading and
-    # validating the next requests meanwhile and the next batch is fuller; false: on the event loop, as before.
-    batch_in_thread: bool = True
     max_ongoing_requests: int = 16
     # A replica projects every comment once for the comment records of histories (exact: the comment path is
     # linear) when that table, comments x hidden x 4 B, fits this; above it (KuaiComt: 8.5M comments, 2.2 GB

@@ -4,7 +4,6 @@ default, serve.ingress; or Serve's Python proxy): no separate gateway deployment
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -79,21 +78,13 @@ class RecommenderModel:
     async def _video_batch(self, requests: list[VideoRequest]) -> list[dict | RequestError]:
         self.batches["video"][0] += 1
         self.batches["video"][1] += len(requests)
-        return await self._compute(self.recommender.recommend_videos, requests)
+        return self.recommender.recommend_videos(requests)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _comment_batch(self, requests: list[CommentRequest]) -> list[dict | RequestError]:
         self.batches["comment"][0] += 1
         self.batches["comment"][1] += len(requests)
-        return await self._compute(self.recommender.recommend_comments, requests)
-
-    async def _compute(self, recommend, requests: list) -> list[dict | RequestError]:
-        """One batch through the model; in a worker thread (serve.batch_in_thread) so that the event loop reads
-        the next requests while it computes. One batch per task at a time (serve.batch's default), and the
-        Recommender is read-only once built."""
-        if self.config.batch_in_thread:
-            return await asyncio.to_thread(recommend, requests)
-        return recommend(requests)
+        return self.recommender.recommend_comments(requests)
 
     async def _read_and_validate(self, request: Request, schema: type[VideoRequest]) -> VideoRequest | RequestError:
         body = await _read_body(request, self.config.max_body_bytes)
