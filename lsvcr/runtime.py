@@ -59,21 +59,23 @@ def allocator_environment(allocator: str) -> dict[str, str]:
     mimalloc: LD_PRELOAD of the cmeel-mimalloc wheel's library, looked up on this process's sys.path (a cluster's
     nodes share one image, so the path holds on every node; a node without it prints a loader warning and keeps
     glibc), with purging off (MIMALLOC_PURGE_DELAY=-1): freed pages stay with the process for the next step's
-    activations, as fast as glibc, where purging them after 10 ms (mimalloc's default) made steps ~35% slower."""
+    activations, as fast as glibc, where purging them after 10 ms (mimalloc's default) made steps ~35% slower.
+    auto: mimalloc where the wheel is installed (Linux x86_64), else the system's malloc."""
     import sys
     from pathlib import Path
 
+    from lsvcr.errors import ConfigError
+
+    if allocator not in ("auto", "mimalloc", "system"):
+        raise ConfigError(f"finetune.allocator must be one of auto, mimalloc, system; got {allocator!r}")
     if allocator == "system":
         return {}
-    if allocator != "mimalloc":
-        from lsvcr.errors import ConfigError
-
-        raise ConfigError(f"finetune.allocator must be one of mimalloc, system; got {allocator!r}")
-    library = next((Path(entry, *MIMALLOC_LIBRARY) for entry in sys.path if entry and Path(entry, *MIMALLOC_LIBRARY).is_file()),
-                   None)
+    library = next((Path(entry, *MIMALLOC_LIBRARY) for entry in sys.path
+                    if entry and Path(entry, *MIMALLOC_LIBRARY).is_file()), None)
     if library is None:
-        from lsvcr.errors import ConfigError
-
+        if allocator == "auto":
+            log.info("finetune.allocator=auto: no libmimalloc.so (cmeel-mimalloc) here, workers use the system malloc")
+            return {}
         raise ConfigError("finetune.allocator=mimalloc needs libmimalloc.so from the cmeel-mimalloc wheel (Linux x86_64; "
                           "`pip install cmeel-mimalloc`), not found on sys.path; or set finetune.allocator=system")
     preload = " ".join(part for part in (str(library), os.environ.get("LD_PRELOAD", "")) if part)

@@ -16,13 +16,15 @@ def test_allocator_environment_names_the_library_or_nothing():
     assert Path(environment["LD_PRELOAD"].split()[0]).name == "libmimalloc.so"
     assert Path(environment["LD_PRELOAD"].split()[0]).is_file()
     assert environment["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert allocator_environment("auto") == environment  # the wheel is installed here (Linux x86_64)
     assert allocator_environment("system") == {}
-    with pytest.raises(ConfigError, match="finetune.allocator must be one of mimalloc, system"):
+    with pytest.raises(ConfigError, match="finetune.allocator must be one of auto, mimalloc, system"):
         allocator_environment("jemalloc")
 
 
-def test_a_missing_library_is_a_clear_error(monkeypatch):
+def test_without_the_library_auto_falls_back_and_mimalloc_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("sys.path", ["/nonexistent"])
+    assert allocator_environment("auto") == {}
     with pytest.raises(ConfigError, match="needs libmimalloc.so from the cmeel-mimalloc wheel"):
         allocator_environment("mimalloc")
 

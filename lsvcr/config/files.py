@@ -141,7 +141,7 @@ def validate_config(config: LSVCRConfig) -> None:
         "finetune.train_targets": (config.finetune.train_targets, ("last", "all_positions")),
         "finetune.task": (config.finetune.task, ("video", "comment")),
         "finetune.use_gpu": (config.finetune.use_gpu, ("auto", "true", "false")),
-        "finetune.allocator": (config.finetune.allocator, ("mimalloc", "system")),
+        "finetune.allocator": (config.finetune.allocator, ("auto", "mimalloc", "system")),
         "align.mode": (config.align.mode, ("frozen", "lora")),
         "align.use_gpu": (config.align.use_gpu, ("auto", "true", "false")),
         "encode.language": (config.encode.language, ("en", "zh")),

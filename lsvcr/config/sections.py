@@ -131,8 +131,9 @@ class FinetuneConfig:
     # The Ray Train workers' memory allocator (set in their environment before they start). mimalloc (the
     # cmeel-mimalloc wheel's libmimalloc.so via LD_PRELOAD, never returning freed pages to the OS) reuses a step's
     # freed activations instead of keeping glibc's fragmented heaps: demo video steps at the same speed with 26%
-    # less peak RSS (docs/results.md, Scale). system: the C library's malloc.
-    allocator: str = "mimalloc"  # mimalloc | system
+    # less peak RSS (docs/results.md, Scale). system: the C library's malloc. auto: mimalloc where the wheel is
+    # installed (Linux x86_64), else system.
+    allocator: str = "auto"  # auto | mimalloc | system
 
 
 @dataclass
