@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 from lsvcr.data.prepared import is_prepared, load_manifest, samples_file  # noqa: E402
 from lsvcr.data.schema import SPLITS, TASKS  # noqa: E402
 from lsvcr.data.synth import PRESETS  # noqa: E402
+from lsvcr.config import FinetuneConfig  # noqa: E402
+from lsvcr.runtime import allocator_environment  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 PLOT = ROOT / "bench" / "results" / "scale.png"
@@ -253,6 +255,12 @@ def plot(results: dict, out: Path = PLOT) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _allocator(overrides: list[str]) -> str:
+    """finetune.allocator as the stage's --set overrides leave it (the config's default otherwise)."""
+    chosen = [value for key, _, value in (o.partition("=") for o in overrides) if key.strip() == "finetune.allocator"]
+    return chosen[-1].strip() if chosen else FinetuneConfig.allocator
+
+
 def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: dict, size_counts: dict) -> None:
     """Read the results as they are now (another run may have written other stages since), set this one."""
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}}
@@ -308,6 +316,8 @@ def main() -> int:
                       flush=True)
                 entry = run_watched(command, work / f"{stage}.log", args.pause_log) | {"ray_start_retries": retry + 1}
             entry["command"] = " ".join(["python"] + command[1:])
+            if stage.startswith(("finetune_", "tune_")):  # what the Ray Train workers start with (finetune.allocator)
+                entry["worker_allocator_environment"] = allocator_environment(_allocator(args.overrides))
             if stage == "serve" and (work / "serve_report.json").is_file():
                 entry["serve"] = json.loads((work / "serve_report.json").read_text())
             merge_stage(results_path, name, stage, entry, dataclasses.asdict(params), counts(work))
