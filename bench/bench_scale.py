@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from lsvcr.data.prepared import is_prepared, load_manifest, samples_file  # noqa: E402
 from lsvcr.data.schema import SPLITS, TASKS  # noqa: E402
 from lsvcr.data.synth import PRESETS  # noqa: E402
-from lsvcr.config import FinetuneConfig  # noqa: E402
+from lsvcr.config import load_config  # noqa: E402
 from lsvcr.runtime import allocator_environment  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
@@ -257,8 +257,7 @@ def plot(results: dict, out: Path = PLOT) -> None:
 
 def _allocator(overrides: list[str]) -> str:
     """finetune.allocator as the stage's --set overrides leave it (the config's default otherwise)."""
-    chosen = [value for key, _, value in (o.partition("=") for o in overrides) if key.strip() == "finetune.allocator"]
-    return chosen[-1].strip() if chosen else FinetuneConfig.allocator
+    return load_config(overrides=overrides).finetune.allocator
 
 
 def merge_stage(results_path: Path, size: str, stage: str, entry: dict, params: dict, size_counts: dict) -> None:

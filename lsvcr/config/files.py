@@ -172,18 +172,16 @@ def validate_config(config: LSVCRConfig) -> None:
         "align.batch_size": config.align.batch_size,
         "encode.batch_size": config.encode.batch_size,
     }
-    if config.finetune.max_steps_per_epoch < 0:
-        raise ConfigError(f"finetune.max_steps_per_epoch must be 0 (whole epochs) or positive; "
-                          f"got {config.finetune.max_steps_per_epoch}")
-    if config.finetune.checkpoint_every_steps < 0:
-        raise ConfigError(f"finetune.checkpoint_every_steps must be 0 (at epoch ends only) or positive; "
-                          f"got {config.finetune.checkpoint_every_steps}")
-    if config.finetune.max_logits_mb < 0:
-        raise ConfigError(f"finetune.max_logits_mb must be 0 (one pass) or a positive size in MB; "
-                          f"got {config.finetune.max_logits_mb}")
-    if config.serve.record_comment_table_max_mb < 0:
-        raise ConfigError(f"serve.record_comment_table_max_mb must be 0 (records projected per request) or a "
-                          f"positive size in MB; got {config.serve.record_comment_table_max_mb}")
+    zero_or_positive = {  # key: (value, what 0 means, what a positive value is)
+        "finetune.max_steps_per_epoch": (config.finetune.max_steps_per_epoch, "whole epochs", "positive"),
+        "finetune.checkpoint_every_steps": (config.finetune.checkpoint_every_steps, "at epoch ends only", "positive"),
+        "finetune.max_logits_mb": (config.finetune.max_logits_mb, "one pass", "a positive size in MB"),
+        "serve.record_comment_table_max_mb": (config.serve.record_comment_table_max_mb,
+                                              "records projected per request", "a positive size in MB"),
+    }
+    for name, (value, zero_means, positive_is) in zero_or_positive.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be 0 ({zero_means}) or {positive_is}; got {value}")
     if config.finetune.selection_ranking == "full" and config.finetune.task != "video":
         raise ConfigError("finetune.selection_ranking=full ranks all videos: only for finetune.task=video")
     for name, value in positive.items():
