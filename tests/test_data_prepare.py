@@ -96,6 +96,22 @@ def test_indices_and_hot_comments(lookups, raw):
         assert len(hot) == (comments.video_idx == video_idx).sum()  # pool size 100 > comments per video
 
 
+def test_comments_a_history_can_show_are_numbered_first(tiny_prepared_dir, lookups, raw):
+    """comment_idx: every interacted comment and each video's top hot_comments form the prefix 1..S (a video-task
+    reader's text vectors are a contiguous block); within each block, (video, likes desc) order."""
+    videos, comments = lookups["videos"], lookups["comments"]
+    interacted = set(raw["user_comment_inter"].comment_id)
+    top = {c for hot in videos.hot_comments for c in list(hot)[:PrepareConfig().hot_comments]}
+    shown = np.array([(c in interacted) or (i in top) for c, i in zip(comments.comment_id, comments.comment_idx)])
+    assert 0 < shown.sum() < len(shown), "the tiny data must have both kinds"
+    assert shown[:shown.sum()].all(), "a comment a history can show comes after one it cannot"
+    for block in (comments[shown], comments[~shown]):
+        assert list(zip(block.video_idx, -block.like_count)) == sorted(zip(block.video_idx, -block.like_count))
+    histories = prepared.read_table(tiny_prepared_dir, "user_histories.parquet").to_pandas()
+    in_histories = {c for records in histories.comment_history_comments for record in records for c in record}
+    assert in_histories and max(in_histories) <= shown.sum()
+
+
 def test_histories_strictly_precede_targets_in_the_raw_tables(tiny_prepared_dir, raw, lookups):
     """Every history item's raw time is earlier than the target time (checked against raw tables)."""
     likes = raw["user_video_inter"].query("is_like == 1")

@@ -153,7 +153,7 @@ def prepare(
     like_rule = None
     if raw.has_comments:
         comments_table, hot_counts, hot_values, interaction_comment, like_rule = index_comments(
-            raw, video_ids, config.comment_pool_size, filters, config.like_counts)
+            raw, video_ids, config.comment_pool_size, filters, config.like_counts, config.hot_comments)
         records, duplicate_comment_interactions = build_records(
             raw,
             index_of(user_ids, raw.comment_interactions.column("user_id").to_numpy()),
