@@ -97,7 +97,14 @@ samples = (open_sample_stream if loader == "stream" else load_sample_arrays)(pre
 rng = np.random.default_rng(0)
 for rows in epoch_rows(len(samples), 256, rng, lengths=history_lengths(samples)):
     make_batch(samples, tables, rows, rng=rng)
-print(json.dumps({"growth_bytes": peak_rss_bytes() - before}))
+stream_pages, mapping = 0, ""  # the split's file pages still mapped into this process
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if fields and not fields[0].endswith(":"):
+        mapping = fields[-1] if len(fields) > 5 else ""
+    elif fields and fields[0] == "Rss:" and "/.stream/" in mapping:
+        stream_pages += int(fields[1]) * 1024
+print(json.dumps({"growth_bytes": peak_rss_bytes() - before, "stream_pages": stream_pages}))
 """
 
 
@@ -118,13 +125,18 @@ def test_streamed_epoch_memory_is_bounded_against_the_whole_split(tmp_path):
                                          padded.comment_history_comments))
     assert split_bytes > 150e6, "the data set is too small to measure"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    growth = {loader: json.loads(subprocess.run(
+    measured = {loader: json.loads(subprocess.run(
         [sys.executable, "-c", MEASURE, str(tmp_path / "prepared"), loader], env=env, check=True,
-        capture_output=True, text=True).stdout.splitlines()[-1])["growth_bytes"] for loader in ("arrays", "stream")}
+        capture_output=True, text=True).stdout.splitlines()[-1]) for loader in ("arrays", "stream")}
+    growth = {loader: values["growth_bytes"] for loader, values in measured.items()}
+    stream_files = sum(path.stat().st_size for path in (tmp_path / "prepared" / STREAM_DIR).rglob("*.*"))
     print(f"whole split {split_bytes / 1e6:.0f} MB; RSS growth: in-memory {growth['arrays'] / 1e6:.0f} MB, "
-          f"stream {growth['stream'] / 1e6:.0f} MB")
+          f"stream {growth['stream'] / 1e6:.0f} MB; stream files {stream_files / 1e6:.0f} MB, "
+          f"{measured['stream']['stream_pages'] / 1e6:.1f} MB of them mapped after the epoch")
     assert growth["arrays"] > 0.9 * split_bytes  # the measurement sees a whole split
     assert growth["stream"] < 0.1 * split_bytes
+    # Every batch's file pages are released (SampleStream.release_pages): they do not pile up over the epoch.
+    assert measured["stream"]["stream_pages"] < 0.02 * stream_files
 
 
 def test_a_samples_table_without_a_column_or_rows_is_a_clear_error(tiny_prepared_dir, tmp_path):
