@@ -68,7 +68,7 @@ class SASRec(nn.Module):
 
     def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0) -> Tensor:
         """CE over all items, the logits taken `max_logits_mb` at a time (lsvcr.model.catalog_cross_entropy)."""
-        return catalog_cross_entropy(self.score_user_vectors, user, targets, self.num_videos + 1, max_logits_mb)
+        return catalog_cross_entropy(user, self.item_embedding.weight, targets, max_logits_mb)
 
     def user_vector(self, video_history: Tensor) -> Tensor:
         mask = video_history != 0

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lsvcr.batching import HistoryBatch  # noqa: F401 - the model's input; defined with the batches
 from lsvcr.config import ModelConfig
@@ -643,9 +641,8 @@ class LSVCRModel(nn.Module):
                             video_text: Tensor | None = None) -> Tensor:
         """Mean CE of user vectors [N, H] against their target videos [N] over all videos (METHOD 2.8), with
         the logits taken `max_logits_mb` at a time (`catalog_cross_entropy`)."""
-        candidates = self.video_candidate_vectors(None, video_text)
-        return catalog_cross_entropy(lambda rows: self._logits_over_videos(rows, candidates), user, targets,
-                                     candidates.shape[0], max_logits_mb)
+        query = F.normalize(user, dim=-1) / self.config.temperature  # as in _cosine_logits
+        return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb)
 
     def every_position_user_vectors(self, batch: HistoryBatch) -> Tensor:
         """[B, L, H]: position j's user vector is the video user vector of the history cut after position
@@ -745,25 +742,62 @@ def _sampled_info_nce(anchors: Tensor, targets: Tensor, negatives: Tensor | None
     return F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=anchors.device))
 
 
-def catalog_cross_entropy(logits_of: Callable[[Tensor], Tensor], user: Tensor, targets: Tensor, columns: int,
-                          max_logits_mb: float = 0.0) -> Tensor:
-    """Mean CE of `logits_of(user)` [N, columns] against `targets` [N]: the loss over a whole catalog.
+class _CatalogCrossEntropyInChunks(torch.autograd.Function):
+    """Mean CE of `query @ items.T` (column 0, the pad, excluded) against `targets`, `rows` queries at a time.
+    Each chunk's gradients are taken right after its loss, while its logits are at hand (softmax minus the
+    one-hot, times the other factor), so the backward pass only scales them: the same three matrix products
+    as autograd's forward and backward, and only one chunk of logits alive at any time."""
 
-    The logits, their log-softmax and its gradient are N × columns floats each (the video task at KuaiComt
-    size: 512 × 82,453 × 4 B = 169 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 and
-    autograd on, the rows are taken a chunk at a time so that a chunk's logits stay under that size, and each
-    chunk's logits are recomputed in the backward pass instead of kept (activation recomputation: one small
-    matrix product per chunk). Loss and gradients are the unchunked ones up to float summation order."""
-    rows = max(1, int(max_logits_mb * 2**20 / (4 * columns))) if max_logits_mb > 0 else len(user)
-    if rows >= len(user) or not torch.is_grad_enabled():
-        return F.cross_entropy(logits_of(user), targets)
+    @staticmethod
+    def forward(ctx, query: Tensor, items: Tensor, targets: Tensor, rows: int) -> Tensor:
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_query = torch.empty_like(query) if wants_grad else None
+        grad_items = torch.zeros_like(items) if wants_grad else None
+        total = query.new_zeros((), dtype=torch.float64)
+        for start in range(0, len(query), rows):
+            query_rows, target_rows = query[start:start + rows], targets[start:start + rows]
+            logits = _catalog_logits(query_rows, items)
+            log_normalizer = torch.logsumexp(logits, dim=1)
+            total += (log_normalizer - logits.gather(1, target_rows[:, None]).squeeze(1)).sum(dtype=torch.float64)
+            if wants_grad:
+                softmax = logits.sub_(log_normalizer[:, None]).exp_()  # in place: the chunk's logits are done
+                softmax[torch.arange(len(target_rows), device=softmax.device), target_rows] -= 1.0
+                grad_query[start:start + rows] = softmax @ items
+                grad_items.addmm_(softmax.T, query_rows)
+        ctx.count = len(query)
+        ctx.save_for_backward(grad_query, grad_items)
+        return (total / len(query)).to(query.dtype)
 
-    def summed(user_rows: Tensor, target_rows: Tensor) -> Tensor:
-        return F.cross_entropy(logits_of(user_rows), target_rows, reduction="sum")
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_query, grad_items = ctx.saved_tensors
+        scale = grad_loss / ctx.count
+        return (None if grad_query is None else grad_query * scale,
+                None if grad_items is None else grad_items * scale, None, None)
 
-    total = sum(checkpoint(summed, user[start:start + rows], targets[start:start + rows], use_reentrant=False)
-                for start in range(0, len(user), rows))
-    return total / len(user)
+
+def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_logits_mb: float = 0.0) -> Tensor:
+    """Mean CE of the logits `query @ items.T` [N, V+1] (column 0, the pad, is never a class) against `targets`
+    [N]: the loss over a whole catalog.
+
+    The logits, their log-softmax and its gradient are N × (V+1) floats each (the video task at KuaiComt size:
+    512 × 82,453 × 4 B = 161 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 the rows
+    are taken a chunk at a time so that a chunk's logits stay under that size, and each chunk's gradients
+    are computed with its loss (`_CatalogCrossEntropyInChunks`): nothing of size N × (V+1) is kept, and there
+    is no recomputation. Loss and gradients are the one-pass ones up to float summation order."""
+    rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0]))) if max_logits_mb > 0 else len(query)
+    if rows >= len(query):
+        return F.cross_entropy(_catalog_logits(query, items), targets)
+    if not torch.is_grad_enabled():
+        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items), targets[start:start + rows],
+                                   reduction="sum") for start in range(0, len(query), rows)) / len(query)
+    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows)
+
+
+def _catalog_logits(query: Tensor, items: Tensor) -> Tensor:
+    logits = query @ items.T
+    logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
+    return logits
 
 
 def count_parameters(model: nn.Module, exclude_id_table: bool = True) -> int:

@@ -122,12 +122,13 @@ class FinetuneConfig:
     # min(k, history_length - target_stride + 1) earlier items (min(k, history_length) with `last`).
     train_targets: str = "last"  # last | all_positions (video-only data, RecBole prefixes; docs/model.md)
     target_stride: int = 10  # all_positions: windows step back this far through long histories
-    # The video task's CE over all videos holds batch x (V+1) logits several times over (KuaiComt: 169 MB each).
-    # N > 0: a step takes the rows a chunk at a time (chunk logits <= N MB) and recomputes each chunk's logits in
-    # the backward pass (lsvcr.model.catalog_cross_entropy): same loss up to float summation order. Measured at
-    # KuaiComt size (docs/results.md, Scale): 64 keeps 343 MB less for the backward pass but makes the CE 37%
-    # slower (~20% of a step), and lowered a worker's peak by only 0.26 GB: off unless memory is the limit.
-    max_logits_mb: float = 0.0  # video CE: logits kept per chunk of rows, recomputed in backward; 0 = one pass
+    # The video task's CE over all videos holds batch x (V+1) logits several times over (KuaiComt: 161 MB each).
+    # N > 0: when they exceed N MB, a step takes the rows a chunk at a time (chunk logits <= N MB) and takes each
+    # chunk's gradients with its loss (lsvcr.model.catalog_cross_entropy): same loss and gradients up to float
+    # summation order, no recomputation. Below ~32k videos at batch 512 it is the one pass (every demo and
+    # MovieLens run). At KuaiComt size (bench/bench_catalog_ce.py): 0.72 s against 1.08 s, and 123 MB kept
+    # for the backward pass against 445 MB. 0: always one pass.
+    max_logits_mb: float = 64.0  # video CE: largest logits chunk in MB; 0 = one pass
     # The Ray Train workers' memory allocator (set in their environment before they start). mimalloc (the
     # cmeel-mimalloc wheel's libmimalloc.so via LD_PRELOAD, never returning freed pages to the OS) reuses a step's
     # freed activations instead of keeping glibc's fragmented heaps: demo video steps at the same speed with 26%
