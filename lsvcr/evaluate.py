@@ -34,6 +34,7 @@ from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError
 from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
+from lsvcr.vectors import release_item_vector_pages
 
 log = logging.getLogger("lsvcr.evaluate")
 
@@ -131,13 +132,13 @@ def evaluate_arrays(
             accumulator.add(metric_sums(scores, batch.labels))
         elif full_ranking:
             scores = model.score_videos(batch.history, None)
-            if exclude_seen:
-                seen = batch.history.video_history
-                scores = scores.scatter(1, seen, torch.full(seen.shape, float("-inf"), device=scores.device))
+            if exclude_seen:  # in place: a [batch, V+1] copy is 338 MB at KuaiComt size
+                scores.scatter_(1, batch.history.video_history, float("-inf"))
             accumulator.add(single_positive_metric_sums(scores, batch.target_video))
         else:
             scores = model.score_videos(batch.history, batch.candidates)
             accumulator.add(metric_sums(scores, batch.labels))
+        release_item_vector_pages()  # the text rows this batch gathered (the candidate pools)
     model.train(was_training)
     return accumulator
 

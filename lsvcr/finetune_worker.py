@@ -30,6 +30,7 @@ from lsvcr.model import LIKE_PRIOR_RATE, HistoryStates
 from lsvcr.runtime import choose_device, set_threads
 from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.sample_stream import open_sample_stream
+from lsvcr.vectors import release_item_vector_pages
 
 log = logging.getLogger("lsvcr.finetune")
 
@@ -235,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            release_item_vector_pages()  # the text rows this step gathered: page cache, not this worker's RSS
             sums += torch.tensor([loss.item() * targets, ce.item() * targets, id_text.item() * targets, targets],
                                  dtype=torch.float64)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at mininterval

@@ -1,6 +1,7 @@
 """Scale-run item vectors (issue #16): the hashed bag-of-words encoder, float16 storage, memory maps."""
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -27,6 +28,42 @@ def test_hashed_bag_of_words_is_deterministic_and_a_real_bag_of_words():
     assert not np.allclose(HashedBagOfWords(dim=32, seed=4).encode(texts)[0], first[0])
 
 
+def _maps_a_file(array: np.ndarray) -> bool:
+    """Whether the array's memory is a memory map (not a copy)."""
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return isinstance(array, memoryview) and isinstance(array.obj, mmap.mmap)
+
+
+def _mapped_bytes(path) -> int:
+    """Bytes of `path` resident in this process's page tables (/proc/self/smaps)."""
+    total, mapping = 0, ""
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and not fields[0].endswith(":"):
+            mapping = fields[-1] if len(fields) > 5 else ""
+        elif fields and fields[0] == "Rss:" and mapping == str(path):
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_released_vector_pages_leave_this_process_and_read_again(tmp_path):
+    """release_item_vector_pages: rows read from a dense map stop counting in this process's RSS, and the
+    same values come back on the next read (from the page cache)."""
+    from lsvcr.vectors import _map_npy, release_item_vector_pages
+
+    path = tmp_path / "comments.npy"
+    stored = np.random.default_rng(0).random((200_000, 16)).astype(np.float16)  # 6.4 MB
+    np.save(path, stored)
+    table = _map_npy(path)
+    rows = np.random.default_rng(1).integers(0, len(stored), 5_000)
+    first = np.array(table[rows])
+    assert _mapped_bytes(path) > 0.5 * stored.nbytes  # 5k scattered rows map most of the file
+    release_item_vector_pages()
+    assert _mapped_bytes(path) < 0.01 * stored.nbytes
+    assert np.array_equal(first, stored[rows]) and np.array_equal(table[rows], stored[rows])
+
+
 def test_hashed_encode_stage_float16_and_memory_maps(tiny_prepared_dir, tmp_path):
     config = load_config(None, ["encode.encoder=hashed", "encode.hashed_dim=16"])
     manifest = run_encode(config, tiny_prepared_dir, tmp_path / "v32", what="items")
@@ -39,7 +76,7 @@ def test_hashed_encode_stage_float16_and_memory_maps(tiny_prepared_dir, tmp_path
     run_encode(half, tiny_prepared_dir, tmp_path / "v16", what="items")
     assert (tmp_path / "v16" / "comments.parquet").stat().st_size < (tmp_path / "v32" / "comments.parquet").stat().st_size
     video16, comment16 = open_item_vectors(tmp_path / "v16", tiny_prepared_dir)
-    assert isinstance(comment16, np.memmap) and comment16.dtype == np.float16 and not comment16.flags.writeable
+    assert _maps_a_file(comment16) and comment16.dtype == np.float16 and not comment16.flags.writeable
     assert np.allclose(comment16, comment32, atol=2e-3) and np.allclose(video16, video32, atol=2e-3)
     mapped32, _ = open_item_vectors(tmp_path / "v32", tiny_prepared_dir)
     assert mapped32.dtype == np.float32 and np.array_equal(mapped32, video32)
