@@ -34,6 +34,7 @@ from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError
 from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
+from lsvcr.runtime import release_arrow_memory
 from lsvcr.vectors import release_item_vector_pages
 
 log = logging.getLogger("lsvcr.evaluate")
@@ -206,6 +207,7 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
     config = trained.config
     tables = load_comment_pools(trained.data_dir)
+    release_arrow_memory()  # the table reads are done
     sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device, tables=tables)
     metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
     metrics["swapped_history"] = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device,

@@ -27,7 +27,7 @@ from lsvcr.evaluate import evaluate_arrays, load_text_tables
 from lsvcr.finetune_init import load_stage1_checkpoint, warm_start_like_prior
 from lsvcr.metrics import METRIC_NAMES
 from lsvcr.model import LIKE_PRIOR_RATE, HistoryStates
-from lsvcr.runtime import choose_device, set_threads
+from lsvcr.runtime import choose_device, release_arrow_memory, set_threads
 from lsvcr.sample_arrays import load_comment_pools
 from lsvcr.sample_stream import open_sample_stream
 from lsvcr.vectors import release_item_vector_pages
@@ -162,6 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     video_text, comment_text = load_text_tables(config, data_dir, vectors_dir)
     model = build_model(config.model, tables.num_videos, video_text, comment_text,
                         torch.from_numpy(tables.comment_likes))
+    release_arrow_memory()  # the table reads above are done
 
     # 3. resume from the latest checkpoint, or start (from --init's stage-1 weights, the fitted like prior)
     checkpoint = context.get_checkpoint()
