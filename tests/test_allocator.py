@@ -16,6 +16,7 @@ def test_allocator_environment_names_the_library_or_nothing():
     assert Path(environment["LD_PRELOAD"].split()[0]).name == "libmimalloc.so"
     assert Path(environment["LD_PRELOAD"].split()[0]).is_file()
     assert environment["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert environment["ARROW_DEFAULT_MEMORY_POOL"] == "system"  # Arrow's buffers from the same malloc
     assert allocator_environment("auto") == environment  # the wheel is installed here (Linux x86_64)
     assert allocator_environment("system") == {}
     with pytest.raises(ConfigError, match="finetune.allocator must be one of auto, mimalloc, system"):
@@ -38,9 +39,12 @@ def test_ray_train_workers_run_on_the_configured_allocator(ray_cluster, tmp_path
 
         from lsvcr import train_driver
 
+        import pyarrow as pa
+
         with open("/proc/self/maps") as maps:
             mapped = "libmimalloc" in maps.read()
-        state = {"mimalloc_mapped": mapped, "purge_delay": os.environ.get("MIMALLOC_PURGE_DELAY")}
+        state = {"mimalloc_mapped": mapped, "purge_delay": os.environ.get("MIMALLOC_PURGE_DELAY"),
+                 "arrow_pool": pa.default_memory_pool().backend_name}
         train_driver.report(ray.train.report, {"done": 1}, lambda: state, ray.train.Checkpoint)
 
     settings = train_driver.TrainerSettings(
@@ -49,6 +53,7 @@ def test_ray_train_workers_run_on_the_configured_allocator(ray_cluster, tmp_path
     state = train_driver.fit(report_allocator, {}, settings, tmp_path)
     assert state["mimalloc_mapped"] is (allocator == "mimalloc")
     assert state["purge_delay"] == ("-1" if allocator == "mimalloc" else None)
+    assert (state["arrow_pool"] == "system") is (allocator == "mimalloc")
 
 
 RELEASE_ARROW = r"""
