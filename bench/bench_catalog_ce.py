@@ -4,9 +4,9 @@
 
 For each catalog size: an `id+text` LSVCRModel of the paper's stage-2 size (hidden 64) with 64-d text vectors
 (the scale runs' hashed encoder), 512 user vectors, and `video_cross_entropy` forward + backward with
-`max_logits_mb` 0 (one pass, the default) and 64, interleaved `--repeats` times. Reports the median seconds of
-each and what autograd keeps for the backward pass outside checkpointed regions (saved-tensor hooks): the
-time the recomputation costs and the memory it saves. Writes bench/results/catalog_ce.json.
+`max_logits_mb` 0 (one pass) and 64 (the default: chunks whose gradients are taken with their loss),
+interleaved `--repeats` times. Reports the median seconds of each and what autograd keeps for the backward pass
+(saved-tensor hooks). Writes bench/results/catalog_ce.json.
 """
 
 from __future__ import annotations
