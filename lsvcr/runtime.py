@@ -1,12 +1,16 @@
-"""Process-level runtime choices: device, threads, Ray start-up. Chosen at run time, never hard-coded."""
+"""Process-level runtime choices: device, threads, memory (allocator, memory maps), Ray start-up. Chosen at run time,
+never hard-coded."""
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: `lsvcr synth`/`prepare` start without it
+    import numpy as np
     import torch
 
 log = logging.getLogger("lsvcr")
@@ -57,6 +61,25 @@ def release_arrow_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+
+
+def map_readonly(path: "os.PathLike[str]", dtype, count: int, offset: int = 0) -> tuple["np.ndarray", mmap.mmap]:
+    """(a read-only array of `count` `dtype` items at byte `offset` of the file, its memory map): the node's
+    processes share the pages, and the caller keeps the map to give them back (`release_mapped_pages`)."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset), mapping
+
+
+def release_mapped_pages(mappings: "Iterable[mmap.mmap]") -> None:
+    """Unmap from this process the file pages read so far (MADV_DONTNEED): they stay in the node's page cache
+    and map again when read. A scattered read maps ~64 KB of file around each row (the kernel maps a faulting
+    page's cached neighbours; MADV_RANDOM does not stop it), so a reader of random rows would otherwise end up
+    with whole files in its RSS."""
+    for mapping in list(mappings):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 MIMALLOC_LIBRARY = ("cmeel.prefix", "lib", "libmimalloc.so")  # where the cmeel-mimalloc wheel installs it

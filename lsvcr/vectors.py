@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lsvcr.errors import DataError, ModelNotFoundError
+from lsvcr.runtime import map_readonly, release_mapped_pages
 from lsvcr.data.prepared import COMMENTS_FILE, VIDEOS_FILE, has_comments, read_table, read_videos, table_path
 
 log = logging.getLogger("lsvcr.vectors")
@@ -301,19 +302,17 @@ def _map_npy(path: Path) -> np.ndarray:
         shape, fortran_order, dtype = read_header(handle)
         if fortran_order:
             raise DataError(f"{path}: a Fortran-ordered array; the dense vectors are written C-ordered")
-        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         offset = handle.tell()
+    array, mapping = map_readonly(path, dtype, int(np.prod(shape)), offset)
     _ITEM_VECTOR_MAPS.add(mapping)
-    return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+    return array.reshape(shape)
 
 
 def release_item_vector_pages() -> None:
-    """Unmap from this process the item-vector pages read so far (MADV_DONTNEED; they stay in the node's page
-    cache and map again when read). A gathered row maps ~64 KB of file around it (the kernel maps a faulting
-    page's cached neighbours), so a worker whose batches gather scattered rows (the comment task's candidate
-    pools: ~1k pools a step) would otherwise end up with the whole table in its RSS (KuaiComt: 1.08 GB float16)."""
-    for mapping in list(_ITEM_VECTOR_MAPS):
-        mapping.madvise(mmap.MADV_DONTNEED)
+    """Give back the item-vector pages read so far (`release_mapped_pages`): a worker whose batches gather
+    scattered rows (the comment task's candidate pools: ~1k pools a step) would otherwise end up with the whole
+    table in its RSS (KuaiComt: 1.08 GB float16)."""
+    release_mapped_pages(_ITEM_VECTOR_MAPS)
 
 
 def open_item_tensors(vectors_dir: str | Path, prepared_dir: str | Path, dtype: str | None = None):
