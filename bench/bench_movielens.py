@@ -45,6 +45,7 @@ RESULTS = HERE / "results" / "movielens.json"
 MODELS = {"sasrec": ["model.architecture=sasrec", "model.mode=id"], "id": ["model.mode=id"],
           "id+text": ["model.mode=id+text"]}
 REPORTED = ("ndcg@10", "recall@10", "mrr@10", "ndcg@5", "recall@5")
+BREAKDOWN_REPORTED = ("ndcg@10", "recall@10")  # test, by history length and by target popularity: mean over seeds
 
 
 def load_average() -> list[float]:
@@ -83,13 +84,27 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
     check_inputs(config, data, vectors)
     load_before, started = load_average(), time.perf_counter()
     trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(name, args)}-{seed}.jsonl", seed)
-    metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False)
+    metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False,
+                             breakdown=True)
     selection = f"valid_{config.finetune.selection_metric}"
     return {"model": name, "seed": seed, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "valid": metrics["valid"], "test": metrics["test"], "protocol": metrics["protocol"],
             "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
             f"curve_{selection}": [row[selection] for row in state["history"]]}
+
+
+def breakdown_means(runs: list[dict]) -> dict:
+    """{grouping: {bucket: {samples, metric: mean over the runs}}} of the runs' test breakdowns."""
+    means: dict = {}
+    for grouping, buckets in runs[0]["test"]["breakdown"].items():
+        means[grouping] = {}
+        for bucket, first in buckets.items():
+            per_run = [run["test"]["breakdown"][grouping][bucket] for run in runs]
+            means[grouping][bucket] = {"samples": first["samples"],
+                                       **{metric: statistics.fmean(values[metric] for values in per_run)
+                                          for metric in BREAKDOWN_REPORTED}}
+    return means
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -100,6 +115,8 @@ def summarise(runs: list[dict]) -> dict:
                        "values": values}
     out["seeds"] = [run["seed"] for run in runs]
     out["seconds"] = [run["seconds"] for run in runs]
+    if all("breakdown" in run["test"] for run in runs):  # runs before the breakdown existed have none
+        out["breakdown"] = breakdown_means(runs)
     return out
 
 
@@ -153,7 +170,7 @@ def main() -> int:
     runs: list[dict] = []
     if not args.skip_popularity:
         popularity = evaluate_model(fit_popularity(data), "video", data, LSVCRConfig(), full_ranking=True,
-                                    exclude_seen=False, progress=False)
+                                    exclude_seen=False, progress=False, breakdown=True)
         table["popularity"] = summarise([{"test": popularity["test"], "seed": None, "seconds": 0.0}])
         print(f"popularity         test NDCG@10 {popularity['test']['ndcg@10']:.4f}", flush=True)
     for name in args.models:

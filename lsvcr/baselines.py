@@ -128,6 +128,12 @@ class Popularity(nn.Module):
 COMMENT_POPULARITY = ("likes", "train_interactions")
 
 
+def training_target_counts(prepared_dir: str | Path) -> np.ndarray:
+    """[V+1]: how often each video is a target in the video task's training split."""
+    targets = read_table(prepared_dir, samples_file("video", "train"), ["target_video"])["target_video"]
+    return np.bincount(targets.to_numpy(), minlength=num_videos(prepared_dir) + 1)
+
+
 def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> Popularity:
     """Video popularity = how often a video is a target in the video task's training split. Comment
     popularity = the comment's like count (`likes`: comments.parquet's count, which by default leaves out
@@ -135,9 +141,7 @@ def fit_popularity(prepared_dir: str | Path, comment_signal: str = "likes") -> P
     split (`train_interactions`: the same leak-free rule as for videos)."""
     if comment_signal not in COMMENT_POPULARITY:
         raise ConfigError(f"comment popularity signal must be one of {COMMENT_POPULARITY}; got {comment_signal!r}")
-    videos = num_videos(prepared_dir)
-    targets = read_table(prepared_dir, samples_file("video", "train"), ["target_video"])["target_video"]
-    counts = np.bincount(targets.to_numpy(), minlength=videos + 1)
+    counts = training_target_counts(prepared_dir)
     comment_scores = np.zeros(1)
     if has_comments(prepared_dir):
         comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_idx", "like_count"])

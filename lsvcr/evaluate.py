@@ -33,7 +33,9 @@ from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError
-from lsvcr.metrics import METRIC_NAMES, MetricAccumulator, metric_sums, single_positive_metric_sums
+from lsvcr.metrics import (
+    METRIC_NAMES, GroupedMetrics, MetricAccumulator, metric_values, single_positive_metric_values,
+)
 from lsvcr.runtime import release_arrow_memory
 from lsvcr.vectors import release_item_vector_pages
 
@@ -110,13 +112,58 @@ def protocol_description(task: str, full_ranking: bool, exclude_seen: bool, hist
     }
 
 
+# Breakdown buckets (video task): lower edges. History length = the videos the model sees (after truncation to
+# finetune.history_length); popularity = how often the target video is a target in the training split (as the
+# popularity baseline counts it; 0 = a video never seen as a training target: cold for the ID embeddings).
+HISTORY_LENGTH_EDGES = (0, 1, 5, 10, 20, 50)
+TARGET_POPULARITY_EDGES = (0, 1, 10, 50, 200)
+
+
+def bucket_labels(edges: tuple[int, ...]) -> tuple[str, ...]:
+    """(0, 1, 10) -> ("0", "1-9", "10+")."""
+    labels = []
+    for low, high in zip(edges, (*edges[1:], None)):
+        labels.append(f"{low}+" if high is None else str(low) if high == low + 1 else f"{low}-{high - 1}")
+    return tuple(labels)
+
+
+def bucket_of(values: torch.Tensor, edges: tuple[int, ...]) -> torch.Tensor:
+    """Index of each value's bucket (values below the first edge fall into the first)."""
+    return (torch.bucketize(values, torch.tensor(edges[1:], dtype=values.dtype), right=True)).long()
+
+
+class Breakdown:
+    """Video-task metrics by history length and by the target's training popularity (`lsvcr evaluate
+    --breakdown`): where short histories and cold videos lose, and whether text helps there."""
+
+    def __init__(self, target_counts: np.ndarray):
+        self.target_counts = torch.as_tensor(target_counts, dtype=torch.long)
+        self.by_history_length = GroupedMetrics(bucket_labels(HISTORY_LENGTH_EDGES))
+        self.by_target_popularity = GroupedMetrics(bucket_labels(TARGET_POPULARITY_EDGES))
+
+    def add(self, video_history: torch.Tensor, target_video: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        lengths = (video_history > 0).sum(dim=1).cpu()
+        self.by_history_length.add({k: v.cpu() for k, v in values.items()}, bucket_of(lengths, HISTORY_LENGTH_EDGES))
+        popularity = self.target_counts[target_video.cpu()]
+        self.by_target_popularity.add({k: v.cpu() for k, v in values.items()}, bucket_of(popularity, TARGET_POPULARITY_EDGES))
+
+    def result(self) -> dict:
+        return {"by_history_length": self.by_history_length.result(),
+                "by_target_popularity": self.by_target_popularity.result()}
+
+
+BREAKDOWN_PROTOCOL = ("video task only; history_length = videos in the (truncated) history the model sees; "
+                      "target_popularity = times the target video is a target in the training split")
+
+
 @torch.no_grad()
 def evaluate_arrays(
     model: nn.Module, arrays: SampleArrays, tables: CommentPools, *, device: torch.device | str = "cpu",
     batch_size: int = 1024, full_ranking: bool = False, exclude_seen: bool = True, rank: int = 0, world_size: int = 1,
-    progress: bool = False,
+    progress: bool = False, breakdown: Breakdown | None = None,
 ) -> MetricAccumulator:
-    """Metric sums over this rank's share of `arrays` (all-reduce `as_tensor()` across ranks)."""
+    """Metric sums over this rank's share of `arrays` (all-reduce `as_tensor()` across ranks); a video
+    task's `breakdown` gets every sample's metrics too."""
     accumulator = MetricAccumulator(METRIC_NAMES)
     was_training = model.training
     model.eval()
@@ -128,17 +175,23 @@ def evaluate_arrays(
         batches = iterate(batches, len(batches), f"eval {arrays.split}", unit="batch", leave=False)
     for rows in batches:
         batch = make_batch(arrays, tables, rows, rng=None).to(device)
+        kept = None  # all rows count, unless a row has no positive (sampled protocols)
         if arrays.task == "comment":
             scores = model.score_comments(batch.history, batch.target_video, batch.candidates)
-            accumulator.add(metric_sums(scores, batch.labels))
+            values, kept = metric_values(scores, batch.labels)
         elif full_ranking:
             scores = model.score_videos(batch.history, None)
             if exclude_seen:  # in place: a [batch, V+1] copy is 338 MB at KuaiComt size
                 scores.scatter_(1, batch.history.video_history, float("-inf"))
-            accumulator.add(single_positive_metric_sums(scores, batch.target_video))
+            values = single_positive_metric_values(scores, batch.target_video)
         else:
             scores = model.score_videos(batch.history, batch.candidates)
-            accumulator.add(metric_sums(scores, batch.labels))
+            values, kept = metric_values(scores, batch.labels)
+        count = len(batch.target_video) if kept is None else int(kept.sum())
+        accumulator.add({"count": float(count)} | {name: float(row_values.sum()) for name, row_values in values.items()})
+        if breakdown is not None and arrays.task == "video":
+            rows_kept = slice(None) if kept is None else kept
+            breakdown.add(batch.history.video_history[rows_kept], batch.target_video[rows_kept], values)
         release_item_vector_pages()  # the text rows this batch gathered (the candidate pools)
     model.train(was_training)
     return accumulator
@@ -170,12 +223,19 @@ def evaluate_model(
     model: nn.Module, task: str, data_dir: str | Path, config: LSVCRConfig, *, device: str | torch.device = "cpu",
     full_ranking: bool = False, exclude_seen: bool = True, splits: tuple[str, ...] = ("valid", "test"),
     progress: bool = True, swapped_histories: bool = False, tables: CommentPools | None = None,
+    breakdown: bool = False,
 ) -> dict:
     """{"protocol": ..., split: metrics} for one model on one PREPARED directory (`swapped_histories`:
     every sample scored with another sample's history, see `swap_histories`; `tables`: the directory's
-    item tables, if the caller already has them)."""
+    item tables, if the caller already has them; `breakdown`: a video task's metrics also by history
+    length and target popularity, under split["breakdown"])."""
+    from lsvcr.baselines import training_target_counts
+
     tables = load_comment_pools(data_dir) if tables is None else tables
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
+    target_counts = training_target_counts(data_dir) if breakdown and task == "video" else None
+    if target_counts is not None:
+        out["protocol"]["breakdown"] = BREAKDOWN_PROTOCOL
     if swapped_histories:
         out["protocol"]["histories"] = f"swapped: each sample gets another sample's (seeded cycle, seed {SWAP_SEED})"
     for split in splits:
@@ -183,9 +243,13 @@ def evaluate_model(
                                     config.data.max_comments_per_record)
         if swapped_histories:
             arrays = swap_histories(arrays)
+        split_breakdown = Breakdown(target_counts) if target_counts is not None else None
         accumulator = evaluate_arrays(model, arrays, tables, device=device, batch_size=config.finetune.eval_batch_size,
-                                      full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress)
+                                      full_ranking=full_ranking, exclude_seen=exclude_seen, progress=progress,
+                                      breakdown=split_breakdown)
         out[split] = accumulator.result()
+        if split_breakdown is not None:
+            out[split]["breakdown"] = split_breakdown.result()
     return out
 
 
@@ -202,13 +266,15 @@ def model_summary(model: nn.Module, config: LSVCRConfig) -> dict:
 
 def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = None, vectors_dir: str | Path | None = None,
                        full_ranking: bool | None = None, exclude_seen: bool | None = None, write: bool = True,
-                       device: str = "cpu") -> dict:
-    """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json."""
+                       device: str = "cpu", breakdown: bool = False) -> dict:
+    """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json (`breakdown`: a video model's
+    metrics also by history length and target popularity)."""
     trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
     config = trained.config
     tables = load_comment_pools(trained.data_dir)
     release_arrow_memory()  # the table reads are done
-    sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device, tables=tables)
+    sampled = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device, tables=tables,
+                             breakdown=breakdown)
     metrics = {"task": trained.task, "model": model_summary(trained.model, config), **sampled}
     metrics["swapped_history"] = evaluate_model(trained.model, trained.task, trained.data_dir, config, device=device,
                                                  splits=("test",), progress=False, swapped_histories=True,
@@ -217,7 +283,8 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     exclude_seen = config.finetune.exclude_seen if exclude_seen is None else exclude_seen
     if full and trained.task == "video":
         metrics["full_ranking"] = evaluate_model(trained.model, "video", trained.data_dir, config, device=device,
-                                                 full_ranking=True, exclude_seen=exclude_seen, tables=tables)
+                                                 full_ranking=True, exclude_seen=exclude_seen, tables=tables,
+                                                 breakdown=breakdown)
     if write:
         model_files.write_metrics(model_dir, metrics)
     return metrics
@@ -254,7 +321,20 @@ def format_table(metrics: dict) -> str:
         lines.append(row("sampled", "test*", swapped))
         lines.append("test* = personalization check: the test split with every sample given another sample's history "
                      "(equal to test = the model ignores the user's history)")
+    for label, section in sections:
+        if "breakdown" in section.get("test", {}):
+            lines += format_breakdown(label, section["test"]["breakdown"])
     return "\n".join(lines)
+
+
+def format_breakdown(protocol: str, breakdown: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@10")) -> list[str]:
+    """Test metrics per history-length and target-popularity bucket (BREAKDOWN_PROTOCOL)."""
+    lines = [f"[{protocol}] test by bucket ({BREAKDOWN_PROTOCOL})"]
+    for name, groups in breakdown.items():
+        lines.append(f"{name:<22}{'samples':>9}" + "".join(f"{metric:>11}" for metric in metrics))
+        for bucket, values in groups.items():
+            lines.append(f"  {bucket:<20}{values['samples']:>9}" + "".join(f"{values[metric]:>11.4f}" for metric in metrics))
+    return lines
 
 
 def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, full_ranking: bool = False,

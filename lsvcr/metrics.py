@@ -36,6 +36,12 @@ def ranked_hits(scores: Tensor, labels: Tensor) -> Tensor:
 def metric_sums(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
     """Per-batch sums of every metric plus `count` (samples with ≥1 positive), for later averaging
     (sums and counts all-reduce correctly across DDP ranks)."""
+    values, kept = metric_values(scores, labels, names)
+    return {"count": float(kept.sum())} | {name: float(row_values.sum()) for name, row_values in values.items()}
+
+
+def metric_values(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> tuple[dict[str, Tensor], Tensor]:
+    """Every metric per sample with ≥1 positive, and the [B] mask of those samples."""
     scores = scores.detach().float()
     labels = labels.detach()
     positives = (labels > 0).sum(dim=1)
@@ -46,7 +52,7 @@ def metric_sums(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_
     width = hits.shape[1]
     discounts = 1.0 / torch.log2(torch.arange(width, device=hits.device, dtype=torch.float32) + 2.0)
     rank_of_first = torch.where(hits.any(dim=1), hits.argmax(dim=1), torch.full_like(positives, width, dtype=torch.long))
-    sums: dict[str, float] = {"count": float(keep.sum())}
+    values_by_name: dict[str, Tensor] = {}
     for name, kind, k in _parse(names):
         top = hits[:, :k]
         if kind == "recall":
@@ -61,18 +67,24 @@ def metric_sums(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_
             values = (top.sum(dim=1) > 0).float()
         else:
             raise ValueError(f"unknown metric {name}")
-        sums[name] = float(values.sum())
-    return sums
+        values_by_name[name] = values
+    return values_by_name, keep
 
 
 def single_positive_metric_sums(scores: Tensor, target: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
     """Fast path for one positive per row among many candidates (full ranking): the 0-based rank is
     the number of other candidates scoring ≥ the target (ties pessimistic)."""
+    values = single_positive_metric_values(scores, target, names)
+    return {"count": float(scores.shape[0])} | {name: float(row_values.sum()) for name, row_values in values.items()}
+
+
+def single_positive_metric_values(scores: Tensor, target: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, Tensor]:
+    """Every metric per row of `single_positive_metric_sums`."""
     scores = scores.detach().float()
     target_score = scores.gather(1, target.view(-1, 1))
     rank = (scores >= target_score).sum(dim=1) - 1
     rank = torch.where(torch.isfinite(target_score.squeeze(1)), rank, torch.full_like(rank, scores.shape[1]))
-    sums: dict[str, float] = {"count": float(scores.shape[0])}
+    values_by_name: dict[str, Tensor] = {}
     for name, kind, k in _parse(names):
         inside = rank < k
         if kind in ("recall", "hit"):
@@ -83,8 +95,8 @@ def single_positive_metric_sums(scores: Tensor, target: Tensor, names: tuple[str
             values = torch.where(inside, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float32))
         else:
             raise ValueError(f"unknown metric {name}")
-        sums[name] = float(values.sum())
-    return sums
+        values_by_name[name] = values
+    return values_by_name
 
 
 class MetricAccumulator:
@@ -110,3 +122,21 @@ class MetricAccumulator:
         out = {name: (self.sums[name] / count if count else 0.0) for name in self.names}
         out["samples"] = int(count)
         return out
+
+
+class GroupedMetrics:
+    """Metric averages per group of samples (e.g. by history length): one accumulator per group label."""
+
+    def __init__(self, labels: tuple[str, ...], names: tuple[str, ...] = METRIC_NAMES):
+        self.labels = labels
+        self.groups = [MetricAccumulator(names) for _ in labels]
+
+    def add(self, values: dict[str, Tensor], group_of_row: Tensor) -> None:
+        """`values`: name -> [R] per-row metric; `group_of_row`: [R] index into `labels`."""
+        for index, accumulator in enumerate(self.groups):
+            inside = group_of_row == index
+            accumulator.add({"count": float(inside.sum())}
+                            | {name: float(row_values[inside].sum()) for name, row_values in values.items()})
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {label: accumulator.result() for label, accumulator in zip(self.labels, self.groups)}

@@ -419,6 +419,40 @@ def test_comment_popularity_metrics_under_the_evaluation_protocol(tiny_prepared_
     assert video["model"] == {"architecture": "popularity"}
 
 
+def test_breakdown_by_target_popularity_matches_a_hand_computed_popularity_ranking(tiny_prepared_dir):
+    """`evaluate_model(..., breakdown=True)` on the real evaluator. The popularity baseline's full ranking is
+    known in closed form: a target's 0-based rank is the number of other videos with at least its training
+    count (pessimistic ties), so each popularity bucket's NDCG@10 is computed here by hand. Both groupings
+    cover every test sample once, and their buckets' sample-weighted means give the overall figure."""
+    from lsvcr.baselines import training_target_counts
+    from lsvcr.data.prepared import read_table, samples_file
+    from lsvcr.evaluate import TARGET_POPULARITY_EDGES, bucket_labels, evaluate_model, format_table
+
+    config = _tiny_config("video")
+    metrics = evaluate_model(fit_popularity(tiny_prepared_dir), "video", tiny_prepared_dir, config,
+                             full_ranking=True, exclude_seen=False, progress=False, breakdown=True)
+    test = metrics["test"]
+    assert "target_popularity" in metrics["protocol"]["breakdown"]
+    for groups in test["breakdown"].values():
+        assert sum(group["samples"] for group in groups.values()) == test["samples"]
+        weighted = sum(group["ndcg@10"] * group["samples"] for group in groups.values()) / test["samples"]
+        assert weighted == pytest.approx(test["ndcg@10"])
+
+    counts = training_target_counts(tiny_prepared_dir)
+    targets = read_table(tiny_prepared_dir, samples_file("video", "test"), ["target_video"])["target_video"].to_numpy()
+    ranks = np.array([(counts[1:] >= counts[target]).sum() - 1 for target in targets])
+    ndcg = np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
+    buckets = np.searchsorted(TARGET_POPULARITY_EDGES, counts[targets], side="right") - 1
+    by_popularity = test["breakdown"]["by_target_popularity"]
+    assert sum(by_popularity[label]["samples"] > 0 for label in bucket_labels(TARGET_POPULARITY_EDGES)) >= 2
+    for index, label in enumerate(bucket_labels(TARGET_POPULARITY_EDGES)):
+        inside = buckets == index
+        assert by_popularity[label]["samples"] == inside.sum()
+        if inside.any():
+            assert by_popularity[label]["ndcg@10"] == pytest.approx(ndcg[inside].mean(), abs=1e-6)
+    assert "test by bucket" in format_table({"task": "video", "full_ranking": metrics, **metrics})
+
+
 def test_like_prior_weight_is_the_popularity_only_maximum_likelihood_fit():
     """Choices drawn from softmax(1.5 · prior) over random pools: the fit recovers 1.5; no signal gives ~0."""
     rng = np.random.default_rng(0)

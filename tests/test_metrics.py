@@ -82,3 +82,25 @@ def test_fast_path_matches_generic_and_accumulator_averages():
     result = accumulator.result()
     assert result["samples"] == 64
     assert result["ndcg@10"] == pytest.approx(generic["ndcg@10"] / 64, abs=1e-6)
+
+
+def test_grouped_metrics_average_each_group_of_rows_apart():
+    """Three rows at 0-based ranks 0, 1 and 20 of 30 candidates, in groups a, b, a."""
+    from lsvcr.metrics import GroupedMetrics, single_positive_metric_values
+
+    scores = torch.arange(30, 0, -1, dtype=torch.float32).repeat(3, 1)  # candidate i scores 30 - i
+    values = single_positive_metric_values(scores, torch.tensor([0, 1, 20]))
+    grouped = GroupedMetrics(("a", "b", "empty"))
+    grouped.add(values, torch.tensor([0, 1, 0]))
+    result = grouped.result()
+    assert result["a"]["samples"] == 2 and result["b"]["samples"] == 1 and result["empty"]["samples"] == 0
+    assert result["a"]["ndcg@10"] == pytest.approx((1.0 + 0.0) / 2)
+    assert result["b"]["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    assert result["a"]["recall@10"] == pytest.approx(0.5) and result["empty"]["recall@10"] == 0.0
+
+
+def test_bucket_labels_and_edges():
+    from lsvcr.evaluate import bucket_labels, bucket_of
+
+    assert bucket_labels((0, 1, 5, 10, 20, 50)) == ("0", "1-4", "5-9", "10-19", "20-49", "50+")
+    assert bucket_of(torch.tensor([0, 1, 4, 5, 19, 20, 50, 900]), (0, 1, 5, 10, 20, 50)).tolist() == [0, 1, 1, 2, 3, 4, 5, 5]

@@ -44,6 +44,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vectors", default=None, help="VECTORS directory (default: the one used in training)")
     parser.add_argument("--full-ranking", action="store_true", help="also rank the target against all videos")
     parser.add_argument("--include-seen", action="store_true", help="full ranking: keep history videos as candidates")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="video task: test metrics also by history length and by the target's training popularity")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -52,7 +54,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     metrics = evaluate_model_dir(args.model, data_dir=args.data, vectors_dir=args.vectors,
                                  full_ranking=args.full_ranking or None,
                                  exclude_seen=False if args.include_seen else None,
-                                 device=str(choose_device(config.finetune.use_gpu)))
+                                 device=str(choose_device(config.finetune.use_gpu)), breakdown=args.breakdown)
     print(format_table(metrics))
     return 0
 
