@@ -27,10 +27,15 @@ writes them side by side: `{"variants": {NAME: report}, "comparison": [...]}`. A
 `serve.ingress`'s environment as shipped (lsvcr.config.SERVE_INGRESS_ENVIRONMENT); each `+EXTRA` adds
 Ray variables (VARIANT_EXTRAS): `throughput` Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code on the
 replica's event loop, buffered request logs, ...), `plain` sets it to 0, `loop` only runs user code on
-the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr; `waitN`
+the replica's event loop, `logs` only buffers the request-path logs and keeps them off stderr, `nostderr`
+only keeps Serve's logs off stderr; `accesslog` / `noaccesslog` set serve.access_log on / off; `waitN`
 sets serve.batch_wait_timeout_s to N ms (e.g. `haproxy+wait0.5`), `batchN` serve.max_batch_size to N,
 `pin` / `nopin` set serve.pin_replica_cpus on / off (each replica's threads on its own core; on by default).
 The Serve replicas run at nice 0, as `lsvcr`'s own clusters start them (lsvcr.runtime.ensure_ray).
+`--interleave-waits-ms 2 0` / `--interleave-access-log` compare settings inside one cluster instead (redeployed in
+turn, `--interleave-rounds` times). CPU per request is counted for the processes on a request's path
+(`serve_total`) and, apart, for the rest of this Ray instance (`other_ray_processes`: raylet, GCS, the log
+monitor that reads what replicas write to stderr, ...).
 """
 
 from __future__ import annotations
@@ -319,9 +324,9 @@ async def _load(host: str, port: int, bodies: list[bytes], clients: int, duratio
 
 def path_cpu_seconds() -> dict[int, tuple[str, float]]:
     """pid -> (kind, CPU seconds user + system so far) of every process of *this* Ray instance (the
-    children of this driver) that can sit on a request's path: the Serve actors by their process title
-    (`ray::ProxyActor`, `ray::ServeReplica:lsvcr:RecommenderModel`, `ray::ServeController`, ...), HAProxy
-    by name, and this driver (the load generator). Per pid, so a replica that starts or dies within a
+    children of this driver): those that can sit on a request's path by kind (the Serve actors by their
+    process title: `ray::ProxyActor`, `ray::ServeReplica:lsvcr:RecommenderModel`, `ray::ServeController`, ...;
+    HAProxy by name; this driver, the load generator), the rest as `other_ray_processes`. Per pid, so a replica that starts or dies within a
     phase is still counted. Unlike latency, CPU time per request does not depend on what else runs."""
     import psutil
 
@@ -338,7 +343,7 @@ def path_cpu_seconds() -> dict[int, tuple[str, float]]:
         elif title.startswith("ray::") and ("Serve" in title or "Proxy" in title):
             kind = title.removeprefix("ray::").split(" ")[0].split(".")[0]
         else:
-            continue
+            kind = "other_ray_processes"  # not on the path, but busier when replicas log per request
         found[child.pid] = (kind, times.user + times.system)
     return found
 
@@ -349,7 +354,8 @@ def cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tu
     for pid, (kind, seconds) in after.items():
         per_kind[kind] = per_kind.get(kind, 0.0) + seconds - before.get(pid, (kind, 0.0))[1]
     per_request = {kind: round(1000 * seconds / max(requests, 1), 2) for kind, seconds in sorted(per_kind.items())}
-    per_request["serve_total"] = round(sum(v for k, v in per_request.items() if k != "load_generator"), 2)
+    per_request["serve_total"] = round(sum(v for k, v in per_request.items()
+                                           if k not in ("load_generator", "other_ray_processes")), 2)
     return per_request
 
 
@@ -377,38 +383,39 @@ def running_replicas() -> int:
     return int(states.get("RUNNING", 0))
 
 
-def interleaved_batch_waits(model_dir: Path, bodies: list[bytes], config: ServeConfig, waits_ms: list[float],
-                            rounds: int, seconds: float) -> dict:
-    """The same Serve app redeployed with each `serve.batch_wait_timeout_s` in turn, `rounds` times (A, B, A,
-    B, ...), measuring 8 and 32 clients for `seconds` each: ratios between set-ups taken minutes apart on a
-    shared machine drift by ±20%; interleaved, the drift falls on every set-up alike."""
+def interleaved_settings(model_dir: Path, bodies: list[bytes], settings: dict[str, ServeConfig], rounds: int,
+                         seconds: float) -> dict:
+    """The same Serve app redeployed with each named ServeConfig in turn, `rounds` times (A, B, A, B, ...),
+    measuring 1, 8 and 32 clients for `seconds` each: ratios between set-ups taken minutes apart on a shared
+    machine drift by ±20%; interleaved, the drift falls on every set-up alike."""
     from ray import serve
 
     from lsvcr.serve.app import APP_NAME, build_application
 
     phases: dict[str, list[dict]] = {}
     for round_index in range(rounds):
-        for wait_ms in waits_ms:
-            waited = replace(config, batch_wait_timeout_s=wait_ms / 1000)
-            serve.run(build_application(str(model_dir), None, waited), name=APP_NAME, route_prefix="/")
-            asyncio.run(_load(config.host, config.port, bodies, 4, 3))  # warm-up of the new replicas
+        for name, setting in settings.items():
+            serve.run(build_application(str(model_dir), None, setting), name=APP_NAME, route_prefix="/")
+            asyncio.run(_load(setting.host, setting.port, bodies, 4, 3))  # warm-up of the new replicas
             for clients in (1, 8, 32):
                 cpu_before = path_cpu_seconds()
-                phase = asyncio.run(_load(config.host, config.port, bodies, clients, seconds))
+                phase = asyncio.run(_load(setting.host, setting.port, bodies, clients, seconds))
                 cpu = cpu_ms_per_request(cpu_before, path_cpu_seconds(), phase["ok"])
-                phases.setdefault(f"wait_{wait_ms:g}ms_{clients}_clients", []).append(
+                phases.setdefault(f"{name}_{clients}_clients", []).append(
                     {"round": round_index, **{k: phase[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "failed")},
                      "serve_cpu_ms_per_request": cpu.get("serve_total"), "load_average_1min": phase["load_average_1min"]})
-            print(f"round {round_index}, wait {wait_ms:g} ms: " + ", ".join(
-                f"{c} clients {phases[f'wait_{wait_ms:g}ms_{c}_clients'][-1]['requests_per_s']} req/s "
-                f"p50 {phases[f'wait_{wait_ms:g}ms_{c}_clients'][-1]['p50_ms']} ms" for c in (1, 8, 32)), flush=True)
+            print(f"round {round_index}, {name}: " + ", ".join(
+                f"{c} clients {phases[f'{name}_{c}_clients'][-1]['requests_per_s']} req/s "
+                f"p50 {phases[f'{name}_{c}_clients'][-1]['p50_ms']} ms" for c in (1, 8, 32)), flush=True)
     summary = {name: {"requests_per_s_mean": round(float(np.mean([r["requests_per_s"] for r in runs])), 1),
                       "requests_per_s_std": round(float(np.std([r["requests_per_s"] for r in runs])), 1),
                       "p50_ms_mean": round(float(np.mean([r["p50_ms"] for r in runs])), 2),
                       "p99_ms_mean": round(float(np.mean([r["p99_ms"] for r in runs])), 2),
+                      "serve_cpu_ms_per_request_mean": round(float(np.mean([r["serve_cpu_ms_per_request"] for r in runs])), 2),
                       "failed": sum(r["failed"] for r in runs)}
                for name, runs in phases.items()}
-    return {"waits_ms": waits_ms, "rounds": rounds, "seconds_per_phase": seconds, "summary": summary, "phases": phases}
+    return {"settings": list(settings), "rounds": rounds, "seconds_per_phase": seconds, "summary": summary,
+            "phases": phases}
 
 
 def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig, load_s: float) -> dict:
@@ -453,7 +460,7 @@ def autoscale_timeline(model_dir: Path, bodies: list[bytes], config: ServeConfig
 def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_duration: float,
                 kill_duration: float, replicas: int, autoscale_duration: float = 0.0,
                 serve_config: ServeConfig | None = None, interleave_waits_ms: list[float] | None = None,
-                interleave_rounds: int = 3) -> dict:
+                interleave_rounds: int = 3, interleave_access_log: bool = False) -> dict:
     import ray
     from ray import serve
 
@@ -524,8 +531,13 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
         print(f"HTTP, 8 clients, replica killed: {phase}", flush=True)
 
         if interleave_waits_ms:
-            results["interleaved_batch_waits"] = interleaved_batch_waits(
-                model_dir, bodies, config, interleave_waits_ms, interleave_rounds, min(duration, 15))
+            waits = {f"wait_{ms:g}ms": replace(config, batch_wait_timeout_s=ms / 1000) for ms in interleave_waits_ms}
+            results["interleaved_batch_waits"] = interleaved_settings(model_dir, bodies, waits, interleave_rounds,
+                                                                      min(duration, 15))
+        if interleave_access_log:
+            logs = {f"access_log_{'on' if on else 'off'}": replace(config, access_log=on) for on in (True, False)}
+            results["interleaved_access_log"] = interleaved_settings(model_dir, bodies, logs, interleave_rounds,
+                                                                     min(duration, 15))
         if autoscale_duration > 0:
             results["autoscaling"] = autoscale_timeline(model_dir, bodies, config, autoscale_duration)
     finally:
@@ -540,7 +552,8 @@ def bench_serve(model_dir: Path, bodies: list[bytes], duration: float, long_dura
 VARIANT_EXTRAS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
                   "plain": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
                   "loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                  "logs": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"}}
+                  "logs": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"},
+                  "nostderr": {"RAY_SERVE_LOG_TO_STDERR": "0"}}
 
 
 def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
@@ -556,13 +569,15 @@ def variant_setup(variant: str) -> tuple[str, dict[str, str], list[str]]:
             environment.update(VARIANT_EXTRAS[extra])
         elif extra in ("pin", "nopin"):
             arguments.append("--pin-replica-cpus" if extra == "pin" else "--no-pin-replica-cpus")
+        elif extra in ("accesslog", "noaccesslog"):
+            arguments.append("--access-log" if extra == "accesslog" else "--no-access-log")
         elif wait_ms != extra and wait_ms.replace(".", "", 1).isdigit():
             arguments.append(f"--batch-wait-ms={wait_ms}")
         elif batch_size != extra and batch_size.isdigit():
             arguments.append(f"--max-batch-size={batch_size}")
         else:
             raise SystemExit(f"unknown extra {extra!r} in variant {variant!r}: one of {sorted(VARIANT_EXTRAS)}, "
-                             "pin, nopin, waitMS or batchN")
+                             "pin, nopin, accesslog, noaccesslog, waitMS or batchN")
     return ingress, environment, arguments
 
 
@@ -622,9 +637,14 @@ def main() -> int:
                         help="serve.max_batch_size (default: the shipped value)")
     parser.add_argument("--pin-replica-cpus", action=argparse.BooleanOptionalAction, default=ServeConfig.pin_replica_cpus,
                         help="serve.pin_replica_cpus: each replica's threads on its own core(s) (default: the shipped value)")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=ServeConfig.access_log,
+                        help="serve.access_log: the replicas log a line per request (default: the shipped value)")
     parser.add_argument("--interleave-waits-ms", type=float, nargs="+", default=None, metavar="MS",
                         help="after the kill phase: redeploy with each batch wait in turn, --interleave-rounds times, "
                              "measuring 1, 8 and 32 clients (side-by-side ratios on a noisy machine)")
+    parser.add_argument("--interleave-access-log", action="store_true",
+                        help="after the kill phase: redeploy with serve.access_log on and off in turn, "
+                             "--interleave-rounds times, measuring 1, 8 and 32 clients")
     parser.add_argument("--interleave-rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=None, metavar="INGRESS[+EXTRA...]",
                         help="run the bench once per variant, back to back, into one JSON (see the module doc)")
@@ -632,7 +652,8 @@ def main() -> int:
     if args.variants:
         passed = []
         for name, value in vars(args).items():
-            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size", "pin_replica_cpus") \
+            if name in ("variants", "ingress", "out", "batch_wait_ms", "max_batch_size", "pin_replica_cpus",
+                        "access_log") \
                     or value is None or value is False:
                 continue
             flag = f"--{name.replace('_', '-')}"
@@ -641,7 +662,8 @@ def main() -> int:
     # Read when Ray's processes start, and inherited by them from this one.
     apply_serve_ingress_environment(args.ingress)
     serve_config = ServeConfig(ingress=args.ingress, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                               max_batch_size=args.max_batch_size, pin_replica_cpus=args.pin_replica_cpus)
+                               max_batch_size=args.max_batch_size, pin_replica_cpus=args.pin_replica_cpus,
+                               access_log=args.access_log)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lsvcr-bench-serve-") as tmp:
         model_dir = write_synthetic_model(Path(tmp), args.videos, args.users)
@@ -660,7 +682,7 @@ def main() -> int:
         }
         report["serve"] = bench_serve(model_dir, bodies, args.duration, args.long, args.kill_duration, args.replicas,
                                       args.autoscale_duration, serve_config, args.interleave_waits_ms,
-                                      args.interleave_rounds)
+                                      args.interleave_rounds, args.interleave_access_log)
     in_process_best = report["in_process"]["batch_32"]["requests_per_s"]
     serve_best = max(report["serve"][f"http_{c}_clients"]["requests_per_s"] for c in (1, 8, 32))
     eight = report["serve"]["http_8_clients"]

@@ -49,6 +49,7 @@ def test_round_trip(tmp_path):
         ("finetune.checkpoint_every_steps=-2", "finetune.checkpoint_every_steps must be 0"),
         ("finetune.max_logits_mb=-64", "finetune.max_logits_mb must be 0"),
         ("serve.record_comment_table_max_mb=-1", "serve.record_comment_table_max_mb must be 0"),
+        ("serve.max_surge_percent=150", r"serve.max_surge_percent must be a percentage in \[0, 100\]"),
         ("finetune.allocator=jemalloc", "finetune.allocator must be one of auto, mimalloc, system"),
         ("finetune.lr", "must look like section.key=value"),
     ],

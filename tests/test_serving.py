@@ -562,6 +562,21 @@ def test_http_endpoints_match_the_offline_model(served, model_dirs, served_recom
         assert got.keys() == expected.keys()
         assert all(abs(got[c] - expected[c]) < 1e-4 for c in got)
 
+    # serve.access_log (off by default): the replica logged no line per request (Ray's access-log line is
+    # "POST /v1/recommend/videos 200 3.1ms"), though its log file exists.
+    replica_logs = _replica_log_files()
+    assert replica_logs, "no replica log file: where does Ray write them now?"
+    access_lines = [line for path in replica_logs for line in path.read_text(errors="replace").splitlines()
+                    if "POST /v1/recommend/" in line]
+    assert not access_lines, access_lines[:3]
+
+
+def _replica_log_files() -> list[Path]:
+    import ray
+
+    serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sorted(serve_logs.glob("replica_*RecommenderModel*.log"))
+
 
 @pytest.mark.slow
 def test_http_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(served, served_recommender):

@@ -187,6 +187,8 @@ def validate_config(config: LSVCRConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive; got {value}")
+    if not 0 <= config.serve.max_surge_percent <= 100:
+        raise ConfigError(f"serve.max_surge_percent must be a percentage in [0, 100]; got {config.serve.max_surge_percent}")
     for name in ("video_view_aug_p", "comment_view_aug_p", "view_aug_item_p"):
         if not 0.0 <= getattr(config.align, name) <= 1.0:
             raise ConfigError(f"align.{name} must be a probability in [0, 1]; got {getattr(config.align, name)}")

@@ -263,6 +263,17 @@ class ServeConfig:
     # (docs/serving.md): +4-33% requests/s at 32 clients over unpinned replicas in the same run; mixed at 8.
     pin_replica_cpus: bool = True
     max_ongoing_requests: int = 16
+    # A new model version (serve deploy / serve.run with a new MODEL dir) starts its replicas before the old
+    # ones stop: extra replicas allowed during a rollout, as a percentage of the target count, rounded up to
+    # whole replicas (Ray's max_surge_percent; Ray's default 0 stops an old replica first, so a one-replica
+    # deployment has none answering while the new one starts: 20 s on a loaded machine, docs/serving.md).
+    # Needs room for the extra replica(s); without it the old version keeps serving until there is room.
+    max_surge_percent: int = 25
+    # Ray Serve's per-request access log line in each replica (to its log file and, by Ray's default, stderr,
+    # which Ray's log monitor then reads): ~0.15-0.45 ms of CPU per request across processes, 5-15% of the
+    # path (docs/serving.md, "The access log"). Off by default; HAProxy can log requests instead
+    # (RAY_SERVE_HAPROXY_LOG_TARGET). Replica errors are logged either way.
+    access_log: bool = False
     # A replica projects every comment once for the comment records of histories (exact: the comment path is
     # linear) when that table, comments x hidden x 4 B, fits this; above it (KuaiComt: 8.5M comments, 2.2 GB
     # at hidden 64) each request projects the few rows it names from the memory-mapped text table. ~10% of a

@@ -82,7 +82,9 @@ def build_application(video_model_dir: str | None, comment_model_dir: str | None
         },
         # Enough in flight per replica for @serve.batch to fill a batch while the previous one computes.
         max_ongoing_requests=serve_config.max_ongoing_requests,
+        max_surge_percent=serve_config.max_surge_percent,  # a rollout starts new replicas before stopping old ones
         ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
+        logging_config={"enable_access_log": serve_config.access_log},
     ).bind(
         str(Path(video_model_dir).resolve()) if video_model_dir else None,
         str(Path(comment_model_dir).resolve()) if comment_model_dir else None,
