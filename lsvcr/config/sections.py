@@ -263,12 +263,14 @@ class ServeConfig:
     # (docs/serving.md): +4-33% requests/s at 32 clients over unpinned replicas in the same run; mixed at 8.
     pin_replica_cpus: bool = True
     max_ongoing_requests: int = 16
-    # A new model version (serve deploy / serve.run with a new MODEL dir) starts its replicas before the old
-    # ones stop: extra replicas allowed during a rollout, as a percentage of the target count, rounded up to
-    # whole replicas (Ray's max_surge_percent; Ray's default 0 stops an old replica first, so a one-replica
-    # deployment has none answering while the new one starts: 20 s on a loaded machine, docs/serving.md).
-    # Needs room for the extra replica(s); without it the old version keeps serving until there is room.
-    max_surge_percent: int = 25
+    # Extra replicas a rollout of a new model version (serve deploy / serve.run with a new MODEL dir) may start
+    # before it stops old ones, as a percentage of the target count rounded up to whole replicas (Ray's
+    # max_surge_percent). 0 (Ray's default): an old replica stops before its replacement starts, so a
+    # one-replica deployment answers nothing until the new one runs (20 s on a loaded machine,
+    # docs/serving.md). Positive: no such gap, but the extra replica needs room: on a full cluster without an
+    # autoscaler the rollout waits, the old version serving, until there is room (a 2-core machine running
+    # 2 one-core replicas never has it). serve/config.yaml, for autoscaling clusters, sets 25.
+    max_surge_percent: int = 0
     # Ray Serve's per-request access log line in each replica (to its log file and, by Ray's default, stderr,
     # which Ray's log monitor then reads): ~0.15-0.45 ms of CPU per request across processes, 5-15% of the
     # path (docs/serving.md, "The access log"). Off by default; HAProxy can log requests instead

@@ -82,7 +82,7 @@ def build_application(video_model_dir: str | None, comment_model_dir: str | None
         },
         # Enough in flight per replica for @serve.batch to fill a batch while the previous one computes.
         max_ongoing_requests=serve_config.max_ongoing_requests,
-        max_surge_percent=serve_config.max_surge_percent,  # a rollout starts new replicas before stopping old ones
+        max_surge_percent=serve_config.max_surge_percent,  # > 0: a rollout starts new replicas before stopping old ones
         ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
         logging_config={"enable_access_log": serve_config.access_log},
     ).bind(
