@@ -129,7 +129,7 @@ def bucket_labels(edges: tuple[int, ...]) -> tuple[str, ...]:
 
 def bucket_of(values: torch.Tensor, edges: tuple[int, ...]) -> torch.Tensor:
     """Index of each value's bucket (values below the first edge fall into the first)."""
-    return (torch.bucketize(values, torch.tensor(edges[1:], dtype=values.dtype), right=True)).long()
+    return torch.bucketize(values, torch.tensor(edges[1:], dtype=values.dtype), right=True).long()
 
 
 class Breakdown:
@@ -142,10 +142,11 @@ class Breakdown:
         self.by_target_popularity = GroupedMetrics(bucket_labels(TARGET_POPULARITY_EDGES))
 
     def add(self, video_history: torch.Tensor, target_video: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        values = {name: row_values.cpu() for name, row_values in values.items()}
         lengths = (video_history > 0).sum(dim=1).cpu()
-        self.by_history_length.add({k: v.cpu() for k, v in values.items()}, bucket_of(lengths, HISTORY_LENGTH_EDGES))
+        self.by_history_length.add(values, bucket_of(lengths, HISTORY_LENGTH_EDGES))
         popularity = self.target_counts[target_video.cpu()]
-        self.by_target_popularity.add({k: v.cpu() for k, v in values.items()}, bucket_of(popularity, TARGET_POPULARITY_EDGES))
+        self.by_target_popularity.add(values, bucket_of(popularity, TARGET_POPULARITY_EDGES))
 
     def result(self) -> dict:
         return {"by_history_length": self.by_history_length.result(),

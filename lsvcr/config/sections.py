@@ -272,9 +272,9 @@ class ServeConfig:
     # 2 one-core replicas never has it). serve/config.yaml, for autoscaling clusters, sets 25.
     max_surge_percent: int = 0
     # Ray Serve's per-request access log line in each replica (to its log file and, by Ray's default, stderr,
-    # which Ray's log monitor then reads): ~0.15-0.45 ms of CPU per request across processes, 5-15% of the
-    # path (docs/serving.md, "The access log"). Off by default; HAProxy can log requests instead
-    # (RAY_SERVE_HAPROXY_LOG_TARGET). Replica errors are logged either way.
+    # which Ray's log monitor then reads): 0.24-0.37 ms of CPU per request on the path and 15-20% of the
+    # requests/s, interleaved in one cluster (docs/serving.md, "The access log"). Off by default; HAProxy can
+    # log requests instead (RAY_SERVE_HAPROXY_LOG_TARGET). Replica errors are logged either way.
     access_log: bool = False
     # A replica projects every comment once for the comment records of histories (exact: the comment path is
     # linear) when that table, comments x hidden x 4 B, fits this; above it (KuaiComt: 8.5M comments, 2.2 GB
