@@ -748,16 +748,17 @@ def test_rolling_out_a_new_model_version_under_load(served, model_dirs, prepared
     beside this test) all 8 clients timed out after 20 s in 3 runs of 3 (docs/serving.md)."""
     import requests
 
-    surge = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]["deployments"][0]
-    assert surge["max_surge_percent"] > 0
+    shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]["deployments"][0]
+    surge_percent = shipped["max_surge_percent"]
+    assert surge_percent > 0
     _redeploy(served, model_dirs["video"], model_dirs["comment"], min_replicas=1, max_replicas=1,
-              max_surge_percent=surge["max_surge_percent"])
+              max_surge_percent=surge_percent)
     old_version = requests.get(f"{served}/v1/model", timeout=30).json()["models"]["video"]["version"]
     new_model_dir = _write_model_dir(tmp_path / "video_v2", "video", prepared_dir, vectors_dir, seed=3)
     bodies, _ = _raw_requests(prepared_dir, "video", slice(0, 20))
     outcomes = _load_while(served, bodies, 8, lambda: _redeploy(served, new_model_dir, model_dirs["comment"],
                                                                 min_replicas=1, max_replicas=1,
-                                                                max_surge_percent=surge["max_surge_percent"]),
+                                                                max_surge_percent=surge_percent),
                            seconds=20)
     failures = _failures(outcomes)
     assert not failures, f"{len(failures)} of {len(outcomes)} requests failed during the rollout: {failures[:10]}"
