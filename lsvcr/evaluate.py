@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lsvcr import model_files
+from lsvcr.baselines import fit_popularity, training_target_counts
 from lsvcr.batching import epoch_rows, history_lengths, make_batch
 from lsvcr.sample_arrays import CommentPools, SampleArrays, load_comment_likes, load_comment_pools
 from lsvcr.sample_stream import SampleStream, open_sample_stream
@@ -34,7 +35,7 @@ from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
 from lsvcr.errors import DataError
 from lsvcr.metrics import (
-    METRIC_NAMES, GroupedMetrics, MetricAccumulator, metric_values, single_positive_metric_values,
+    METRIC_NAMES, GroupedMetrics, MetricAccumulator, metric_values, single_positive_metric_values, sums_of,
 )
 from lsvcr.runtime import release_arrow_memory
 from lsvcr.vectors import release_item_vector_pages
@@ -188,8 +189,7 @@ def evaluate_arrays(
         else:
             scores = model.score_videos(batch.history, batch.candidates)
             values, kept = metric_values(scores, batch.labels)
-        count = len(batch.target_video) if kept is None else int(kept.sum())
-        accumulator.add({"count": float(count)} | {name: float(row_values.sum()) for name, row_values in values.items()})
+        accumulator.add(sums_of(values, len(batch.target_video) if kept is None else int(kept.sum())))
         if breakdown is not None and arrays.task == "video":
             rows_kept = slice(None) if kept is None else kept
             breakdown.add(batch.history.video_history[rows_kept], batch.target_video[rows_kept], values)
@@ -230,8 +230,6 @@ def evaluate_model(
     every sample scored with another sample's history, see `swap_histories`; `tables`: the directory's
     item tables, if the caller already has them; `breakdown`: a video task's metrics also by history
     length and target popularity, under split["breakdown"])."""
-    from lsvcr.baselines import training_target_counts
-
     tables = load_comment_pools(data_dir) if tables is None else tables
     out = {"protocol": protocol_description(task, full_ranking, exclude_seen, config.finetune.history_length)}
     target_counts = training_target_counts(data_dir) if breakdown and task == "video" else None
@@ -342,8 +340,6 @@ def popularity_metrics(data_dir: str | Path, task: str, config: LSVCRConfig, ful
                        comment_signal: str = "likes") -> dict:
     """The popularity baseline under the same protocol (videos: training-target counts; comments: likes
     or training-target counts, see `baselines.fit_popularity`)."""
-    from lsvcr.baselines import fit_popularity
-
     model = fit_popularity(data_dir, comment_signal)
     metrics = evaluate_model(model, task, data_dir, config, full_ranking=full_ranking, progress=False)
     details = {"architecture": "popularity"} | ({"comment_signal": comment_signal} if task == "comment" else {})

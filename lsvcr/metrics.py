@@ -33,11 +33,16 @@ def ranked_hits(scores: Tensor, labels: Tensor) -> Tensor:
     return labels.gather(1, by_label.gather(1, by_score))
 
 
+def sums_of(values: dict[str, Tensor], count: int) -> dict[str, float]:
+    """Per-row metric values summed, plus `count` (the rows that count), as `MetricAccumulator.add` takes them."""
+    return {"count": float(count)} | {name: float(row_values.sum()) for name, row_values in values.items()}
+
+
 def metric_sums(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
     """Per-batch sums of every metric plus `count` (samples with ≥1 positive), for later averaging
     (sums and counts all-reduce correctly across DDP ranks)."""
     values, kept = metric_values(scores, labels, names)
-    return {"count": float(kept.sum())} | {name: float(row_values.sum()) for name, row_values in values.items()}
+    return sums_of(values, int(kept.sum()))
 
 
 def metric_values(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> tuple[dict[str, Tensor], Tensor]:
@@ -74,8 +79,7 @@ def metric_values(scores: Tensor, labels: Tensor, names: tuple[str, ...] = METRI
 def single_positive_metric_sums(scores: Tensor, target: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
     """Fast path for one positive per row among many candidates (full ranking): the 0-based rank is
     the number of other candidates scoring ≥ the target (ties pessimistic)."""
-    values = single_positive_metric_values(scores, target, names)
-    return {"count": float(scores.shape[0])} | {name: float(row_values.sum()) for name, row_values in values.items()}
+    return sums_of(single_positive_metric_values(scores, target, names), scores.shape[0])
 
 
 def single_positive_metric_values(scores: Tensor, target: Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, Tensor]:
@@ -135,8 +139,7 @@ class GroupedMetrics:
         """`values`: name -> [R] per-row metric; `group_of_row`: [R] index into `labels`."""
         for index, accumulator in enumerate(self.groups):
             inside = group_of_row == index
-            accumulator.add({"count": float(inside.sum())}
-                            | {name: float(row_values[inside].sum()) for name, row_values in values.items()})
+            accumulator.add(sums_of({name: row_values[inside] for name, row_values in values.items()}, int(inside.sum())))
 
     def result(self) -> dict[str, dict[str, float]]:
         return {label: accumulator.result() for label, accumulator in zip(self.labels, self.groups)}
