@@ -33,7 +33,7 @@ from lsvcr.sample_arrays import CommentPools, SampleArrays, load_comment_likes, 
 from lsvcr.sample_stream import SampleStream, open_sample_stream
 from lsvcr.config import LSVCRConfig
 from lsvcr.data.prepared import VIDEOS_FILE
-from lsvcr.errors import DataError
+from lsvcr.errors import ConfigError, DataError
 from lsvcr.metrics import (
     METRIC_NAMES, GroupedMetrics, MetricAccumulator, metric_values, single_positive_metric_values, sums_of,
 )
@@ -269,6 +269,9 @@ def evaluate_model_dir(model_dir: str | Path, *, data_dir: str | Path | None = N
     """Evaluate a MODEL/ directory and (by default) write MODEL/metrics.json (`breakdown`: a video model's
     metrics also by history length and target popularity)."""
     trained = load_trained_model(model_dir, data_dir=data_dir, vectors_dir=vectors_dir, device=device)
+    if breakdown and trained.task != "video":
+        raise ConfigError(f"--breakdown splits a video model's metrics by history length and target popularity; "
+                          f"{model_dir} holds a {trained.task} model")
     config = trained.config
     tables = load_comment_pools(trained.data_dir)
     release_arrow_memory()  # the table reads are done

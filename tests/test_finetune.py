@@ -305,11 +305,13 @@ def test_killed_run_resumes_from_latest_checkpoint(ray_cluster, tiny_prepared_di
     # lsvcr evaluate on the finished model, with full ranking
     from lsvcr.cli import main
 
-    assert main(["evaluate", "--model", str(out), "--full-ranking"]) == 0
+    assert main(["evaluate", "--model", str(out), "--full-ranking", "--breakdown"]) == 0
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["test"]["ndcg@5"] == pytest.approx(metrics["test"]["ndcg@5"])
     assert evaluated["full_ranking"]["protocol"]["name"] == "full"
     assert evaluated["full_ranking"]["test"]["samples"] == evaluated["test"]["samples"]
+    by_length = evaluated["full_ranking"]["test"]["breakdown"]["by_history_length"]
+    assert sum(bucket["samples"] for bucket in by_length.values()) == evaluated["test"]["samples"]
 
 
 def _registered_mid_epoch_step(staging: Path) -> tuple[int, int] | None:

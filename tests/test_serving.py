@@ -259,6 +259,13 @@ def test_replicas_starting_together_compute_the_comment_table_once(model_dirs, p
     assert torch.allclose(tables[0], compute(torch.from_numpy(pools)))  # ... and its map still reads
 
 
+def test_evaluate_breakdown_of_a_comment_model_is_a_clear_error(model_dirs):
+    from lsvcr.evaluate import evaluate_model_dir
+
+    with pytest.raises(ConfigError, match="--breakdown splits a video model's metrics.*holds a comment model"):
+        evaluate_model_dir(model_dirs["comment"], breakdown=True, write=False)
+
+
 def test_user_id_uses_the_stored_latest_history(recommender, prepared_dir):
     histories = pq.read_table(prepared_dir / "user_histories.parquet").slice(0, 3).to_pylist()
     catalog = recommender.catalog
