@@ -43,7 +43,8 @@ ROOT = HERE.parent
 PROTOCOL_CONFIG = ROOT / "configs" / "movielens.yaml"
 RESULTS = HERE / "results" / "movielens.json"
 MODELS = {"sasrec": ["model.architecture=sasrec", "model.mode=id"], "id": ["model.mode=id"],
-          "id+text": ["model.mode=id+text"]}
+          "text": ["model.mode=text"], "id+text": ["model.mode=id+text"]}
+TEXT_MODELS = ("text", "id+text")
 REPORTED = ("ndcg@10", "recall@10", "mrr@10", "ndcg@5", "recall@5")
 BREAKDOWN_REPORTED = ("ndcg@10", "recall@10")  # test, by history length and by target popularity: mean over seeds
 
@@ -52,10 +53,11 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-def prepared_data(dataset: str, work: Path) -> Path:
-    raw, prepared = work / f"raw-{dataset}", work / f"prepared-{dataset}"
+def prepared_data(dataset: str, work: Path, sample_users: int | None = None) -> Path:
+    name = dataset if sample_users is None else f"{dataset}-users{sample_users}"
+    raw, prepared = work / f"raw-{name}", work / f"prepared-{name}"
     if not (raw / "_SUCCESS").is_file():
-        write_movielens(dataset, raw)
+        write_movielens(dataset, raw, sample=sample_users)
     prepare(raw, prepared, load_config(PROTOCOL_CONFIG).data)
     return prepared
 
@@ -79,11 +81,12 @@ def model_overrides(name: str, seed: int, args: argparse.Namespace) -> list[str]
 
 
 def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, vectors: Path | None,
-                   work: Path) -> dict:
+                   work: Path, init: Path | None = None) -> dict:
     config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
     check_inputs(config, data, vectors)
     load_before, started = load_average(), time.perf_counter()
-    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(name, args)}-{seed}.jsonl", seed)
+    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(name, args)}-{seed}.jsonl",
+                                      seed, init=init)
     metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False,
                              breakdown=True)
     selection = f"valid_{config.finetune.selection_metric}"
@@ -91,7 +94,7 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
             "valid": metrics["valid"], "test": metrics["test"], "protocol": metrics["protocol"],
             "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
-            f"curve_{selection}": [row[selection] for row in state["history"]]}
+            "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]]}
 
 
 def breakdown_means(runs: list[dict]) -> dict:
@@ -146,7 +149,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for id+text (default MiniLM)")
+    parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for text / id+text (default MiniLM)")
+    parser.add_argument("--aligned", default=None, metavar="ALIGNED",
+                        help="stage 2 from `lsvcr align --out ALIGNED`: its checkpoint and its vectors (text / id+text)")
+    parser.add_argument("--sample-users", type=int, default=None, metavar="N",
+                        help="`lsvcr data --sample-users N` (seed 0): N random users with all their ratings")
     parser.add_argument("--work", default=str(HERE / "tmp" / "movielens"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--label", default=None, help="the table row's name (default: the model's), e.g. "
@@ -161,9 +168,11 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = prepared_data(args.dataset, work)
-    vectors = None
-    if "id+text" in args.models:
+    data = prepared_data(args.dataset, work, args.sample_users)
+    vectors, init = None, None
+    if args.aligned:
+        vectors, init = Path(args.aligned) / "vectors", Path(args.aligned) / "checkpoint.pt"
+    elif any(name in TEXT_MODELS for name in args.models):
         vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work)
 
     table: dict[str, dict] = {}
@@ -176,7 +185,9 @@ def main() -> int:
     for name in args.models:
         model_runs = []
         for seed in args.seeds:
-            run = train_and_test(name, seed, args, data, vectors if name == "id+text" else None, work)
+            text_model = name in TEXT_MODELS
+            run = train_and_test(name, seed, args, data, vectors if text_model else None, work,
+                                 init if text_model else None)
             run["model"] = args.label or name
             model_runs.append(run)
             runs.append(run)
@@ -191,7 +202,8 @@ def main() -> int:
                     "history, selection on valid full-ranking NDCG@10, test full ranking over all items with "
                     "history items kept as candidates",
         "settings": {"seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
-                     "overrides": args.overrides, "vectors": str(vectors) if vectors else None},
+                     "overrides": args.overrides, "vectors": str(vectors) if vectors else None,
+                     "aligned": args.aligned, "sample_users": args.sample_users, "prepared": str(data)},
         "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
         "load_average_end": load_average(),
     }, indent=2) + "\n")

@@ -21,8 +21,9 @@ def synthetic_prepared(work: Path, preset: str, file_format: str = "parquet") ->
     return prepared
 
 
-def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, seed: int):
-    """One fine-tuning run in this process (no Ray), its log at `log_path`; returns (best model, loop state)."""
+def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, seed: int, init: Path | None = None):
+    """One fine-tuning run in this process (no Ray), its log at `log_path`, from stage-1 weights `init` if given;
+    returns (best model, loop state)."""
     import torch
 
     from lsvcr.baselines import build_model
@@ -34,7 +35,7 @@ def train_in_process(config, data: Path, vectors: Path | None, log_path: Path, s
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)
     torch.manual_seed(seed)
-    state = train_loop_per_worker(make_loop_config(config, data, vectors, log_path=log_path, report_to="local"))
+    state = train_loop_per_worker(make_loop_config(config, data, vectors, init, log_path=log_path, report_to="local"))
     video_text, comment_text = load_text_tables(config, data, vectors)
     tables = load_comment_pools(data)
     trained = build_model(config.model, tables.num_videos, video_text, comment_text,

@@ -85,3 +85,36 @@ def test_changed_file_and_missing_wheel_are_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"cannot download the wheel recbole==1\.2\.1"):
         write_movielens("movielens-100k", tmp_path / "raw2", cache_dir=tmp_path / "cache2",
                         find_links=str(tmp_path / "empty"))
+
+
+def test_sample_users_keeps_whole_users_and_is_seeded(tmp_path: Path) -> None:
+    links = tmp_path / "links"
+    build_wheel(links)
+
+    def fetch(out: str, users: int, seed: int) -> dict:
+        return write_movielens("movielens-100k", tmp_path / out, cache_dir=tmp_path / "cache", find_links=str(links),
+                               dataset=fixture_spec(), sample=users, sample_seed=seed)
+
+    source = fetch("raw", 2, 7)
+    rows = (tmp_path / "raw" / "ml-100k.inter").read_text().splitlines()
+    assert rows[0] == INTER.splitlines()[0]
+    users = sorted({row.split("\t")[0] for row in rows[1:]})
+    assert len(users) == 2 and len(rows) == 1 + 2 * 4  # every rating of each kept user, nothing else
+    assert set(rows[1:]) <= set(INTER.splitlines())
+    user_rows = (tmp_path / "raw" / "ml-100k.user").read_text().splitlines()[1:]
+    assert [row.split("\t")[0] for row in user_rows] == (["1"] if "1" in users else [])
+    assert source["sample"]["users"] == 2 and source["sample"]["of_users"] == 3
+    assert source["sample"]["files"]["ml-100k.inter"] == {"rows": 8, "of_rows": 12}
+    assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text())["sample"] == source["sample"]
+    assert (tmp_path / "raw" / "ml-100k.item").read_text() == ITEM  # items are not sampled
+    fetch("again", 2, 7)
+    assert (tmp_path / "again" / "ml-100k.inter").read_text() == (tmp_path / "raw" / "ml-100k.inter").read_text()
+    chosen_by_seed = set()
+    for seed in range(8):
+        fetch(f"seed{seed}", 1, seed)
+        chosen_by_seed.add((tmp_path / f"seed{seed}" / "ml-100k.inter").read_text().splitlines()[1].split("\t")[0])
+    assert len(chosen_by_seed) > 1  # the seed decides which users
+
+    with pytest.raises(DataError, match=r"--sample-users must be between 1 and the 3 users of ml-100k.inter; got 4"):
+        fetch("too_many", 4, 0)
+    assert not (tmp_path / "too_many").exists()

