@@ -9,8 +9,10 @@ commit them) → `lsvcr prepare --config configs/movielens.yaml`, both cached un
 (configs/movielens.yaml, docs/model.md "RecBole's sequential protocol"): ties in file order, every earlier
 item is history, leave-last-out (last → test, second-to-last → valid), model selection on valid full-ranking
 NDCG@10 (patience 10), test full ranking over all items with history items kept as candidates.
-Models: `sasrec` (model.architecture=sasrec), `id` (LSVCR, model.mode=id), `id+text` (LSVCR with MiniLM title
-vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr encode`); popularity needs no seed.
+Models: `sasrec` (model.architecture=sasrec), `id` (LSVCR, model.mode=id), `text` / `id+text` (LSVCR with MiniLM
+title vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr encode`, or from stage 1: --aligned
+ALIGNED, or --align-users N to encode and align here first); popularity needs no seed. --sample-users N: a seeded
+random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine.
 Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
 weights are tested. `--set` overrides go on top of configs/movielens.yaml for every trained model.
 Results: bench/results/movielens.json (each run, mean ± population std over seeds, wall times, load average).
@@ -69,6 +71,22 @@ def minilm_vectors(prepared: Path, work: Path) -> Path:
     if not is_vectors_dir(vectors):
         write_minilm_vectors(prepared, vectors)
     return vectors
+
+
+def aligned_checkpoint(data: Path, work: Path, args: argparse.Namespace) -> Path:
+    """`lsvcr encode --what all` (SmolLM2 via vLLM on Ray actors, --align-users train samples' title prompts)
+    → `lsvcr align` (frozen, --align-epochs) under --work, each reused when already finished: ALIGNED."""
+    from lsvcr.llm.align import run_align
+    from lsvcr.llm.encode import run_encode
+
+    config = load_config(PROTOCOL_CONFIG, [f"encode.max_user_samples={args.align_users}",
+                                           f"encode.num_actors={args.encode_actors}",
+                                           f"align.epochs={args.align_epochs}", *args.overrides])
+    vectors = work / f"vectors-{config.encode.model}-users{args.align_users}-{data.name}"
+    aligned = work / f"aligned-{config.encode.model}-users{args.align_users}-epochs{args.align_epochs}-{data.name}"
+    run_encode(config, data, vectors, "all")
+    run_align(config, data, vectors, aligned, mode="frozen")
+    return aligned
 
 
 def run_name(name: str, args: argparse.Namespace) -> str:
@@ -152,6 +170,11 @@ def main() -> int:
     parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for text / id+text (default MiniLM)")
     parser.add_argument("--aligned", default=None, metavar="ALIGNED",
                         help="stage 2 from `lsvcr align --out ALIGNED`: its checkpoint and its vectors (text / id+text)")
+    parser.add_argument("--align-users", type=int, default=None, metavar="N",
+                        help="stage 1 first: encode N train samples' title prompts and align (frozen) on them, "
+                             "then train the text models from it (as --aligned)")
+    parser.add_argument("--align-epochs", type=int, default=10, help="stage-1 epochs over the N samples")
+    parser.add_argument("--encode-actors", type=int, default=1, help="vLLM actors (one CPU each) for --align-users")
     parser.add_argument("--sample-users", type=int, default=None, metavar="N",
                         help="`lsvcr data --sample-users N` (seed 0): N random users with all their ratings")
     parser.add_argument("--work", default=str(HERE / "tmp" / "movielens"))
@@ -170,8 +193,9 @@ def main() -> int:
     started = time.perf_counter()
     data = prepared_data(args.dataset, work, args.sample_users)
     vectors, init = None, None
-    if args.aligned:
-        vectors, init = Path(args.aligned) / "vectors", Path(args.aligned) / "checkpoint.pt"
+    aligned = args.aligned or (aligned_checkpoint(data, work, args) if args.align_users else None)
+    if aligned:
+        vectors, init = Path(aligned) / "vectors", Path(aligned) / "checkpoint.pt"
     elif any(name in TEXT_MODELS for name in args.models):
         vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work)
 
@@ -203,7 +227,7 @@ def main() -> int:
                     "history items kept as candidates",
         "settings": {"seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
                      "overrides": args.overrides, "vectors": str(vectors) if vectors else None,
-                     "aligned": args.aligned, "sample_users": args.sample_users, "prepared": str(data)},
+                     "aligned": str(aligned) if aligned else None, "sample_users": args.sample_users, "prepared": str(data)},
         "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
         "load_average_end": load_average(),
     }, indent=2) + "\n")
