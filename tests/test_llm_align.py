@@ -202,3 +202,78 @@ def test_view_augmentation_gives_the_llm_and_the_sr_model_different_views(tiny_p
     half = augment_views(*inputs, np.random.default_rng(3), defaults, False)
     changed = (half[1] != hot)[several].mean()
     assert 0.05 < changed < 0.3  # about 0.5 * 0.3 of the items with two or more hot comments
+
+
+def test_standardized_heads_and_their_statistics():
+    """align.standardize_llm_vectors: statistics accumulated in blocks equal NumPy's over all rows; the heads
+    are the identity on their inputs until set, then standardize both inputs with the fixed buffers."""
+    from lsvcr.llm.heads import LLMHeads, column_statistics
+
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(3.0, 2.0, size=(7, 5)), rng.normal(-1.0, 0.5, size=(4, 5))
+    first[:, 4] = second[:, 4] = 0.25  # a constant column: its scale is floored, not 0
+    mean, std = column_statistics([first, second], block_rows=3)
+    both = np.concatenate([first, second])
+    np.testing.assert_allclose(mean, both.mean(0))
+    np.testing.assert_allclose(std[:4], both.std(0)[:4])
+    assert std[4] == 1e-6
+
+    heads = LLMHeads(5, text_dim=8, preference_dim=4)
+    x = torch.from_numpy(both).float()
+    torch.testing.assert_close(heads.item_text(x), heads.llm_emb_mlp(x))
+    torch.testing.assert_close(heads.preference(x), heads.contrast_adapter(x))
+    heads.set_standardization({"item_shift": mean.tolist(), "item_scale": std.tolist(),
+                               "user_shift": (mean * 2).tolist(), "user_scale": (std * 2).tolist()})
+    shift, scale = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+    torch.testing.assert_close(heads.item_text(x), heads.llm_emb_mlp((x - shift) / scale))
+    torch.testing.assert_close(heads.preference(x), heads.contrast_adapter((x - 2 * shift) / (2 * scale)))
+    restored = LLMHeads(5, text_dim=8, preference_dim=4)
+    restored.load_state_dict(heads.state_dict())  # the buffers travel with the weights
+    torch.testing.assert_close(restored.item_text(x), heads.item_text(x))
+
+
+def test_standardizing_is_for_frozen_alignment_only(tiny_prepared_dir, tmp_path):
+    from lsvcr.errors import ConfigError
+    from lsvcr.llm.align import run_align
+
+    config = load_config(None, ["align.standardize_llm_vectors=true"])
+    with pytest.raises(ConfigError, match="align.standardize_llm_vectors is for align.mode=frozen"):
+        run_align(config, tiny_prepared_dir, None, tmp_path / "aligned", "lora")
+
+
+@pytest.mark.slow
+def test_standardized_frozen_alignment_ignores_a_shared_offset(ray_cluster, tiny_prepared_dir, tmp_path):
+    """A frozen LLM's states share huge dimensions. With align.standardize_llm_vectors, stage 1 on vectors
+    that all carry one large common offset trains exactly as on the vectors without it: same losses, same
+    exported stage-2 vectors (without the switch, the offset dominates every head input)."""
+    import json
+
+    from lsvcr.llm.align import run_align
+    from lsvcr.llm.encode import ShardedOutput
+    from lsvcr.vectors import load_item_vectors
+
+    rng = np.random.default_rng(0)
+    tables = {}
+    for name, key, table in (("videos", "video_id", "videos"), ("comments", "comment_id", "comments"),
+                             ("users_video", "sample_row", "video_samples.train"),
+                             ("users_comment", "sample_row", "comment_samples.train")):
+        source = pq.read_table(tiny_prepared_dir / f"{table}.parquet")
+        keys = source[key].to_numpy() if key in source.column_names else np.arange(len(source))
+        tables[name] = (key, keys, rng.normal(size=(len(keys), 48)))
+    offset = np.zeros(48)
+    offset[[3, 17]] = [400.0, -250.0]  # "massive activations"
+    config = load_config(None, ["align.batch_size=32", "align.max_steps=8", "align.log_every=2",
+                                "align.num_workers=1", "align.threads_per_worker=1", "align.standardize_llm_vectors=true"])
+    runs = {}
+    for label, shift in (("plain", 0.0), ("offset", 1.0)):
+        vectors = tmp_path / f"vectors_{label}"
+        for name, (key, keys, values) in tables.items():
+            ShardedOutput(vectors / name, len(keys), 10_000, key).write(0, keys, values + shift * offset)
+        (vectors / "manifest.json").write_text(json.dumps({"dim": 48, "model": "synthetic"}))
+        out = tmp_path / f"aligned_{label}"
+        runs[label] = run_align(config, tiny_prepared_dir, vectors, out, "frozen")
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["llm_standardization"] is True
+    assert runs["plain"]["final"]["train_ssc"] == pytest.approx(runs["offset"]["final"]["train_ssc"], rel=1e-3)
+    plain, _ = load_item_vectors(tmp_path / "aligned_plain" / "vectors", tiny_prepared_dir)
+    shifted, _ = load_item_vectors(tmp_path / "aligned_offset" / "vectors", tiny_prepared_dir)
+    np.testing.assert_allclose(shifted, plain, rtol=1e-3, atol=1e-4)

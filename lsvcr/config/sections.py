@@ -180,6 +180,10 @@ class AlignConfig:
     rec_loss_weight: float = 1.0
     contrast_loss_weight: float = 0.5
     text_dim: int = 256  # output of the item-text MLP (llm_emb_mlp)
+    # Beyond the paper, frozen mode only: standardize the LLM's item and user vectors per dimension (fixed
+    # statistics of the encoded set) before the heads. Needed when a frozen LLM's states are nearly collinear
+    # (SmolLM2 on MovieLens: stage 1 stayed at chance without it); configs/movielens.yaml turns it on.
+    standardize_llm_vectors: bool = False
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1

@@ -52,14 +52,14 @@ import torch
 from lsvcr import storage, train_driver
 from lsvcr.config import LSVCRConfig, config_to_dict
 from lsvcr.data.prepared import COMMENTS_FILE, read_table, read_videos, require_prepared
-from lsvcr.errors import ConfigError
+from lsvcr.errors import ConfigError, DataError
 from lsvcr.llm.align_worker import stage_one_model_config, train_loop_per_worker
 from lsvcr.llm.encode import run_encode
-from lsvcr.llm.heads import LLMHeads, export_text_vectors
+from lsvcr.llm.heads import LLMHeads, column_statistics, export_text_vectors
 from lsvcr.llm.lora import merge_lora
 from lsvcr.llm.registry import resolve_model
 from lsvcr.training_log import plot_curves, write_jsonl
-from lsvcr.vectors import open_item_vectors, read_vectors_manifest, write_item_vectors
+from lsvcr.vectors import open_item_vectors, read_vector_table, read_vectors_manifest, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
@@ -80,6 +80,24 @@ def _export_vectors(heads: LLMHeads, raw_vectors_dir: Path, data_dir: Path, out_
                        manifest)
 
 
+def frozen_standardization(vectors_dir: Path, data_dir: Path) -> dict[str, list[float]]:
+    """align.standardize_llm_vectors: per-dimension mean and std of the item vectors (videos and comments) and
+    of the user prompt vectors (both tasks) of VECTORS, for `LLMHeads.set_standardization`."""
+    video_raw, comment_raw = open_item_vectors(vectors_dir, data_dir)
+    item_mean, item_std = column_statistics([video_raw[1:]] + ([comment_raw[1:]] if comment_raw is not None else []))
+    users = []
+    for name in ("users_video", "users_comment"):
+        table = read_vector_table(vectors_dir, name, "sample_row")
+        if table is not None and table.num_rows:
+            column = table["vector"].combine_chunks()
+            users.append(column.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, column.type.list_size))
+    if not users:
+        raise DataError(f"VECTORS {vectors_dir} has no user vectors (frozen alignment needs `lsvcr encode --what users`)")
+    user_mean, user_std = column_statistics(users)
+    return {"item_shift": item_mean.tolist(), "item_scale": item_std.tolist(),
+            "user_shift": user_mean.tolist(), "user_scale": user_std.tolist()}
+
+
 def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path | None, out_dir: str | Path,
               mode: str | None = None) -> dict:
     """Train stage 1 on Ray Train and write ALIGNED/; returns a summary (seconds, final losses)."""
@@ -98,19 +116,23 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
     data_dir = storage.pull(str(data_dir)).resolve()
     require_prepared(data_dir)
     vectors_dir = storage.pull(str(vectors_dir)).resolve() if vectors_dir else None
-    model_path = None
+    model_path, standardization = None, None
     if settings.mode == "frozen":
         if vectors_dir is None:
             raise ConfigError("align.mode=frozen needs --vectors VECTORS (items and users from `lsvcr encode`)")
         _llm_hidden_of(vectors_dir)
+        if settings.standardize_llm_vectors:
+            standardization = frozen_standardization(vectors_dir, data_dir)
     else:
+        if settings.standardize_llm_vectors:
+            raise ConfigError("align.standardize_llm_vectors is for align.mode=frozen (in lora mode the LLM adapts)")
         model_path = resolve_model(config.encode.model)
 
     staging = train_driver.open_staging(out, config)
     loop_config = {"config": config_to_dict(config), "data_dir": str(data_dir),
                    "vectors_dir": str(vectors_dir) if vectors_dir else None,
                    "model_path": str(model_path) if model_path else None,
-                   "log_path": str(staging / "train_log.jsonl")}
+                   "log_path": str(staging / "train_log.jsonl"), "llm_standardization": standardization}
     trainer_settings = train_driver.TrainerSettings(
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
         threads_per_worker=settings.threads_per_worker, max_failures=settings.max_failures, checkpoints_to_keep=2,
@@ -124,7 +146,9 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
     heads_state = {name[len("heads."):]: value for name, value in trainable.items() if name.startswith("heads.")}
     llm_hidden = heads_state["contrast_adapter.weight"].shape[1]
     heads = LLMHeads(llm_hidden, settings.text_dim, config.model.hidden_size)
-    heads.load_state_dict(heads_state)
+    if standardization is not None:
+        heads.set_standardization(standardization)
+    heads.load_state_dict({**heads.state_dict(), **heads_state})  # the trained weights; the fixed buffers as set
 
     vectors_manifest = {"model": config.encode.model, "pooling": "mean", "dtype": "float32",
                         "prompt_template": config.encode.prompt_template, "language": config.encode.language,
@@ -150,7 +174,8 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
                 "text_mlp_state_dict": heads.llm_emb_mlp.state_dict(),
                 "contrast_adapter_state_dict": heads.contrast_adapter.state_dict(),
                 "mode": settings.mode, "llm": config.encode.model, "llm_hidden": llm_hidden,
-                "text_dim": settings.text_dim, "steps": saved["state"]["step"]}, staging / "checkpoint.pt")
+                "text_dim": settings.text_dim, "steps": saved["state"]["step"],
+                "llm_standardization": standardization is not None}, staging / "checkpoint.pt")
     history = saved["state"]["history"]
     write_jsonl(history, staging / "train_log.jsonl")
     plot_curves(history, staging / "curves.png", title=f"stage-1 alignment ({settings.mode})",

@@ -114,7 +114,7 @@ def _linear_schedule(step: int, total: int, warmup: int) -> float:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker. `loop_config`: config (dict), data_dir, vectors_dir, model_path (lora),
-    log_path (rank 0 appends train_log.jsonl rows there)."""
+    log_path (rank 0 appends train_log.jsonl rows there), llm_standardization (frozen: fixed head inputs' stats)."""
     import ray.train
     import ray.train.torch
 
@@ -145,6 +145,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # 3. the objective, optimizer and linear warm-up/decay schedule
     objective = AlignmentObjective(config, data.tables.num_videos, llm_hidden, llm).to(device)
+    if loop_config.get("llm_standardization"):
+        objective.heads.set_standardization(loop_config["llm_standardization"])
     trainable = [p for p in objective.parameters() if p.requires_grad]
     augmentation = view_augmentation(config)
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
