@@ -149,10 +149,14 @@ def merge_results(paths: list[str], out: str) -> None:
     table = {name: row for part in parts for name, row in part["table"].items() if name == "popularity"}
     for name in dict.fromkeys(run["model"] for run in runs):
         table[name] = summarise(sorted((run for run in runs if run["model"] == name), key=lambda run: run["seed"]))
+    def per_run_file(key: str) -> list:  # a part that is itself a merge contributes its list
+        return [value for part in parts for value in (part[key] if "merged_from" in part else [part[key]])]
+
     merged = {key: parts[0][key] for key in ("dataset", "protocol_config", "protocol")}
-    merged.update(settings=[part["settings"] for part in parts], table=table, runs=runs,
-                  seconds=[part["seconds"] for part in parts], load_average_end=[part["load_average_end"] for part in parts],
-                  merged_from=[str(path) for path in paths])
+    merged.update(settings=per_run_file("settings"), table=table, runs=runs, seconds=per_run_file("seconds"),
+                  load_average_end=per_run_file("load_average_end"),
+                  merged_from=[source for part, path in zip(parts, paths)
+                               for source in part.get("merged_from", [str(path)])])
     Path(out).write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {out} ({len(runs)} runs)")
 
