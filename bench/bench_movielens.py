@@ -191,6 +191,8 @@ def main() -> int:
     if args.merge:
         merge_results(args.merge, args.out)
         return 0
+    if args.aligned and args.align_users:
+        parser.error("--aligned ALIGNED and --align-users N both choose the stage-1 checkpoint: give one")
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,8 @@ def test_standardized_frozen_alignment_ignores_a_shared_offset(ray_cluster, tiny
         (vectors / "manifest.json").write_text(json.dumps({"dim": 48, "model": "synthetic"}))
         out = tmp_path / f"aligned_{label}"
         runs[label] = run_align(config, tiny_prepared_dir, vectors, out, "frozen")
-        assert torch.load(out / "checkpoint.pt", weights_only=False)["llm_standardization"] is True
+        saved = torch.load(out / "checkpoint.pt", weights_only=False)["llm_standardization"]
+        np.testing.assert_allclose(saved["item_shift"][3], 400.0 * shift, atol=1.0)  # the statistics it used
     assert runs["plain"]["final"]["train_ssc"] == pytest.approx(runs["offset"]["final"]["train_ssc"], rel=1e-3)
     plain, _ = load_item_vectors(tmp_path / "aligned_plain" / "vectors", tiny_prepared_dir)
     shifted, _ = load_item_vectors(tmp_path / "aligned_offset" / "vectors", tiny_prepared_dir)

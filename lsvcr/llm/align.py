@@ -175,7 +175,7 @@ def run_align(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | Path
                 "contrast_adapter_state_dict": heads.contrast_adapter.state_dict(),
                 "mode": settings.mode, "llm": config.encode.model, "llm_hidden": llm_hidden,
                 "text_dim": settings.text_dim, "steps": saved["state"]["step"],
-                "llm_standardization": standardization is not None}, staging / "checkpoint.pt")
+                "llm_standardization": standardization}, staging / "checkpoint.pt")  # None: off
     history = saved["state"]["history"]
     write_jsonl(history, staging / "train_log.jsonl")
     plot_curves(history, staging / "curves.png", title=f"stage-1 alignment ({settings.mode})",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lsvcr.errors import DataError
 from lsvcr.model import TEXT_MLP_HIDDEN, text_mlp
 
 
@@ -36,7 +37,7 @@ class LLMHeads(nn.Module):
             self.register_buffer(f"{name}_scale", torch.ones(llm_hidden))
 
     def set_standardization(self, standardization: dict[str, list[float]]) -> None:
-        """{item_shift, item_scale, user_shift, user_scale} (from `vector_standardization`) → the buffers."""
+        """{item_shift, item_scale, user_shift, user_scale} (`lsvcr.llm.align.frozen_standardization`) → the buffers."""
         for name, values in standardization.items():
             getattr(self, name).copy_(torch.as_tensor(values, dtype=torch.float32))
 
@@ -60,7 +61,7 @@ def column_statistics(tables, block_rows: int = 65536) -> tuple[np.ndarray, np.n
             squares = (block * block).sum(0) if squares is None else squares + (block * block).sum(0)
             count += len(block)
     if not count:
-        raise ValueError("no rows to standardize over")
+        raise DataError("align.standardize_llm_vectors: VECTORS has no rows to standardize over")
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
     return mean, np.maximum(std, 1e-6)
