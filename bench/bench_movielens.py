@@ -1,4 +1,4 @@
-"""MovieLens-100k under RecBole's sequential protocol: popularity, SASRec, LSVCR id (and id+text), several seeds.
+"""MovieLens (100k, 1m) under RecBole's sequential protocol: popularity, SASRec, LSVCR id, text, id+text, several seeds.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_movielens.py [--seeds 1 2 3] [--models sasrec id id+text]
         [--epochs 300] [--patience 10] [--dataset movielens-100k] [--set section.key=value ...]
