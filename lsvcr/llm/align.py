@@ -53,13 +53,14 @@ from lsvcr import storage, train_driver
 from lsvcr.config import LSVCRConfig, config_to_dict
 from lsvcr.data.prepared import COMMENTS_FILE, read_table, read_videos, require_prepared
 from lsvcr.errors import ConfigError, DataError
+from lsvcr.llm.align_data import user_vector_table
 from lsvcr.llm.align_worker import stage_one_model_config, train_loop_per_worker
 from lsvcr.llm.encode import run_encode
 from lsvcr.llm.heads import LLMHeads, column_statistics, export_text_vectors
 from lsvcr.llm.lora import merge_lora
 from lsvcr.llm.registry import resolve_model
 from lsvcr.training_log import plot_curves, write_jsonl
-from lsvcr.vectors import open_item_vectors, read_vector_table, read_vectors_manifest, write_item_vectors
+from lsvcr.vectors import open_item_vectors, read_vectors_manifest, write_item_vectors
 
 log = logging.getLogger("lsvcr.align")
 
@@ -85,12 +86,8 @@ def frozen_standardization(vectors_dir: Path, data_dir: Path) -> dict[str, list[
     of the user prompt vectors (both tasks) of VECTORS, for `LLMHeads.set_standardization`."""
     video_raw, comment_raw = open_item_vectors(vectors_dir, data_dir)
     item_mean, item_std = column_statistics([video_raw[1:]] + ([comment_raw[1:]] if comment_raw is not None else []))
-    users = []
-    for name in ("users_video", "users_comment"):
-        table = read_vector_table(vectors_dir, name, "sample_row")
-        if table is not None and table.num_rows:
-            column = table["vector"].combine_chunks()
-            users.append(column.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, column.type.list_size))
+    stored = [user_vector_table(vectors_dir, name) for name in ("users_video", "users_comment")]
+    users = [vectors for _, vectors in filter(None, stored) if len(vectors)]
     if not users:
         raise DataError(f"VECTORS {vectors_dir} has no user vectors (frozen alignment needs `lsvcr encode --what users`)")
     user_mean, user_std = column_statistics(users)

@@ -156,14 +156,22 @@ class StageOneData:
         return 0 if self.comment is None else len(self.comment)
 
 
-def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[np.ndarray, Tensor]:
-    """(sample rows that have a vector, their vectors) of `users_video` / `users_comment`."""
+def user_vector_table(vectors_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sample rows, their vectors [N, D]) of `users_video` / `users_comment`, as stored; None when absent."""
     table = read_vector_table(vectors_dir, name, "sample_row")
     if table is None:
-        raise DataError(f"VECTORS {vectors_dir} has no {name} (frozen alignment needs `lsvcr encode --what users`)")
-    rows = table["sample_row"].to_numpy()
+        return None
     column = table["vector"].combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(rows), column.type.list_size)
+    return (table["sample_row"].to_numpy(),
+            column.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, column.type.list_size))
+
+
+def _read_user_vectors(vectors_dir: Path, name: str, num_samples: int) -> tuple[np.ndarray, Tensor]:
+    """(sample rows that have a vector, their vectors) of `users_video` / `users_comment`."""
+    stored = user_vector_table(vectors_dir, name)
+    if stored is None:
+        raise DataError(f"VECTORS {vectors_dir} has no {name} (frozen alignment needs `lsvcr encode --what users`)")
+    rows, vectors = stored
     if len(rows) == 0:
         raise DataError(f"VECTORS {name} is empty")
     if rows.min() < 0 or rows.max() >= num_samples or len(np.unique(rows)) != len(rows):
