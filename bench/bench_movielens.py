@@ -14,7 +14,8 @@ title vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr enco
 ALIGNED, or --align-users N to encode and align here first); popularity needs no seed. --sample-users N: a seeded
 random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine.
 Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
-weights are tested. `--set` overrides go on top of configs/movielens.yaml for every trained model.
+weights are tested. `--set` overrides go on top of configs/movielens.yaml for every trained model; `--set
+data.KEY=VALUE` ones (e.g. data.max_history=200) also re-prepare the data, into a directory of its own.
 Results: bench/results/movielens.json (each run, mean ± population std over seeds, wall times, load average).
 """
 
@@ -25,6 +26,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -55,12 +57,17 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-def prepared_data(dataset: str, work: Path, sample_users: int | None = None) -> Path:
+def prepared_data(dataset: str, work: Path, sample_users: int | None = None, overrides: Sequence[str] = ()) -> Path:
+    """PREPARED under --work for the data set (and sample), prepared with configs/movielens.yaml's data section
+    and any `--set data.KEY=VALUE` (e.g. data.max_history=200): each such variant gets its own directory."""
     name = dataset if sample_users is None else f"{dataset}-users{sample_users}"
-    raw, prepared = work / f"raw-{name}", work / f"prepared-{name}"
+    data_overrides = [override for override in overrides if override.startswith("data.")]
+    raw = work / f"raw-{name}"
+    prepared = work / "-".join([f"prepared-{name}", *(run_name(override.removeprefix("data."))
+                                                       for override in data_overrides)])
     if not (raw / "_SUCCESS").is_file():
         write_movielens(dataset, raw, sample=sample_users)
-    prepare(raw, prepared, load_config(PROTOCOL_CONFIG).data)
+    prepare(raw, prepared, load_config(PROTOCOL_CONFIG, data_overrides).data)
     return prepared
 
 
@@ -89,8 +96,8 @@ def aligned_checkpoint(data: Path, work: Path, args: argparse.Namespace) -> Path
     return aligned
 
 
-def run_name(name: str, args: argparse.Namespace) -> str:
-    return "".join(c if c.isalnum() or c in "+-" else "_" for c in (args.label or name))
+def run_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-" else "_" for c in name)
 
 
 def model_overrides(name: str, seed: int, args: argparse.Namespace) -> list[str]:
@@ -103,7 +110,7 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
     config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
     check_inputs(config, data, vectors)
     load_before, started = load_average(), time.perf_counter()
-    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(name, args)}-{seed}.jsonl",
+    trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(args.label or name)}-{seed}.jsonl",
                                       seed, init=init)
     metrics = evaluate_model(trained, "video", data, config, full_ranking=True, exclude_seen=False, progress=False,
                              breakdown=True)
@@ -197,7 +204,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = prepared_data(args.dataset, work, args.sample_users)
+    data = prepared_data(args.dataset, work, args.sample_users, args.overrides)
     vectors, init = None, None
     aligned = args.aligned or (aligned_checkpoint(data, work, args) if args.align_users else None)
     if aligned:
