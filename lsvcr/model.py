@@ -163,28 +163,44 @@ class TransformerEncoder(nn.Module):
 
 
 class AdditiveAttention(nn.Module):
-    """F_v (METHOD 2.5): w_i = softmax_i(Linear(2H→1)(GELU(LN(Dropout(Linear(H→2H)(h_i)))))), u = Σ w_i h_i."""
+    """F_v (METHOD 2.5): w_i = softmax_i(Linear(2H→1)(GELU(LN(Dropout(Linear(H→2H)(h_i)))))), u = Σ w_i h_i.
 
-    def __init__(self, hidden: int, dropout: float, eps: float):
+    `recency_positions` > 0 (model.pooling_recency_bias, not the paper's) adds a learned logit b[d] per
+    distance d from the latest item (d = real items after i). Positions are left-aligned and the states causal,
+    so without it a state cannot tell whether it is the latest item unless the window is full."""
+
+    def __init__(self, hidden: int, dropout: float, eps: float, recency_positions: int = 0):
         super().__init__()
         self.project = nn.Linear(hidden, 2 * hidden)
         self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(2 * hidden, eps=eps)
         self.score = nn.Linear(2 * hidden, 1)
+        self.recency_bias = nn.Parameter(torch.zeros(recency_positions)) if recency_positions else None
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        weights = masked_softmax(self._logits(hidden), mask)
+        logits = self._logits(hidden)
+        if self.recency_bias is not None:
+            items_after = mask.flip(1).long().cumsum(1).flip(1) - mask.long()
+            logits = logits + self._recency(items_after)
+        weights = masked_softmax(logits, mask)
         return (weights.unsqueeze(-1) * hidden).sum(dim=1)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         return self.score(F.gelu(self.layer_norm(self.dropout(self.project(hidden))))).squeeze(-1)
 
+    def _recency(self, items_after: Tensor) -> Tensor:
+        return self.recency_bias[items_after.clamp(0, self.recency_bias.shape[0] - 1)]
+
     def every_prefix(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """[B, L, H]: row j pools positions 0..j only. A position's weight logit depends on its own state
-        alone, so with causal states row j equals `forward` on the history cut after position j."""
+        (and, with the recency bias, on the real items in (i, j]), so with causal states row j equals `forward`
+        on the history cut after position j."""
         length = hidden.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
         logits = self._logits(hidden)[:, None, :].expand(-1, length, -1)
+        if self.recency_bias is not None:
+            items_so_far = mask.long().cumsum(1)
+            logits = logits + self._recency(items_so_far[:, :, None] - items_so_far[:, None, :])
         return masked_softmax(logits, causal[None] & mask[:, None, :]) @ hidden
 
 
@@ -309,7 +325,8 @@ class LSVCRModel(nn.Module):
         self.p_linear = nn.Linear(2 * hidden, hidden)
         self.c_linear = nn.Linear(2 * hidden, hidden)
 
-        self.video_pooling = AdditiveAttention(hidden, config.hidden_dropout, config.layer_norm_eps)
+        self.video_pooling = AdditiveAttention(hidden, config.hidden_dropout, config.layer_norm_eps,
+                                               config.max_position if config.pooling_recency_bias else 0)
         self.target_attention = MultiHeadAttention(
             hidden, config.num_heads, config.attn_dropout, config.hidden_dropout, config.layer_norm_eps
         )

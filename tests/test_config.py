@@ -17,6 +17,7 @@ def test_defaults_are_the_papers():
     # The comment row is the paper's scoring (METHOD 2.7); the like prior is an extension, off unless asked for.
     assert config.model.comment_like_prior is False
     assert load_config().model.comment_like_prior is False
+    assert config.model.pooling_recency_bias is False  # F_v as the paper has it (METHOD 2.5)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -57,6 +58,12 @@ def test_round_trip(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_recency_bias_needs_lsvcrs_pooling():
+    with pytest.raises(ConfigError, match="model.pooling_recency_bias is a term of LSVCR's F_v pooling"):
+        load_config(overrides=["model.pooling_recency_bias=true", "model.architecture=sasrec"])
+    assert load_config(overrides=["model.pooling_recency_bias=true"]).model.pooling_recency_bias is True
 
 
 def test_missing_and_malformed_files(tmp_path):

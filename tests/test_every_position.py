@@ -68,12 +68,15 @@ def _history(video_history: torch.Tensor) -> HistoryBatch:
                         torch.zeros(batch, 1, 1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("architecture", ["sasrec", "lsvcr"])
-def test_position_user_vectors_equal_the_cut_histories(architecture: str) -> None:
+@pytest.mark.parametrize("architecture,recency", [("sasrec", False), ("lsvcr", False), ("lsvcr", True)])
+def test_position_user_vectors_equal_the_cut_histories(architecture: str, recency: bool) -> None:
     torch.manual_seed(0)
     config = ModelConfig(mode="id", architecture=architecture, hidden_size=16, num_heads=2, inner_size=32,
-                         hidden_dropout=0.0, attn_dropout=0.0, max_position=8)
+                         hidden_dropout=0.0, attn_dropout=0.0, max_position=8, pooling_recency_bias=recency)
     model = build_model(config, 10, None, None).eval()
+    if recency:  # not linear in the distance (softmax ignores a uniform shift), so a wrong distance shows
+        with torch.no_grad():
+            model.video_pooling.recency_bias.copy_(torch.tensor([3.0, -1.0, 2.0, 0.5, -2.0, 1.0, 0.0, -0.5]))
     history = torch.tensor([[3, 5, 2, 7, 0, 0], [1, 4, 4, 2, 6, 9]])
     every = model.every_position_user_vectors(_history(history))
     for position in range(history.shape[1]):

@@ -400,6 +400,27 @@ def test_faithful_and_standard_stacking_differ():
     assert torch.allclose(one.score_videos(batch), other.score_videos(batch))  # identical with one layer
 
 
+def test_pooling_recency_bias_starts_as_the_papers_pooling_and_can_single_out_the_latest_item():
+    paper = _model(like_prior=False)
+    config = ModelConfig(max_position=10, comment_like_prior=False, pooling_recency_bias=True)
+    biased = LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
+    result = biased.load_state_dict(paper.state_dict(), strict=False)
+    assert result.missing_keys == ["video_pooling.recency_bias"] and not result.unexpected_keys
+    batch = _batch()
+    torch.testing.assert_close(biased.score_videos(batch), paper.score_videos(batch))  # zero bias: the paper's F_v
+
+    # A dominant logit at distance 0 puts the weight on each history's latest real item, wherever padding starts
+    # (rows of 4, 2 and 1 real items), and padding appended to the batch moves nothing.
+    with torch.no_grad():
+        biased.video_pooling.recency_bias[0] = 60.0
+    states = biased.encode_histories(batch, outputs=("video",))
+    latest = batch.video_history.ne(0).sum(dim=1) - 1
+    torch.testing.assert_close(biased.video_user_vector(states), states.video_states[torch.arange(3), latest])
+    widened = dataclasses.replace(batch, video_history=F.pad(batch.video_history, (0, 3)),
+                                  video_history_hot_comment=F.pad(batch.video_history_hot_comment, (0, 3)))
+    torch.testing.assert_close(biased.score_videos(widened), biased.score_videos(batch))
+
+
 def test_modes_and_text_overrides():
     video_text, comment_text, _ = _tables()
     id_only = LSVCRModel(ModelConfig(mode="id", max_position=10), NUM_VIDEOS, None, None).eval()

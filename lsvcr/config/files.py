@@ -158,6 +158,9 @@ def validate_config(config: LSVCRConfig) -> None:
     if not 1 <= config.finetune.target_stride <= config.finetune.history_length:
         raise ConfigError("finetune.target_stride must be between 1 and finetune.history_length; "
                           f"got {config.finetune.target_stride}")
+    if config.model.pooling_recency_bias and config.model.architecture != "lsvcr":
+        raise ConfigError("model.pooling_recency_bias is a term of LSVCR's F_v pooling; "
+                          f"model.architecture={config.model.architecture} has no F_v")
     if config.finetune.train_targets == "all_positions" and config.finetune.task != "video":
         raise ConfigError("finetune.train_targets=all_positions is for the video task only")
     if config.align.history_length > config.model.max_position:

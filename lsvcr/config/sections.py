@@ -62,6 +62,9 @@ class ModelConfig:
     stacking: str = "faithful"
     # "lsvcr": the paper's backbone; "sasrec": the ID-only SASRec baseline (lsvcr/baselines.py).
     architecture: str = "lsvcr"
+    # Beyond the paper (off = its F_v, METHOD 2.5): a learned pooling logit per distance from the latest history
+    # item, so F_v can favour recent items in windows that are not full (docs/model.md, docs/results.md).
+    pooling_recency_bias: bool = False
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
     comment_like_prior: bool = False
