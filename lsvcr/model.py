@@ -180,8 +180,8 @@ class AdditiveAttention(nn.Module):
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         logits = self._logits(hidden)
         if self.recency_bias is not None:
-            items_after = mask.flip(1).long().cumsum(1).flip(1) - mask.long()
-            logits = logits + self._recency(items_after)
+            items_so_far = mask.long().cumsum(1)
+            logits = logits + self._recency(items_so_far[:, -1:] - items_so_far)
         weights = masked_softmax(logits, mask)
         return (weights.unsqueeze(-1) * hidden).sum(dim=1)
 
