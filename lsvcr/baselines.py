@@ -28,6 +28,8 @@ from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder, 
 
 
 class SASRec(nn.Module):
+    use_repeat_logit = False  # model.repeat_logit is LSVCR's (the config refuses it with architecture=sasrec)
+
     def __init__(self, config: ModelConfig, num_videos: int):
         super().__init__()
         self.config = config

@@ -327,6 +327,9 @@ class LSVCRModel(nn.Module):
 
         self.video_pooling = AdditiveAttention(hidden, config.hidden_dropout, config.layer_norm_eps,
                                                config.max_position if config.pooling_recency_bias else 0)
+        self.use_repeat_logit = config.repeat_logit
+        if self.use_repeat_logit:
+            self.repeat_logit = nn.Parameter(torch.tensor(0.0))
         self.target_attention = MultiHeadAttention(
             hidden, config.num_heads, config.attn_dropout, config.hidden_dropout, config.layer_norm_eps
         )
@@ -641,9 +644,24 @@ class LSVCRModel(nn.Module):
             states = self.encode_histories(batch, video_text=video_text, comment_text=comment_text, outputs=("video",))
         user = self.video_user_vector(states)
         if candidates is None:
-            return self.score_user_vectors(user, video_text)
+            return self.add_repeat_logit(self.score_user_vectors(user, video_text), batch.video_history)
         logits = self._cosine_logits(user, self.video_candidate_vectors(candidates, video_text))
+        if self.use_repeat_logit:
+            in_history = (candidates[:, :, None] == batch.video_history[:, None, :]).any(dim=-1)
+            logits = logits + self.repeat_logit * in_history
         return logits.masked_fill(candidates == 0, float("-inf"))
+
+    def add_repeat_logit(self, scores: Tensor, video_history: Tensor) -> Tensor:
+        """scores [B, V+1] over all videos plus the learned repeat logit on each row's history videos (once per
+        video, however often it recurs); `scores` itself when model.repeat_logit is off. In place unless
+        gradients are being recorded (a [B, V+1] copy is 338 MB at KuaiComt size)."""
+        if not self.use_repeat_logit:
+            return scores
+        videos, first = distinct_history(video_history)
+        offsets = (first * self.repeat_logit).to(scores.dtype)
+        if torch.is_grad_enabled():
+            return scores.scatter_add(1, videos, offsets)
+        return scores.scatter_add_(1, videos, offsets)
 
     def score_user_vectors(self, user: Tensor, video_text: Tensor | None = None) -> Tensor:
         """Logits of user vectors [N, H] over all videos [N, V+1] (column 0, the pad, is -inf)."""
@@ -655,11 +673,27 @@ class LSVCRModel(nn.Module):
         return logits
 
     def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
-                            video_text: Tensor | None = None) -> Tensor:
+                            video_text: Tensor | None = None, video_history: Tensor | None = None) -> Tensor:
         """Mean CE of user vectors [N, H] against their target videos [N] over all videos (METHOD 2.8), with
-        the logits taken `max_logits_mb` at a time (`catalog_cross_entropy`)."""
+        the logits taken `max_logits_mb` at a time (`catalog_cross_entropy`). With model.repeat_logit the
+        rows' histories [N, L] (0 = padding) are needed: their videos' logits get the repeat logit."""
         query = F.normalize(user, dim=-1) / self.config.temperature  # as in _cosine_logits
-        return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb)
+        repeats = None
+        if self.use_repeat_logit:
+            if video_history is None:
+                raise ConfigError("model.repeat_logit scores history videos differently: video_cross_entropy "
+                                  "needs each row's video_history")
+            repeats = (*distinct_history(video_history), self.repeat_logit)
+        return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb,
+                                     repeats)
+
+    @staticmethod
+    def prefix_histories(video_history: Tensor) -> Tensor:
+        """[B, L] -> [B, L, L]: row j is the history cut after position j (later positions set to 0, padding),
+        the history that `every_position_user_vectors` row j has seen."""
+        length = video_history.shape[1]
+        seen = torch.ones(length, length, dtype=torch.bool, device=video_history.device).tril()
+        return video_history[:, None, :] * seen[None]
 
     def every_position_user_vectors(self, batch: HistoryBatch) -> Tensor:
         """[B, L, H]: position j's user vector is the video user vector of the history cut after position
@@ -759,21 +793,37 @@ def _sampled_info_nce(anchors: Tensor, targets: Tensor, negatives: Tensor | None
     return F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=anchors.device))
 
 
+def distinct_history(video_history: Tensor) -> tuple[Tensor, Tensor]:
+    """(videos [N, L], first [N, L] bool): each row's history sorted, and True at the first occurrence of each
+    real video (False at repeats and padding), so that `scatter_add` of `first * repeat_logit` gives a video
+    that recurs in a history the logit once."""
+    videos = video_history.sort(dim=1).values
+    first = torch.ones_like(videos, dtype=torch.bool)
+    first[:, 1:] = videos[:, 1:] != videos[:, :-1]
+    return videos, first & (videos != 0)
+
+
 class _CatalogCrossEntropyInChunks(torch.autograd.Function):
-    """Mean CE of `query @ items.T` (column 0, the pad, excluded) against `targets`, `rows` queries at a time.
-    Each chunk's gradients are taken right after its loss, while its logits are at hand (softmax minus the
-    one-hot, times the other factor), so the backward pass only scales them: the same three matrix products
-    as autograd's forward and backward, and only one chunk of logits alive at any time."""
+    """Mean CE of `query @ items.T` (column 0, the pad, excluded; plus the repeat offsets when given) against
+    `targets`, `rows` queries at a time. Each chunk's gradients are taken right after its loss, while its logits
+    are at hand (softmax minus the one-hot, times the other factor), so the backward pass only scales them: the
+    same three matrix products as autograd's forward and backward, and only one chunk of logits alive at any
+    time. The repeat logit's gradient is that difference summed where it was added."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, items: Tensor, targets: Tensor, rows: int) -> Tensor:
-        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, query: Tensor, items: Tensor, targets: Tensor, rows: int, repeat_videos: Tensor | None,
+                repeat_first: Tensor | None, repeat_logit: Tensor | None) -> Tensor:
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[6]
         grad_query = torch.empty_like(query) if wants_grad else None
         grad_items = torch.zeros_like(items) if wants_grad else None
+        grad_repeat = query.new_zeros((), dtype=torch.float64) if repeat_videos is not None else None
         total = query.new_zeros((), dtype=torch.float64)
         for start in range(0, len(query), rows):
             query_rows, target_rows = query[start:start + rows], targets[start:start + rows]
             logits = _catalog_logits(query_rows, items)
+            if repeat_videos is not None:
+                chunk_videos, chunk_first = repeat_videos[start:start + rows], repeat_first[start:start + rows]
+                logits.scatter_add_(1, chunk_videos, (chunk_first * repeat_logit).to(logits.dtype))
             log_normalizer = torch.logsumexp(logits, dim=1)
             total += (log_normalizer - logits.gather(1, target_rows[:, None]).squeeze(1)).sum(dtype=torch.float64)
             if wants_grad:
@@ -781,21 +831,26 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
                 softmax[torch.arange(len(target_rows), device=softmax.device), target_rows] -= 1.0
                 grad_query[start:start + rows] = softmax @ items
                 grad_items.addmm_(softmax.T, query_rows)
+                if repeat_videos is not None:
+                    grad_repeat += (softmax.gather(1, chunk_videos) * chunk_first).sum(dtype=torch.float64)
         ctx.count = len(query)
-        ctx.save_for_backward(grad_query, grad_items)
+        ctx.save_for_backward(grad_query, grad_items, grad_repeat)
         return (total / len(query)).to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        grad_query, grad_items = ctx.saved_tensors
+        grad_query, grad_items, grad_repeat = ctx.saved_tensors
         scale = grad_loss / ctx.count
         return (None if grad_query is None else grad_query * scale,
-                None if grad_items is None else grad_items * scale, None, None)
+                None if grad_items is None else grad_items * scale, None, None, None, None,
+                None if grad_repeat is None else (grad_repeat * scale).to(grad_loss.dtype))
 
 
-def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_logits_mb: float = 0.0) -> Tensor:
+def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
+                          repeats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Mean CE of the logits `query @ items.T` [N, V+1] (column 0, the pad, is never a class) against `targets`
-    [N]: the loss over a whole catalog.
+    [N]: the loss over a whole catalog. `repeats`: (videos, first) from `distinct_history` and the repeat
+    logit added at those videos (model.repeat_logit).
 
     The logits, their log-softmax and its gradient are N × (V+1) floats each (the video task at KuaiComt size:
     512 × 82,453 × 4 B = 161 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 the rows
@@ -803,18 +858,22 @@ def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_log
     are computed with its loss (`_CatalogCrossEntropyInChunks`): nothing of size N × (V+1) is kept, and there
     is no recomputation. Loss and gradients are the one-pass ones up to float summation order."""
     rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0]))) if max_logits_mb > 0 else len(query)
-    if rows >= len(query):
-        return F.cross_entropy(_catalog_logits(query, items), targets)
-    if not torch.is_grad_enabled():
-        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items), targets[start:start + rows],
-                                   reduction="sum") for start in range(0, len(query), rows)) / len(query)
-    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows)
+    if rows >= len(query) or not torch.is_grad_enabled():
+        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows),
+                                   targets[start:start + rows], reduction="sum")
+                   for start in range(0, len(query), rows)) / len(query)
+    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows, *(repeats or (None, None, None)))
 
 
-def _catalog_logits(query: Tensor, items: Tensor) -> Tensor:
+def _catalog_logits(query: Tensor, items: Tensor, repeats: tuple[Tensor, Tensor, Tensor] | None = None,
+                    start: int = 0, rows: int = 0) -> Tensor:
     logits = query @ items.T
     logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
-    return logits
+    if repeats is None:
+        return logits
+    videos, first, repeat_logit = repeats
+    offsets = (first[start:start + rows] * repeat_logit).to(logits.dtype)
+    return logits.scatter_add(1, videos[start:start + rows], offsets)
 
 
 def count_parameters(model: nn.Module, exclude_id_table: bool = True) -> int:

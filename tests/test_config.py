@@ -18,6 +18,7 @@ def test_defaults_are_the_papers():
     assert config.model.comment_like_prior is False
     assert load_config().model.comment_like_prior is False
     assert config.model.pooling_recency_bias is False  # F_v as the paper has it (METHOD 2.5)
+    assert config.model.repeat_logit is False  # the paper's scores (METHOD 2.7)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -64,6 +65,8 @@ def test_recency_bias_needs_lsvcrs_pooling():
     with pytest.raises(ConfigError, match="model.pooling_recency_bias is a term of LSVCR's F_v pooling"):
         load_config(overrides=["model.pooling_recency_bias=true", "model.architecture=sasrec"])
     assert load_config(overrides=["model.pooling_recency_bias=true"]).model.pooling_recency_bias is True
+    with pytest.raises(ConfigError, match="model.repeat_logit is a term of LSVCR's video scoring"):
+        load_config(overrides=["model.repeat_logit=true", "model.architecture=sasrec"])
 
 
 def test_missing_and_malformed_files(tmp_path):

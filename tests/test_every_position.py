@@ -101,14 +101,18 @@ def prepared(raw_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("architecture", ["sasrec", "lsvcr"])
-def test_all_positions_loss_equals_the_per_sample_loss(prepared: Path, architecture: str) -> None:
+@pytest.mark.parametrize("architecture,repeat", [("sasrec", False), ("lsvcr", False), ("lsvcr", True)])
+def test_all_positions_loss_equals_the_per_sample_loss(prepared: Path, architecture: str, repeat: bool) -> None:
     config = load_config(MOVIELENS, [f"model.architecture={architecture}", "model.mode=id",
-                                     "model.hidden_dropout=0", "model.attn_dropout=0"])
+                                     "model.hidden_dropout=0", "model.attn_dropout=0", f"model.repeat_logit={repeat}"])
     tables = load_comment_pools(prepared)
     train = open_sample_stream(prepared, "video", "train", config.finetune.history_length)
     torch.manual_seed(0)
-    objective = build_objective(config, build_model(config.model, tables.num_videos, None, None))
+    model = build_model(config.model, tables.num_videos, None, None)
+    if repeat:  # each position's logits move the videos of its own prefix, not the whole window's
+        with torch.no_grad():
+            model.repeat_logit.fill_(2.0)
+    objective = build_objective(config, model)
     every_sample = make_batch(train, tables, np.arange(len(train)), rng=np.random.default_rng(0))
     rows, first = position_windows(np.asarray(train.user_all), train.lengths, config.finetune.history_length,
                                    config.finetune.target_stride)

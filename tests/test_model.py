@@ -421,6 +421,81 @@ def test_pooling_recency_bias_starts_as_the_papers_pooling_and_can_single_out_th
     torch.testing.assert_close(biased.score_videos(widened), biased.score_videos(batch))
 
 
+def test_repeat_logit_starts_as_the_papers_scores_and_moves_each_history_video_once():
+    paper = _model(like_prior=False)
+    config = ModelConfig(max_position=10, comment_like_prior=False, repeat_logit=True)
+    repeating = LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
+    result = repeating.load_state_dict(paper.state_dict(), strict=False)
+    assert result.missing_keys == ["repeat_logit"] and not result.unexpected_keys
+    batch = dataclasses.replace(_batch(), video_history=torch.tensor([[1, 2, 2, 4], [5, 6, 0, 0], [7, 0, 0, 0]]))
+    candidates = torch.tensor([[2, 3, 4, 0], [6, 1, 7, 5], [9, 7, 0, 0]])
+    torch.testing.assert_close(repeating.score_videos(batch), paper.score_videos(batch))  # r = 0: the paper's
+    torch.testing.assert_close(repeating.score_videos(batch, candidates), paper.score_videos(batch, candidates))
+
+    with torch.no_grad():
+        repeating.repeat_logit.fill_(-1.5)
+    history = {(0, 1), (0, 2), (0, 4), (1, 5), (1, 6), (2, 7)}  # video 2 recurs in row 0: it moves once
+    expected = paper.score_videos(batch)
+    for row, video in history:
+        expected[row, video] -= 1.5
+    torch.testing.assert_close(repeating.score_videos(batch), expected)  # the pad column stays -inf
+    moved = paper.score_videos(batch, candidates) - 1.5 * torch.tensor(
+        [[(row, int(video)) in history for video in videos] for row, videos in enumerate(candidates)])
+    torch.testing.assert_close(repeating.score_videos(batch, candidates), moved.masked_fill(candidates == 0, float("-inf")))
+
+    # Training sees the same logits: the CE over all videos is the CE of these scores, and r gets its gradient.
+    target = torch.tensor([3, 6, 2])
+    states = repeating.encode_histories(batch, outputs=("video",))
+    loss = repeating.video_cross_entropy(repeating.video_user_vector(states), target,
+                                         video_history=batch.video_history)
+    torch.testing.assert_close(loss, F.cross_entropy(repeating.score_videos(batch), target))
+    loss.backward()
+    assert repeating.repeat_logit.grad is not None and repeating.repeat_logit.grad != 0
+    with pytest.raises(ConfigError, match="needs each row's video_history"):
+        repeating.video_cross_entropy(repeating.video_user_vector(states), target)
+
+
+def test_repeat_logit_in_chunks_has_the_one_pass_loss_and_gradients():
+    """The chunked CE adds the repeat logit inside each chunk and sums its gradient there (the rows' softmax
+    minus the one-hot, at the first occurrence of each history video); checked against autograd of the dense
+    logits built by hand, at r = 0 (where the gradient must still flow) and r ≠ 0."""
+    from lsvcr.model import catalog_cross_entropy, distinct_history
+
+    torch.manual_seed(0)
+    rows, videos, width = 9, 14, 6
+    query = torch.randn(rows, width, requires_grad=True)
+    items = torch.randn(videos + 1, width, requires_grad=True)
+    targets = torch.randint(1, videos + 1, (rows,))
+    history = torch.randint(0, videos + 1, (rows, 5))
+    history[0] = torch.tensor([3, 3, 0, targets[0], 3])  # a repeat, padding, and the target itself
+    repeat_logit = torch.zeros((), requires_grad=True)
+    in_history = torch.zeros(rows, videos + 1)
+    for row, row_history in enumerate(history.tolist()):
+        for video in set(row_history) - {0}:
+            in_history[row, video] = 1.0
+
+    def by_hand():
+        logits = query @ items.T + repeat_logit * in_history
+        return F.cross_entropy(logits[:, 1:], targets - 1)
+
+    two_rows_mb = 2 * (videos + 1) * 4 / 2**20
+    for value in (0.0, 1.3):
+        with torch.no_grad():
+            repeat_logit.fill_(value)
+        results = []
+        for loss_of in (by_hand, lambda: catalog_cross_entropy(query, items, targets, 0.0, (*distinct_history(history), repeat_logit)),
+                        lambda: catalog_cross_entropy(query, items, targets, two_rows_mb, (*distinct_history(history), repeat_logit))):
+            for tensor in (query, items, repeat_logit):
+                tensor.grad = None
+            loss = loss_of()
+            loss.backward()
+            results.append([loss.detach(), query.grad.clone(), items.grad.clone(), repeat_logit.grad.clone()])
+        assert results[0][3] != 0
+        for other in results[1:]:
+            for expected, got in zip(results[0], other):
+                torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_modes_and_text_overrides():
     video_text, comment_text, _ = _tables()
     id_only = LSVCRModel(ModelConfig(mode="id", max_position=10), NUM_VIDEOS, None, None).eval()

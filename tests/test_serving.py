@@ -53,7 +53,8 @@ def vectors_dir(prepared_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path, seed: int) -> Path:
+def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path, seed: int,
+                     repeat_logit: float | None = None) -> Path:
     """A MODEL/ dir (docs/formats.md) of an SR model with random (not default-init) weights.
 
     Built directly rather than by `lsvcr finetune` (Ray Train took 85-280 s for one tiny epoch on this
@@ -64,6 +65,7 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     config.finetune.task = task
     config.finetune.history_length = HISTORY_LENGTH
     config.data.max_comments_per_record = 2
+    config.model.repeat_logit = repeat_logit is not None
     video_text, comment_text = load_item_vectors(vectors_dir, prepared_dir)
     torch.manual_seed(seed)
     model = LSVCRModel(config.model, len(video_text) - 1, torch.from_numpy(video_text),
@@ -72,6 +74,8 @@ def _write_model_dir(out: Path, task: str, prepared_dir: Path, vectors_dir: Path
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
+        if repeat_logit is not None:
+            model.repeat_logit.fill_(repeat_logit)
     out.mkdir(parents=True)
     torch.save({"model_config": asdict(config.model), "task": task, "num_videos": len(video_text) - 1,
                 "text_dim": TEXT_DIM, "state_dict": model.state_dict()}, out / "model.pt")
@@ -170,6 +174,24 @@ def test_video_rankings_equal_offline_model(recommender, model_dirs, prepared_di
         truncated = response["truncated"]
         if len(bodies[row]["video_history"]) > HISTORY_LENGTH:
             assert truncated["video_history"] == {"given": len(bodies[row]["video_history"]), "kept": HISTORY_LENGTH}
+
+
+def test_served_scores_carry_the_models_repeat_logit(prepared_dir, vectors_dir, tmp_path):
+    """model.repeat_logit: with exclude_seen false the served history videos get the model's learned logit, as
+    in evaluation; with it true they are masked as before."""
+    model_dir = _write_model_dir(tmp_path / "video", "video", prepared_dir, vectors_dir, seed=3, repeat_logit=100.0)
+    served_by = Recommender.from_model_dirs(model_dir, None)
+    bodies, rows = _raw_requests(prepared_dir, "video", slice(0, 6))
+    offline = _offline_video_scores({"video": model_dir}, prepared_dir, vectors_dir, rows)
+    k = served_by.catalog.num_videos + len(COLD_VIDEO_IDS)
+    cold = set(COLD_VIDEO_IDS.tolist())
+    for row, response in enumerate(served_by.recommend_videos([VideoRequest(**body, k=k) for body in bodies])):
+        known = [item for item in response["items"] if item["video_id"] not in cold]
+        served_idx = served_by.catalog.video_index.lookup([item["video_id"] for item in known])
+        np.testing.assert_allclose([item["score"] for item in known], offline[row, served_idx].numpy(), rtol=1e-4, atol=1e-4)
+        # A logit of 100 lifts exactly the videos of the (truncated, latest-kept) history above every other.
+        lifted = {item["video_id"] for item in known if item["score"] > 50}
+        assert lifted == set(bodies[row]["video_history"][-HISTORY_LENGTH:]) and lifted
 
 
 def test_comment_rankings_equal_offline_model(recommender, model_dirs, prepared_dir, vectors_dir):

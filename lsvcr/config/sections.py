@@ -65,6 +65,10 @@ class ModelConfig:
     # Beyond the paper (off = its F_v, METHOD 2.5): a learned pooling logit per distance from the latest history
     # item, so F_v can favour recent items in windows that are not full (docs/model.md, docs/results.md).
     pooling_recency_bias: bool = False
+    # Beyond the paper (off = its scoring, METHOD 2.7): a learned logit r added to every video candidate already in
+    # the user's history, so the model can learn how often users go back to a video (RepeatNet's repeat-or-explore,
+    # reduced to one scalar; docs/model.md). It starts at 0 (the paper's scores) and is learned with the CE.
+    repeat_logit: bool = False
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
     comment_like_prior: bool = False

@@ -252,11 +252,13 @@ class Recommender:
         if not resolved:
             return results
         model = self.video.model
-        states = model.encode_histories(build_history_batch(resolved, self.catalog.hot_comment), outputs=("video",),
-                                        tables=self.video_tables)
+        histories = build_history_batch(resolved, self.catalog.hot_comment)
+        states = model.encode_histories(histories, outputs=("video",), tables=self.video_tables)
         users = F.normalize(model.video_user_vector(states), dim=-1) / model.config.temperature  # tau folded in
         scores = users @ self.video_matrix.T  # ONE product for the whole batch: [B, d] @ [d, V]
         scores[:, 0] = float("-inf")  # padding row
+        if model.use_repeat_logit:  # the model's own scoring of history videos, when they are not excluded
+            scores = model.add_repeat_logit(scores, histories.video_history)
         self._mask(scores, [r.seen_videos for r in resolved])
         top_scores, top_rows = torch.topk(scores, min(max(r.k for r in resolved), scores.shape[1]), dim=1)
         top_ids = self.row_video_ids[top_rows.numpy()]
