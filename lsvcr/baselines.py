@@ -24,16 +24,18 @@ from lsvcr.batching import HistoryBatch
 from lsvcr.config import ModelConfig
 from lsvcr.data.prepared import COMMENTS_FILE, has_comments, num_videos, read_table, samples_file
 from lsvcr.errors import ConfigError
-from lsvcr.model import Dropout, HistoryStates, LSVCRModel, TransformerEncoder, catalog_cross_entropy
+from lsvcr.model import (Dropout, HistoryStates, LSVCRModel, TransformerEncoder, add_repeat_logit, catalog_cross_entropy,
+                         catalog_repeats, repeat_logit_on_candidates)
 
 
 class SASRec(nn.Module):
-    use_repeat_logit = False  # model.repeat_logit is LSVCR's (the config refuses it with architecture=sasrec)
-
     def __init__(self, config: ModelConfig, num_videos: int):
         super().__init__()
         self.config = config
         self.num_videos = num_videos
+        self.use_repeat_logit = config.repeat_logit  # the same learned logit as LSVCR's (docs/model.md)
+        if self.use_repeat_logit:
+            self.repeat_logit = nn.Parameter(torch.tensor(0.0))
         hidden = config.hidden_size
         self.item_embedding = nn.Embedding(num_videos + 1, hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(config.max_position, hidden)
@@ -68,9 +70,17 @@ class SASRec(nn.Module):
     def video_user_vector(self, states: HistoryStates) -> Tensor:
         return states.video_states[:, 0]
 
-    def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0) -> Tensor:
-        """CE over all items, the logits taken `max_logits_mb` at a time (lsvcr.model.catalog_cross_entropy)."""
-        return catalog_cross_entropy(user, self.item_embedding.weight, targets, max_logits_mb)
+    def video_cross_entropy(self, user: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
+                            video_history: Tensor | None = None) -> Tensor:
+        """CE over all items, the logits taken `max_logits_mb` at a time (lsvcr.model.catalog_cross_entropy);
+        with model.repeat_logit, each row's history videos get the repeat logit."""
+        repeats = catalog_repeats(video_history, self.repeat_logit) if self.use_repeat_logit else None
+        return catalog_cross_entropy(user, self.item_embedding.weight, targets, max_logits_mb, repeats)
+
+    def add_repeat_logit(self, scores: Tensor, video_history: Tensor) -> Tensor:
+        return add_repeat_logit(scores, video_history, self.repeat_logit) if self.use_repeat_logit else scores
+
+    prefix_histories = staticmethod(LSVCRModel.prefix_histories)
 
     def user_vector(self, video_history: Tensor) -> Tensor:
         mask = video_history != 0
@@ -92,8 +102,10 @@ class SASRec(nn.Module):
     def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, *, states=None, **_) -> Tensor:
         user = self.user_vector(batch.video_history) if states is None else states.video_states[:, 0]
         if candidates is None:
-            return self.score_user_vectors(user)
+            return self.add_repeat_logit(self.score_user_vectors(user), batch.video_history)
         logits = (self.item_embedding(candidates) @ user.unsqueeze(-1)).squeeze(-1)
+        if self.use_repeat_logit:
+            logits = repeat_logit_on_candidates(logits, candidates, batch.video_history, self.repeat_logit)
         return logits.masked_fill(candidates == 0, float("-inf"))
 
     def score_comments(self, *args, **kwargs) -> Tensor:

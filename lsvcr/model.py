@@ -647,21 +647,12 @@ class LSVCRModel(nn.Module):
             return self.add_repeat_logit(self.score_user_vectors(user, video_text), batch.video_history)
         logits = self._cosine_logits(user, self.video_candidate_vectors(candidates, video_text))
         if self.use_repeat_logit:
-            in_history = (candidates[:, :, None] == batch.video_history[:, None, :]).any(dim=-1)
-            logits = logits + self.repeat_logit * in_history
+            logits = repeat_logit_on_candidates(logits, candidates, batch.video_history, self.repeat_logit)
         return logits.masked_fill(candidates == 0, float("-inf"))
 
     def add_repeat_logit(self, scores: Tensor, video_history: Tensor) -> Tensor:
-        """scores [B, V+1] over all videos plus the learned repeat logit on each row's history videos (once per
-        video, however often it recurs); `scores` itself when model.repeat_logit is off. In place unless
-        gradients are being recorded (a [B, V+1] copy is 338 MB at KuaiComt size)."""
-        if not self.use_repeat_logit:
-            return scores
-        videos, first = distinct_history(video_history)
-        offsets = (first * self.repeat_logit).to(scores.dtype)
-        if torch.is_grad_enabled():
-            return scores.scatter_add(1, videos, offsets)
-        return scores.scatter_add_(1, videos, offsets)
+        """`scores` [B, V+1] with the learned repeat logit on each row's history videos (model.repeat_logit)."""
+        return add_repeat_logit(scores, video_history, self.repeat_logit) if self.use_repeat_logit else scores
 
     def score_user_vectors(self, user: Tensor, video_text: Tensor | None = None) -> Tensor:
         """Logits of user vectors [N, H] over all videos [N, V+1] (column 0, the pad, is -inf)."""
@@ -678,12 +669,7 @@ class LSVCRModel(nn.Module):
         the logits taken `max_logits_mb` at a time (`catalog_cross_entropy`). With model.repeat_logit the
         rows' histories [N, L] (0 = padding) are needed: their videos' logits get the repeat logit."""
         query = F.normalize(user, dim=-1) / self.config.temperature  # as in _cosine_logits
-        repeats = None
-        if self.use_repeat_logit:
-            if video_history is None:
-                raise ConfigError("model.repeat_logit scores history videos differently: video_cross_entropy "
-                                  "needs each row's video_history")
-            repeats = (*distinct_history(video_history), self.repeat_logit)
+        repeats = catalog_repeats(video_history, self.repeat_logit) if self.use_repeat_logit else None
         return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb,
                                      repeats)
 
@@ -801,6 +787,31 @@ def distinct_history(video_history: Tensor) -> tuple[Tensor, Tensor]:
     first = torch.ones_like(videos, dtype=torch.bool)
     first[:, 1:] = videos[:, 1:] != videos[:, :-1]
     return videos, first & (videos != 0)
+
+
+def catalog_repeats(video_history: Tensor | None, repeat_logit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`catalog_cross_entropy`'s repeats: (videos, first) of each row's history and the repeat logit."""
+    if video_history is None:
+        raise ConfigError("model.repeat_logit scores history videos differently: video_cross_entropy needs each "
+                          "row's video_history")
+    return (*distinct_history(video_history), repeat_logit)
+
+
+def add_repeat_logit(scores: Tensor, video_history: Tensor, repeat_logit: Tensor) -> Tensor:
+    """scores [B, V+1] over all videos plus `repeat_logit` on each row's history videos, once per video however
+    often it recurs. In place unless gradients are being recorded (a [B, V+1] copy is 338 MB at KuaiComt size)."""
+    videos, first = distinct_history(video_history)
+    offsets = (first * repeat_logit).to(scores.dtype)
+    if torch.is_grad_enabled():
+        return scores.scatter_add(1, videos, offsets)
+    return scores.scatter_add_(1, videos, offsets)
+
+
+def repeat_logit_on_candidates(logits: Tensor, candidates: Tensor, video_history: Tensor,
+                               repeat_logit: Tensor) -> Tensor:
+    """logits [B, N] of `candidates` [B, N] plus `repeat_logit` where the candidate is in the row's history."""
+    in_history = (candidates[:, :, None] == video_history[:, None, :]).any(dim=-1) & (candidates != 0)
+    return logits + repeat_logit * in_history
 
 
 class _CatalogCrossEntropyInChunks(torch.autograd.Function):

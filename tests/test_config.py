@@ -65,8 +65,6 @@ def test_recency_bias_needs_lsvcrs_pooling():
     with pytest.raises(ConfigError, match="model.pooling_recency_bias is a term of LSVCR's F_v pooling"):
         load_config(overrides=["model.pooling_recency_bias=true", "model.architecture=sasrec"])
     assert load_config(overrides=["model.pooling_recency_bias=true"]).model.pooling_recency_bias is True
-    with pytest.raises(ConfigError, match="model.repeat_logit is a term of LSVCR's video scoring"):
-        load_config(overrides=["model.repeat_logit=true", "model.architecture=sasrec"])
 
 
 def test_missing_and_malformed_files(tmp_path):

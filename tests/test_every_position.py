@@ -101,7 +101,7 @@ def prepared(raw_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("architecture,repeat", [("sasrec", False), ("lsvcr", False), ("lsvcr", True)])
+@pytest.mark.parametrize("architecture,repeat", [("sasrec", False), ("sasrec", True), ("lsvcr", False), ("lsvcr", True)])
 def test_all_positions_loss_equals_the_per_sample_loss(prepared: Path, architecture: str, repeat: bool) -> None:
     config = load_config(MOVIELENS, [f"model.architecture={architecture}", "model.mode=id",
                                      "model.hidden_dropout=0", "model.attn_dropout=0", f"model.repeat_logit={repeat}"])

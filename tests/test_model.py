@@ -455,6 +455,28 @@ def test_repeat_logit_starts_as_the_papers_scores_and_moves_each_history_video_o
         repeating.video_cross_entropy(repeating.video_user_vector(states), target)
 
 
+def test_sasrec_baseline_takes_the_same_repeat_logit():
+    from lsvcr.baselines import SASRec
+
+    torch.manual_seed(0)
+    plain = SASRec(ModelConfig(max_position=10), NUM_VIDEOS).eval()
+    repeating = SASRec(ModelConfig(max_position=10, repeat_logit=True), NUM_VIDEOS).eval()
+    assert repeating.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["repeat_logit"]
+    batch = dataclasses.replace(_batch(), video_history=torch.tensor([[1, 2, 2, 4], [5, 6, 0, 0], [7, 0, 0, 0]]))
+    candidates = torch.tensor([[2, 3, 4, 0], [6, 1, 7, 5], [9, 7, 0, 0]])
+    with torch.no_grad():
+        repeating.repeat_logit.fill_(0.8)
+    in_history = torch.zeros(3, NUM_VIDEOS + 1)
+    in_history[[0, 0, 0, 1, 1, 2], [1, 2, 4, 5, 6, 7]] = 0.8  # video 2 recurs in row 0: it moves once
+    torch.testing.assert_close(repeating.score_videos(batch), plain.score_videos(batch) + in_history)
+    torch.testing.assert_close(repeating.score_videos(batch, candidates),
+                               plain.score_videos(batch, candidates) + torch.gather(in_history, 1, candidates))
+    target = torch.tensor([3, 6, 2])
+    loss = repeating.video_cross_entropy(repeating.user_vector(batch.video_history), target,
+                                         video_history=batch.video_history)
+    torch.testing.assert_close(loss, F.cross_entropy(repeating.score_videos(batch), target))
+
+
 def test_repeat_logit_in_chunks_has_the_one_pass_loss_and_gradients():
     """The chunked CE adds the repeat logit inside each chunk and sums its gradient there (the rows' softmax
     minus the one-hot, at the first occurrence of each history video); checked against autograd of the dense

@@ -161,9 +161,6 @@ def validate_config(config: LSVCRConfig) -> None:
     if config.model.pooling_recency_bias and config.model.architecture != "lsvcr":
         raise ConfigError("model.pooling_recency_bias is a term of LSVCR's F_v pooling; "
                           f"model.architecture={config.model.architecture} has no F_v")
-    if config.model.repeat_logit and config.model.architecture != "lsvcr":
-        raise ConfigError("model.repeat_logit is a term of LSVCR's video scoring; "
-                          f"model.architecture={config.model.architecture} scores without it")
     if config.finetune.train_targets == "all_positions" and config.finetune.task != "video":
         raise ConfigError("finetune.train_targets=all_positions is for the video task only")
     if config.align.history_length > config.model.max_position:

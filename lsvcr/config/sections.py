@@ -67,7 +67,8 @@ class ModelConfig:
     pooling_recency_bias: bool = False
     # Beyond the paper (off = its scoring, METHOD 2.7): a learned logit r added to every video candidate already in
     # the user's history, so the model can learn how often users go back to a video (RepeatNet's repeat-or-explore,
-    # reduced to one scalar; docs/model.md). It starts at 0 (the paper's scores) and is learned with the CE.
+    # reduced to one scalar; docs/model.md). It starts at 0 (the paper's scores) and is learned with the CE. The SASRec
+    # baseline takes it too, so that a comparison can give both models the same term.
     repeat_logit: bool = False
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
