@@ -119,7 +119,8 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
             "valid": metrics["valid"], "test": metrics["test"], "protocol": metrics["protocol"],
             "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
-            "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]]}
+            "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]],
+            **({"learned_repeat_logit": float(trained.repeat_logit)} if trained.use_repeat_logit else {})}
 
 
 def breakdown_means(runs: list[dict]) -> dict:
