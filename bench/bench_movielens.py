@@ -120,7 +120,7 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
             "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
             "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]],
-            **({"learned_repeat_logit": float(trained.repeat_logit)} if trained.use_repeat_logit else {})}
+            **({"learned_repeat_logit": trained.repeat_logit.item()} if trained.use_repeat_logit else {})}
 
 
 def breakdown_means(runs: list[dict]) -> dict:
