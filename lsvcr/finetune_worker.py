@@ -52,7 +52,7 @@ class FinetuneObjective(nn.Module):
         self.id_text_weight = id_text_weight
         self.contrast_negatives = contrast_negatives
         self.contrast_negatives_shared_by = contrast_negatives_shared_by
-        self.repeat_logit = model.use_repeat_logit  # the CE then needs the rows' histories
+        self.needs_histories = model.use_repeat_logit  # model.repeat_logit: the CE needs the rows' histories
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         if batch.first_target_position is not None:
@@ -80,13 +80,13 @@ class FinetuneObjective(nn.Module):
         targets = batch.position_targets()
         counted = targets != 0
         users = self.model.every_position_user_vectors(batch.history)
-        prefixes = self.model.prefix_histories(batch.history.video_history)[counted] if self.repeat_logit else None
+        prefixes = self.model.prefix_histories(batch.history.video_history)[counted] if self.needs_histories else None
         ce = self.model.video_cross_entropy(users[counted], targets[counted], self.max_logits_mb,
                                             **self._histories(prefixes))
         return self._with_id_text(ce, batch, None)
 
     def _histories(self, video_history: Tensor | None) -> dict:
-        return {"video_history": video_history} if self.repeat_logit else {}
+        return {"video_history": video_history} if self.needs_histories else {}
 
 
 def build_objective(config: LSVCRConfig, model: nn.Module) -> FinetuneObjective:

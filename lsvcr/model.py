@@ -868,7 +868,9 @@ def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_log
     are taken a chunk at a time so that a chunk's logits stay under that size, and each chunk's gradients
     are computed with its loss (`_CatalogCrossEntropyInChunks`): nothing of size N × (V+1) is kept, and there
     is no recomputation. Loss and gradients are the one-pass ones up to float summation order."""
-    rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0]))) if max_logits_mb > 0 else len(query)
+    rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0])) if max_logits_mb > 0 else len(query))
+    if len(query) == 0:  # as F.cross_entropy of no rows: NaN
+        return F.cross_entropy(_catalog_logits(query, items), targets)
     if rows >= len(query) or not torch.is_grad_enabled():
         return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows),
                                    targets[start:start + rows], reduction="sum")
