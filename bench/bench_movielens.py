@@ -31,14 +31,18 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lsvcr.baselines import fit_popularity  # noqa: E402
+from lsvcr.batching import make_batch  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.finetune import check_inputs  # noqa: E402
+from lsvcr.sample_arrays import load_comment_pools  # noqa: E402
+from lsvcr.sample_stream import open_sample_stream  # noqa: E402
 from lsvcr.vectors import is_vectors_dir  # noqa: E402
 from synthetic_data import train_in_process  # noqa: E402  (bench/ is on sys.path)
 
@@ -120,7 +124,24 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
             "seconds": round(time.perf_counter() - started, 1), "load_average_before": load_before,
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
             "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]],
+            "test_history_in_top10": history_in_top10(trained, data, config),
             **({"learned_repeat_logit": trained.repeat_logit.item()} if trained.use_repeat_logit else {})}
+
+
+@torch.no_grad()
+def history_in_top10(model: torch.nn.Module, data: Path, config: LSVCRConfig) -> dict:
+    """How much of each test user's top 10 (full ranking, history kept: RecBole's protocol) is already in the
+    history the model reads (the last `finetune.history_length` items); on MovieLens none of it is ever the
+    target, since nobody rates a movie twice."""
+    arrays = open_sample_stream(data, "video", "test", config.finetune.history_length)
+    batch = make_batch(arrays, load_comment_pools(data), np.arange(len(arrays)), rng=None)
+    was_training = model.training
+    top = model.eval().score_videos(batch.history, None).topk(10, dim=1).indices
+    model.train(was_training)
+    in_history = (top[:, :, None] == batch.history.video_history[:, None, :]).any(dim=-1)
+    return {"mean_items": in_history.sum(dim=1).float().mean().item(),
+            "users_with_any": in_history.any(dim=1).float().mean().item(),
+            "users_with_top1": in_history[:, 0].float().mean().item()}
 
 
 def breakdown_means(runs: list[dict]) -> dict:
