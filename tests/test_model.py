@@ -400,12 +400,18 @@ def test_faithful_and_standard_stacking_differ():
     assert torch.allclose(one.score_videos(batch), other.score_videos(batch))  # identical with one layer
 
 
-def test_pooling_recency_bias_starts_as_the_papers_pooling_and_can_single_out_the_latest_item():
+def _paper_and_extended(new_parameter: str, **extension: bool) -> tuple[LSVCRModel, LSVCRModel]:
+    """The paper model and one with an extension switched on, carrying the paper model's weights; the extension's
+    own parameter, `new_parameter`, is the only one the paper model lacks."""
     paper = _model(like_prior=False)
-    config = ModelConfig(max_position=10, comment_like_prior=False, pooling_recency_bias=True)
-    biased = LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
-    result = biased.load_state_dict(paper.state_dict(), strict=False)
-    assert result.missing_keys == ["video_pooling.recency_bias"] and not result.unexpected_keys
+    extended = LSVCRModel(ModelConfig(max_position=10, comment_like_prior=False, **extension), NUM_VIDEOS, *_tables()).eval()
+    result = extended.load_state_dict(paper.state_dict(), strict=False)
+    assert result.missing_keys == [new_parameter] and not result.unexpected_keys
+    return paper, extended
+
+
+def test_pooling_recency_bias_starts_as_the_papers_pooling_and_can_single_out_the_latest_item():
+    paper, biased = _paper_and_extended("video_pooling.recency_bias", pooling_recency_bias=True)
     batch = _batch()
     torch.testing.assert_close(biased.score_videos(batch), paper.score_videos(batch))  # zero bias: the paper's F_v
 
@@ -422,11 +428,7 @@ def test_pooling_recency_bias_starts_as_the_papers_pooling_and_can_single_out_th
 
 
 def test_repeat_logit_starts_as_the_papers_scores_and_moves_each_history_video_once():
-    paper = _model(like_prior=False)
-    config = ModelConfig(max_position=10, comment_like_prior=False, repeat_logit=True)
-    repeating = LSVCRModel(config, NUM_VIDEOS, *_tables()).eval()
-    result = repeating.load_state_dict(paper.state_dict(), strict=False)
-    assert result.missing_keys == ["repeat_logit"] and not result.unexpected_keys
+    paper, repeating = _paper_and_extended("repeat_logit", repeat_logit=True)
     batch = dataclasses.replace(_batch(), video_history=torch.tensor([[1, 2, 2, 4], [5, 6, 0, 0], [7, 0, 0, 0]]))
     candidates = torch.tensor([[2, 3, 4, 0], [6, 1, 7, 5], [9, 7, 0, 0]])
     torch.testing.assert_close(repeating.score_videos(batch), paper.score_videos(batch))  # r = 0: the paper's
