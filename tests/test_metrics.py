@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lsvcr.metrics import MetricAccumulator, metric_sums, ranked_hits, single_positive_metric_sums
+from lsvcr.metrics import MetricAccumulator, metric_sums, paired_seed_comparison, ranked_hits, single_positive_metric_sums
 
 
 def _mean(scores, labels):
@@ -104,3 +104,25 @@ def test_bucket_labels_and_edges():
 
     assert bucket_labels((0, 1, 5, 10, 20, 50)) == ("0", "1-4", "5-9", "10-19", "20-49", "50+")
     assert bucket_of(torch.tensor([0, 1, 4, 5, 19, 20, 50, 900]), (0, 1, 5, 10, 20, 50)).tolist() == [0, 1, 1, 2, 3, 4, 5, 5]
+
+
+def test_paired_seed_comparison_by_hand():
+    # Differences +0.03, -0.01, +0.01, +0.01 (seed 9 is only in one row): mean 0.01, |sum| 0.04. Of the 16 sign
+    # assignments, |±0.03 ±0.01 ±0.01 ±0.01| >= 0.04 in 8 (±0.03 with the three 0.01s summing to at least 0.01
+    # in its direction: 4 each way), so p = 0.5.
+    first = {1: 0.13, 2: 0.10, 3: 0.12, 4: 0.11, 9: 0.5}
+    second = {1: 0.10, 2: 0.11, 3: 0.11, 4: 0.10}
+    result = paired_seed_comparison(first, second)
+    assert result["seeds"] == [1, 2, 3, 4] and result["ahead"] == 3
+    assert result["differences"] == pytest.approx([0.03, -0.01, 0.01, 0.01])
+    assert result["mean"] == pytest.approx(0.01)
+    assert result["std"] == pytest.approx(math.sqrt((0.02**2 + 0.02**2 + 0 + 0) / 3))
+    assert result["standard_error"] == pytest.approx(result["std"] / 2)
+    assert result["sign_flip_p"] == pytest.approx(0.5)
+    # Ahead on every one of n seeds: only all-plus and all-minus are as extreme, p = 2 / 2^n.
+    assert paired_seed_comparison({s: 1.0 + s for s in range(5)}, {s: 0.0 for s in range(5)})["sign_flip_p"] == 2 / 32
+
+
+def test_paired_seed_comparison_needs_shared_seeds():
+    with pytest.raises(ValueError, match="share 1"):
+        paired_seed_comparison({1: 0.1, 2: 0.2}, {2: 0.1, 3: 0.3})
