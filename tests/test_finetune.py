@@ -328,8 +328,12 @@ def _registered_mid_epoch_step(staging: Path) -> tuple[int, int] | None:
 @pytest.mark.slow
 def test_run_killed_inside_an_epoch_resumes_there_and_equals_an_uninterrupted_run(
         ray_cluster, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path):
+    # The two switches beyond the paper (docs/model.md) ride along, so that Ray Train, the mid-epoch checkpoint
+    # and the resume carry the extra parameter (the repeat logit) and the recency-biased pooling too; the
+    # paper model's resume is test_killed_run_resumes_from_latest_checkpoint.
     config_file = tmp_path / "ft.yaml"
-    config_file.write_text("finetune:\n  max_epochs: 2\n  patience: 5\n  batch_size: 64\n  checkpoint_every_steps: 2\n")
+    config_file.write_text("finetune:\n  max_epochs: 2\n  patience: 5\n  batch_size: 64\n  checkpoint_every_steps: 2\n"
+                           "model:\n  pooling_recency_bias: true\n  repeat_logit: true\n")
     config = load_config(config_file, ["finetune.task=video"])
     reference = run_finetune(config, tiny_prepared_dir, tiny_minilm_vectors_dir, tmp_path / "reference")
 
@@ -365,6 +369,7 @@ def test_run_killed_inside_an_epoch_resumes_there_and_equals_an_uninterrupted_ru
     final = torch.load(out / "model.pt", weights_only=False)["state_dict"]
     expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-5) for k in expected)
+    assert final.keys() == expected.keys() and float(final["repeat_logit"]) != 0.0  # learned, from 0, and resumed
 
 
 @pytest.mark.slow
