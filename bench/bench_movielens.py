@@ -15,7 +15,8 @@ title vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr enco
 ALIGNED, or --align-users N to encode and align here first); popularity needs no seed. --sample-users N: a seeded
 random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine.
 Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
-weights are tested. `--set` overrides go on top of configs/movielens.yaml for every trained model; `--set
+weights are tested. `--set` overrides go on top of --config (configs/movielens.yaml unless given, e.g.
+configs/movielens_lsvcr.yaml) for every trained model; `--set
 data.KEY=VALUE` ones (e.g. data.max_history=200) also re-prepare the data, into a directory of its own.
 Results: bench/results/movielens.json (each run, mean ± population std over seeds, wall times, load average).
 """
@@ -39,6 +40,7 @@ from lsvcr.baselines import fit_popularity  # noqa: E402
 from lsvcr.batching import make_batch  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
+from lsvcr.errors import ConfigError  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.finetune import check_inputs  # noqa: E402
@@ -92,7 +94,7 @@ def aligned_checkpoint(data: Path, work: Path, args: argparse.Namespace) -> Path
     from lsvcr.llm.align import run_align
     from lsvcr.llm.encode import run_encode
 
-    config = load_config(PROTOCOL_CONFIG, [f"encode.max_user_samples={args.align_users}",
+    config = load_config(args.config, [f"encode.max_user_samples={args.align_users}",
                                            f"encode.num_actors={args.encode_actors}",
                                            f"align.epochs={args.align_epochs}", *args.overrides])
     vectors = work / f"vectors-{config.encode.model}-users{args.align_users}-{data.name}"
@@ -113,7 +115,7 @@ def model_overrides(name: str, seed: int, args: argparse.Namespace) -> list[str]
 
 def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, vectors: Path | None,
                    work: Path, init: Path | None = None) -> dict:
-    config = load_config(PROTOCOL_CONFIG, model_overrides(name, seed, args))
+    config = load_config(args.config, model_overrides(name, seed, args))
     check_inputs(config, data, vectors)
     load_before, started = load_average(), time.perf_counter()
     trained, state = train_in_process(config, data, vectors, work / "logs" / f"{data.name}-{run_name(args.label or name)}-{seed}.jsonl",
@@ -222,6 +224,9 @@ def main() -> int:
     parser.add_argument("--skip-popularity", action="store_true")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--config", default=str(PROTOCOL_CONFIG),
+                        help="the trained models' config (default configs/movielens.yaml; e.g. "
+                             "configs/movielens_lsvcr.yaml); its data section must be the protocol's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for text / id+text (default MiniLM)")
     parser.add_argument("--aligned", default=None, metavar="ALIGNED",
@@ -248,6 +253,14 @@ def main() -> int:
         return 0
     if args.aligned and args.align_users:
         parser.error("--aligned ALIGNED and --align-users N both choose the stage-1 checkpoint: give one")
+    if load_config(args.config).data != load_config(PROTOCOL_CONFIG).data:
+        parser.error(f"--config {args.config}: its data section is not {PROTOCOL_CONFIG.name}'s (the protocol); "
+                     "start it from `base: movielens.yaml` and use --set data.KEY=VALUE for data variants")
+    for name in args.models:  # a model the config cannot build fails here, not after the others have trained
+        try:
+            load_config(args.config, model_overrides(name, args.seeds[0], args))
+        except ConfigError as error:
+            parser.error(f"--models {name} with --config {args.config}: {error}")
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -286,7 +299,7 @@ def main() -> int:
         "protocol": "RecBole sequential: leave-last-out by time (ties in file order), every earlier item is "
                     "history, selection on valid full-ranking NDCG@10, test full ranking over all items with "
                     "history items kept as candidates",
-        "settings": {"seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
+        "settings": {"config": args.config, "seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
                      "overrides": args.overrides, "vectors": str(vectors) if vectors else None,
                      "aligned": str(aligned) if aligned else None, "sample_users": args.sample_users, "prepared": str(data)},
         "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),

@@ -76,6 +76,43 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
+def test_a_base_file_is_applied_first_then_the_file_then_overrides(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "protocol.yaml").write_text("finetune:\n  lr: 0.0005\n  patience: 7\nmodel:\n  mode: id\n")
+    (tmp_path / "presets" / "tuned.yaml").write_text("base: protocol.yaml\nfinetune:\n  lr: 0.002\n")
+    (tmp_path / "mine.yaml").write_text("base: presets/tuned.yaml\nmodel:\n  temperature: 0.1\n")
+    config = load_config(tmp_path / "mine.yaml", ["finetune.patience=3"])
+    assert (config.finetune.lr, config.finetune.patience) == (0.002, 3)  # the file over its base; --set over both
+    assert (config.model.mode, config.model.temperature) == ("id", 0.1)
+    assert load_config(tmp_path / "presets" / "protocol.yaml").finetune.lr == 0.0005
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="each other's base"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"not found: .*gone.yaml \(the base of .*orphan.yaml\)"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "typo.yaml").write_text("base: protocol.yaml\nmodle:\n  mode: id\n")
+    (tmp_path / "protocol.yaml").write_text("finetune:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_movielens_lsvcr_preset_is_the_protocol_plus_its_documented_keys():
+    """configs/movielens_lsvcr.yaml = configs/movielens.yaml + the five model keys its header and docs/results.md
+    name; the protocol part (data, finetune) is movielens.yaml's, and the defaults stay the paper's."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    tuned = load_config(configs / "movielens_lsvcr.yaml")
+    assert tuned == load_config(configs / "movielens.yaml", [
+        "model.temperature=0.1", "model.hidden_dropout=0.3", "model.attn_dropout=0.3",
+        "model.pooling_recency_bias=true", "model.repeat_logit=true"])
+    assert tuned.data == load_config(configs / "movielens.yaml").data
+    assert not LSVCRConfig().model.repeat_logit and not load_config(configs / "paper.yaml").model.repeat_logit
+
+
 def test_shipped_reference_is_current_and_loads():
     from pathlib import Path
 

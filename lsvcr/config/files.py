@@ -81,18 +81,35 @@ def _update(instance: Any, values: dict[str, Any], where: str) -> None:
             setattr(instance, key, _coerce(value, fields[key].type, path))
 
 
+def _file_values(path: Path, included_by: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The mappings a config file stands for, to apply in order: those of its `base: OTHER.yaml` (a path
+    relative to the file; bases may have bases) first, then its own keys."""
+    where = f" (the base of {included_by[-1]})" if included_by else ""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in included_by:
+        raise ConfigError("config files are each other's base: " + " -> ".join(map(str, (*included_by, path.resolve()))))
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}{where}: expected a mapping of sections, got {values!r}")
+    base = values.pop("base", None)
+    if base is None:
+        return [values]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: base: expected the path of another config file, got {base!r}")
+    return [*_file_values(path.parent / base, (*included_by, path.resolve())), values]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LSVCRConfig:
-    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+    """Defaults, then the YAML file (if any; after its `base:` file, if it names one), then `section.key=value`
+    overrides."""
     config = LSVCRConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        _update(config, values, "")
+        for values in _file_values(Path(path)):
+            _update(config, values, "")
     for override in overrides or []:
         apply_override(config, override)
     validate_config(config)
