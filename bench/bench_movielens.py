@@ -41,8 +41,8 @@ from lsvcr.baselines import fit_popularity  # noqa: E402
 from lsvcr.batching import make_batch  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
-from lsvcr.errors import ConfigError  # noqa: E402
 from lsvcr.data.prepare import prepare  # noqa: E402
+from lsvcr.errors import ConfigError  # noqa: E402
 from lsvcr.evaluate import evaluate_model  # noqa: E402
 from lsvcr.finetune import check_inputs  # noqa: E402
 from lsvcr.metrics import paired_seed_comparison  # noqa: E402
@@ -182,8 +182,11 @@ def compare_rows(runs: list[dict], first: str, second: str, metric: str = "ndcg@
         if len(seeds) != len(set(seeds)):
             raise SystemExit(f"--compare: row {row!r} has a seed more than once ({sorted(seeds)}); merge one run per seed")
         return {run["seed"]: run["test"][metric] for run in runs if run["model"] == row}
-    return {"first": first, "second": second, "metric": f"test {metric}",
-            **paired_seed_comparison(by_seed(first), by_seed(second))}
+    try:
+        paired = paired_seed_comparison(by_seed(first), by_seed(second))
+    except ValueError as error:
+        raise SystemExit(f"--compare {first!r} {second!r}: {error}") from None
+    return {"first": first, "second": second, "metric": f"test {metric}", **paired}
 
 
 def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str]] = ()) -> None:

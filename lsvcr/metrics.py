@@ -157,8 +157,9 @@ def paired_seed_comparison(first: dict[int, float], second: dict[int, float]) ->
 
     Returns the per-seed differences, their mean, sample std and standard error, the seeds `first` is ahead
     on, and the exact two-sided sign-flip p-value: the share of the 2^n ± assignments of the differences
-    whose mean is at least as far from 0 as the observed one. It assumes nothing about their distribution,
-    and it cannot go below 2 / 2^n (0.0625 at 5 seeds, 0.0156 at 7): few seeds cannot show much."""
+    whose mean is at least as far from 0 as the observed one. It assumes only that, were the two the same,
+    each difference would be as likely negative as positive (no normality), and it cannot go below 2 / 2^n
+    (0.0625 at 5 seeds, 0.0156 at 7): few seeds cannot show much."""
     seeds = sorted(first.keys() & second.keys())
     if not 2 <= len(seeds) <= MAX_PAIRED_SEEDS:
         raise ValueError(f"a paired comparison needs 2 to {MAX_PAIRED_SEEDS} seeds that both rows have; "
