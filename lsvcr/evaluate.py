@@ -97,7 +97,8 @@ def load_trained_model(model_dir: str | Path, *, data_dir: str | Path | None = N
 
 def protocol_description(task: str, full_ranking: bool, exclude_seen: bool, history_length: int) -> dict:
     if full_ranking:
-        candidates = "all videos" + (" minus those in the user's history" if exclude_seen else "")
+        candidates = "all videos" + (" minus those in the user's history" if exclude_seen
+                                      else ", those in the user's history included (kept as candidates)")
     elif task == "video":
         candidates = "100 frozen candidates per sample: target + 99 seeded uniform negatives"
     else:

@@ -440,6 +440,7 @@ def test_breakdown_by_target_popularity_matches_a_hand_computed_popularity_ranki
                              full_ranking=True, exclude_seen=False, progress=False, breakdown=True)
     test = metrics["test"]
     assert "target_popularity" in metrics["protocol"]["breakdown"]
+    assert metrics["protocol"]["candidates"] == "all videos, those in the user's history included (kept as candidates)"
     for groups in test["breakdown"].values():
         assert sum(group["samples"] for group in groups.values()) == test["samples"]
         weighted = sum(group["ndcg@10"] * group["samples"] for group in groups.values()) / test["samples"]
