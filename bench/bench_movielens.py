@@ -14,7 +14,8 @@ NDCG@10 (patience 10), test full ranking over all items with history items kept 
 Models: `sasrec` (model.architecture=sasrec), `id` (LSVCR, model.mode=id), `text` / `id+text` (LSVCR with MiniLM
 title vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr encode`, or from stage 1: --aligned
 ALIGNED, or --align-users N to encode and align here first); popularity needs no seed. --sample-users N: a seeded
-random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine.
+random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine. --cold-test-items
+SHARE: the cold-start variant of `lsvcr data --cold-test-items` (a stated departure from RecBole's benchmark).
 Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
 weights are tested. `--set` overrides go on top of --config (configs/movielens.yaml unless given, e.g.
 configs/movielens_lsvcr.yaml) for every trained model; `--set
@@ -66,16 +67,19 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-def prepared_data(dataset: str, work: Path, sample_users: int | None = None, overrides: Sequence[str] = ()) -> Path:
-    """PREPARED under --work for the data set (and sample), prepared with configs/movielens.yaml's data section
-    and any `--set data.KEY=VALUE` (e.g. data.max_history=200): each such variant gets its own directory."""
+def prepared_data(dataset: str, work: Path, sample_users: int | None = None, overrides: Sequence[str] = (),
+                  cold_test_items: float | None = None) -> Path:
+    """PREPARED under --work for the data set (and sample, and cold-item variant), prepared with
+    configs/movielens.yaml's data section and any `--set data.KEY=VALUE` (e.g. data.max_history=200): each such
+    variant gets its own directory."""
     name = dataset if sample_users is None else f"{dataset}-users{sample_users}"
+    name += "" if cold_test_items is None else f"-cold{cold_test_items:g}"
     data_overrides = [override for override in overrides if override.startswith("data.")]
     raw = work / f"raw-{name}"
     prepared = work / "-".join([f"prepared-{name}", *(run_name(override.removeprefix("data."))
                                                        for override in data_overrides)])
     if not (raw / "_SUCCESS").is_file():
-        write_movielens(dataset, raw, sample=sample_users)
+        write_movielens(dataset, raw, sample=sample_users, cold_items=cold_test_items)
     prepare(raw, prepared, load_config(PROTOCOL_CONFIG, data_overrides).data)
     return prepared
 
@@ -280,6 +284,9 @@ def main() -> int:
     parser.add_argument("--encode-actors", type=int, default=1, help="vLLM actors (one CPU each) for --align-users")
     parser.add_argument("--sample-users", type=int, default=None, metavar="N",
                         help="`lsvcr data --sample-users N` (seed 0): N random users with all their ratings")
+    parser.add_argument("--cold-test-items", type=float, default=None, metavar="SHARE",
+                        help="`lsvcr data --cold-test-items SHARE` (seed 0): that share of the test-target movies "
+                             "cold, every rating of theirs dropped but users' last ones (not RecBole's benchmark)")
     parser.add_argument("--work", default=str(HERE / "tmp" / "movielens"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--label", default=None, help="the table row's name (default: the model's), e.g. "
@@ -312,7 +319,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = prepared_data(args.dataset, work, args.sample_users, args.overrides)
+    data = prepared_data(args.dataset, work, args.sample_users, args.overrides, args.cold_test_items)
     vectors, init = None, None
     aligned = args.aligned or (aligned_checkpoint(data, work, args) if args.align_users else None)
     if aligned:
@@ -348,7 +355,8 @@ def main() -> int:
                     "history items kept as candidates",
         "settings": {"config": args.config, "seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
                      "overrides": args.overrides, "vectors": str(vectors) if vectors else None,
-                     "aligned": str(aligned) if aligned else None, "sample_users": args.sample_users, "prepared": str(data)},
+                     "aligned": str(aligned) if aligned else None, "sample_users": args.sample_users,
+                     "cold_test_items": args.cold_test_items, "prepared": str(data)},
         "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
         "load_average_end": load_average(),
     }, indent=2) + "\n")

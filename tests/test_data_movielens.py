@@ -8,6 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from lsvcr.cli import main
@@ -118,3 +119,57 @@ def test_sample_users_keeps_whole_users_and_is_seeded(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"--sample-users must be between 1 and the 3 users of ml-100k.inter; got 4"):
         fetch("too_many", 4, 0)
     assert not (tmp_path / "too_many").exists()
+
+
+# Hand-checked: each user's last rating by time, ties in file order (RecBole's test target). User 2 rates 13 and
+# 11 in the same second, 13 first in the file, so 11 is its last; user 3's rows are not in time order. Movies 20
+# and 21 are everyone's first two ratings (never a test target), so every user keeps a train, valid and test sample.
+COLD_INTER = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+              + "".join(f"{user}\t20\t4\t10\n{user}\t21\t4\t20\n" for user in (1, 2, 3))
+              + "1\t10\t4\t100\n1\t11\t4\t200\n1\t12\t4\t300\n"
+              "2\t12\t4\t100\n2\t10\t4\t200\n2\t13\t4\t300\n2\t11\t4\t300\n"
+              "3\t11\t4\t50\n3\t13\t4\t400\n3\t10\t4\t100\n")
+COLD_ITEM = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+             + "".join(f"{item}\tMovie {item}\t1995\tDrama\n" for item in (10, 11, 12, 13, 20, 21)))
+COLD_FILES = {"ml-100k.inter": COLD_INTER, "ml-100k.item": COLD_ITEM, "ml-100k.user": USER}
+# The test targets are 12 (user 1), 11 (user 2) and 13 (user 3); a cold one keeps only its user's last row.
+DROPPED_WHEN_COLD = {"12": ["2\t12\t4\t100"], "11": ["1\t11\t4\t200", "3\t11\t4\t50"], "13": ["2\t13\t4\t300"]}
+
+
+def test_cold_test_items_keep_only_their_users_last_ratings_and_prepare_makes_them_cold(tmp_path: Path) -> None:
+    from lsvcr.config import load_config
+
+    links = tmp_path / "links"
+    build_wheel(links, COLD_FILES)
+    seen = {}
+    for seed in range(12):
+        raw = tmp_path / f"raw{seed}"
+        source = write_movielens("movielens-100k", raw, cache_dir=tmp_path / "cache", find_links=str(links),
+                                 dataset=fixture_spec(COLD_FILES), cold_items=0.34, cold_seed=seed)
+        cold = source["cold_test_items"]
+        assert (cold["cold_items"], cold["of_test_target_items"], cold["users_with_a_cold_test_target"]) == (1, 3, 1)
+        rows = (raw / "ml-100k.inter").read_text().splitlines()
+        dropped = [row for row in COLD_INTER.splitlines() if row not in rows]
+        (item,) = [item for item, expected in DROPPED_WHEN_COLD.items() if dropped == expected]
+        seen[item] = raw
+        assert cold["rows"] == 16 - len(dropped) and cold["of_rows"] == 16
+    assert set(seen) == {"11", "12", "13"}  # the seed decides which
+
+    # Through the real prepare under RecBole's protocol: the cold movie is a test target and nothing else.
+    data_config = load_config(Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml").data
+    for item, raw in seen.items():
+        prepared = tmp_path / f"prepared{item}"
+        prepare(raw, prepared, data_config)
+        video_idx = {row["video_id"]: row["video_idx"] for row in pq.read_table(prepared / "videos.parquet").to_pylist()}
+        cold_idx = video_idx[int(item)]
+        test = pq.read_table(prepared / "video_samples.test.parquet").to_pylist()
+        assert len(test) == 3 and [row["target_video"] for row in test].count(cold_idx) == 1
+        for split in ("train", "valid"):
+            for row in pq.read_table(prepared / f"video_samples.{split}.parquet").to_pylist():
+                assert row["target_video"] != cold_idx and cold_idx not in row["video_history"]
+        assert all(cold_idx not in row["video_history"] for row in test)
+
+    with pytest.raises(DataError, match="--cold-test-items must be a share between 0 and 1"):
+        write_movielens("movielens-100k", tmp_path / "bad", cache_dir=tmp_path / "cache", find_links=str(links),
+                        dataset=fixture_spec(COLD_FILES), cold_items=1.0)
+    assert not (tmp_path / "bad").exists()

@@ -54,11 +54,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep a seeded random N users with all their ratings (for small machines; "
                              "SOURCE.json records it)")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of --sample-users (default 0)")
+    parser.add_argument("--cold-test-items", type=float, default=None, metavar="SHARE",
+                        help="make a seeded random SHARE of the test-target movies cold (every rating of theirs "
+                             "dropped but users' last ones): a cold-start variant, not RecBole's benchmark")
+    parser.add_argument("--cold-seed", type=int, default=0, help="seed of --cold-test-items (default 0)")
 
 
 def data_command(args: argparse.Namespace) -> int:
     source = write_movielens(args.dataset, args.out, args.cache, args.find_links,
-                             sample=args.sample_users, sample_seed=args.sample_seed)
+                             sample=args.sample_users, sample_seed=args.sample_seed,
+                             cold_items=args.cold_test_items, cold_seed=args.cold_seed)
     print(json.dumps({"out": str(args.out), **source}))
     print(f"next: lsvcr prepare --raw {args.out} --out PREPARED  ({LICENSE_NOTE})", file=sys.stderr)
     return 0

