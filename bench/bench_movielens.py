@@ -26,6 +26,7 @@ Results: bench/results/movielens.json (each run, mean ± population std over see
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lsvcr.baselines import fit_popularity  # noqa: E402
+from lsvcr.baselines import fit_popularity, training_target_counts  # noqa: E402
 from lsvcr.batching import make_batch  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
@@ -134,7 +135,9 @@ def train_and_test(name: str, seed: int, args: argparse.Namespace, data: Path, v
             "load_average_after": load_average(), "overrides": model_overrides(name, seed, args),
             "init": str(init) if init else None, f"curve_{selection}": [row[selection] for row in state["history"]],
             "test_history_in_top10": history_in_top10(trained, data, config),
-            **({"learned_repeat_logit": trained.repeat_logit.item()} if trained.use_repeat_logit else {})}
+            **({"learned_repeat_logit": trained.repeat_logit.item()} if trained.use_repeat_logit else {}),
+            **({"test_untrained_ids_zeroed": untrained_ids_zeroed(trained, data, config)}
+               if config.model.architecture == "lsvcr" and config.model.mode == "id+text" else {})}
 
 
 @torch.no_grad()
@@ -151,6 +154,23 @@ def history_in_top10(model: torch.nn.Module, data: Path, config: LSVCRConfig) ->
     return {"mean_items": in_history.sum(dim=1).float().mean().item(),
             "users_with_any": in_history.any(dim=1).float().mean().item(),
             "users_with_top1": in_history[:, 0].float().mean().item()}
+
+
+@torch.no_grad()
+def untrained_ids_zeroed(model: torch.nn.Module, data: Path, config: LSVCRConfig) -> dict:
+    """Diagnostic for `id+text`: test metrics with the ID embeddings of the videos that were never a training
+    target set to zero, so those videos are scored by their text alone. Full-softmax training pushes the ID of a
+    video that is never a positive down at every step, which can bury what its title says (the cold-item
+    variant, docs/results.md)."""
+    never = torch.from_numpy(training_target_counts(data) == 0)
+    never[0] = False  # the pad
+    text_only = copy.deepcopy(model).eval()
+    text_only.video_embedding.weight[never] = 0.0
+    test = evaluate_model(text_only, "video", data, config, full_ranking=True, exclude_seen=False, progress=False,
+                          breakdown=True)["test"]
+    return {"videos": int(never.sum()), "ndcg@10": test["ndcg@10"], "recall@10": test["recall@10"],
+            "by_target_popularity": {bucket: values["ndcg@10"]
+                                     for bucket, values in test["breakdown"]["by_target_popularity"].items()}}
 
 
 def breakdown_means(runs: list[dict]) -> dict:
