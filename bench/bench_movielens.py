@@ -202,15 +202,24 @@ def summarise(runs: list[dict]) -> dict:
 def compare_rows(runs: list[dict], first: str, second: str, metric: str = "ndcg@10") -> dict:
     """Test `metric` of row `first` − row `second`, paired by seed (the same split and seed for both)."""
     def by_seed(row: str) -> dict[int, float]:
-        seeds = [run["seed"] for run in runs if run["model"] == row]
-        if len(seeds) != len(set(seeds)):
-            raise SystemExit(f"--compare: row {row!r} has a seed more than once ({sorted(seeds)}); merge one run per seed")
-        return {run["seed"]: run["test"][metric] for run in runs if run["model"] == row}
+        values = [(run["seed"], run["test"][metric]) for run in runs if run["model"] == row]
+        by_seed = dict(values)
+        if len(by_seed) != len(values):
+            raise SystemExit(f"--compare: row {row!r} has a seed more than once ({sorted(seed for seed, _ in values)}); "
+                             "merge one run per seed")
+        return by_seed
     try:
         paired = paired_seed_comparison(by_seed(first), by_seed(second))
     except ValueError as error:
         raise SystemExit(f"--compare {first!r} {second!r}: {error}") from None
     return {"first": first, "second": second, "metric": f"test {metric}", **paired}
+
+
+def comparison_sentence(row: dict) -> str:
+    """One line for a `compare_rows` result, as --merge prints it and --markdown writes it."""
+    return (f"{row['first']} − {row['second']}, {row['metric']} paired by seed ({len(row['seeds'])} seeds): "
+            f"{row['mean']:+.4f} ± {row['standard_error']:.4f} (s.e.), ahead on {row['ahead']} of "
+            f"{len(row['seeds'])}, exact sign-flip p = {row['sign_flip_p']:.3f}")
 
 
 def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str]] = ()) -> None:
@@ -227,8 +236,7 @@ def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str
         raise SystemExit(f"--compare: no row named {unknown}; the rows are {sorted(table)}")
     compared = [compare_rows(runs, first, second) for first, second in comparisons]
     for row in compared:
-        print(f"{row['first']} − {row['second']}: {row['metric']} {row['mean']:+.4f} ± {row['standard_error']:.4f} "
-              f"(s.e.), ahead on {row['ahead']}/{len(row['seeds'])} seeds, sign-flip p = {row['sign_flip_p']:.3f}")
+        print(comparison_sentence(row))
 
     def per_run_file(key: str) -> list:  # a part that is itself a merge contributes its list
         return [value for part in parts for value in (part[key] if "merged_from" in part else [part[key]])]
@@ -275,9 +283,7 @@ def markdown_tables(results: dict) -> str:
                     lines.append(f"| {label.format(bucket)} ({values['samples']}) | " + " | ".join(
                         f"{with_buckets[name][grouping][bucket]['ndcg@10']:.4f}" for name in names) + " |")
     for row in results.get("comparisons", []):
-        lines += ["", f"{row['first']} − {row['second']}, {row['metric']} paired by seed ({len(row['seeds'])} seeds): "
-                      f"{row['mean']:+.4f} ± {row['standard_error']:.4f} (s.e.), ahead on {row['ahead']} of "
-                      f"{len(row['seeds'])}, exact sign-flip p = {row['sign_flip_p']:.3f}"]
+        lines += ["", comparison_sentence(row)]
     return "\n".join(lines)
 
 
