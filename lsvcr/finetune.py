@@ -160,6 +160,8 @@ def run_finetune(config: LSVCRConfig, data_dir: str | Path, vectors_dir: str | P
     if state.get("like_prior_init") is not None:
         metrics["like_prior"] = {"init_weight": state["like_prior_init"],
                                  "best_weight": float(state["best_state"]["comment_like_weight"]) * LIKE_PRIOR_RATE}
+    if state.get("text_only_videos") is not None:
+        metrics["text_only_videos"] = state["text_only_videos"]  # model.text_only_untrained_videos: how many
     model_files.write_metrics(staging, metrics)
     log.info("%s", metrics_line(metrics))
     train_driver.finalise(staging, out, out_uri)

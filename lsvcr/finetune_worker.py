@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lsvcr import train_driver
-from lsvcr.baselines import build_model
+from lsvcr.baselines import build_model, training_target_counts
 from lsvcr.batching import Batch, epoch_rows, history_lengths, make_batch, position_windows
 from lsvcr.config import LSVCRConfig, config_from_dict
 from lsvcr.evaluate import evaluate_arrays, load_text_tables
@@ -53,8 +53,11 @@ class FinetuneObjective(nn.Module):
         self.contrast_negatives = contrast_negatives
         self.contrast_negatives_shared_by = contrast_negatives_shared_by
         self.needs_histories = model.use_repeat_logit  # model.repeat_logit: the CE needs the rows' histories
+        self.drops_ids = model.config.id_dropout > 0
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        if self.drops_ids and self.training:
+            self.model.draw_id_dropout()
         if batch.first_target_position is not None:
             return self._every_position(batch)
         states = self.model.encode_histories(batch.history, outputs=(self.task,))
@@ -193,6 +196,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if loop_config.get("init"):
             state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
         state["like_prior_init"] = warm_start_like_prior(model, train, tables)
+        if config.model.text_only_untrained_videos:  # after --init: an aligned model holds its own (all-true) mask
+            trained = torch.from_numpy(training_target_counts(data_dir) > 0)
+            model.keep_ids_of(trained)
+            state["text_only_videos"] = int((~trained[1:]).sum())
+            log.info("model.text_only_untrained_videos: %d of %d videos are never a training target and have no ID "
+                     "embedding", state["text_only_videos"], tables.num_videos)
 
     # 4. the objective (DDP-wrapped across workers) and its optimizer
     objective = build_objective(config, model)

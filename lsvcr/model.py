@@ -311,6 +311,9 @@ class LSVCRModel(nn.Module):
         if self.use_id:
             self.video_embedding = nn.Embedding(num_videos + 1, hidden)
             self.gate = nn.Parameter(torch.tensor(1.0))
+        if config.text_only_untrained_videos:  # saved with the model; set from the training split (`keep_ids_of`)
+            self.register_buffer("video_has_id", torch.ones(num_videos + 1, dtype=torch.bool))
+        self.step_id_keep: Tensor | None = None  # model.id_dropout: this training step's draw (`draw_id_dropout`)
 
         self.video_position = nn.Embedding(config.max_position, hidden)
         self.comment_position = nn.Embedding(config.max_position, hidden)
@@ -358,7 +361,33 @@ class LSVCRModel(nn.Module):
         )
 
     def _gated_id(self, video_idx: Tensor) -> Tensor:
-        return self.gate * self.video_embedding(video_idx)
+        """gate·E_id[v], zero for a video whose ID is dropped (model.text_only_untrained_videos, model.id_dropout)."""
+        ids = self.gate * self.video_embedding(video_idx)
+        keep = self._videos_keeping_ids()
+        return ids if keep is None else ids * keep[video_idx].unsqueeze(-1).to(ids.dtype)
+
+    def _videos_keeping_ids(self) -> Tensor | None:
+        """[V+1] bool: the videos whose ID embedding counts now (None: every video)."""
+        keep = getattr(self, "video_has_id", None)
+        if self.training and self.step_id_keep is not None:
+            keep = self.step_id_keep if keep is None else keep & self.step_id_keep
+        return keep
+
+    def keep_ids_of(self, trained: Tensor) -> None:
+        """model.text_only_untrained_videos: `trained` [V+1] bool marks the videos that keep their ID embedding
+        (those that are a training target); every other video is represented by its text alone."""
+        if trained.shape != (self.num_videos + 1,):
+            raise DataError(f"the trained-video mask has shape {tuple(trained.shape)}; expected ({self.num_videos + 1},)")
+        self.video_has_id.copy_(trained.to(torch.bool))
+        self.video_has_id[0] = True  # the pad
+
+    def draw_id_dropout(self) -> None:
+        """model.id_dropout: draw this training step's videos that lose their ID embedding. One draw per step, so a
+        dropped video has no ID in any history token or as a candidate until the next draw; eval mode ignores it."""
+        if self.config.id_dropout > 0:
+            device = self.video_embedding.weight.device
+            self.step_id_keep = torch.rand(self.num_videos + 1, device=device) >= self.config.id_dropout
+            self.step_id_keep[0] = True
 
     @staticmethod
     def _used_rows(index: Tensor) -> tuple[Tensor, Tensor]:

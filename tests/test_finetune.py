@@ -19,7 +19,7 @@ import torch
 
 from lsvcr.batching import epoch_rows, make_batch, sample_comment_candidates
 from lsvcr.sample_arrays import load_comment_pools, load_sample_arrays
-from lsvcr.baselines import build_model, fit_popularity
+from lsvcr.baselines import build_model, fit_popularity, training_target_counts
 from lsvcr.config import LSVCRConfig, ModelConfig, load_config
 from lsvcr.errors import ConfigError, DataError
 from lsvcr.evaluate import evaluate_model, format_table, load_text_tables, swap_histories
@@ -243,6 +243,28 @@ def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_di
                                            log_path=capped_log, report_to="local"))
     capped_row = json.loads(capped_log.read_text().splitlines()[0])
     assert capped_row["train_steps"] == 2 and 0 <= capped_row["valid_ndcg@5"] <= 1
+
+
+def test_untrained_videos_lose_their_ids_as_the_training_split_says(tiny_prepared_dir, tiny_minilm_vectors_dir,
+                                                                       tmp_path):
+    """model.text_only_untrained_videos takes its set from the video task's training targets when the run starts and
+    saves it with the model; model.id_dropout trains alongside it."""
+    config = _tiny_config("video", epochs=1, text_only_untrained_videos=True, id_dropout=0.3)
+    log_path = tmp_path / "log.jsonl"
+    state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir,
+                                                   log_path=log_path, report_to="local"))
+    trained = torch.from_numpy(training_target_counts(tiny_prepared_dir) > 0)
+    trained[0] = True
+    untrained = int((~trained).sum())
+    assert 0 < untrained < len(trained) - 1  # the tiny data has both kinds
+    assert state["text_only_videos"] == untrained
+    assert torch.equal(state["best_state"]["video_has_id"], trained)
+    assert np.isfinite(json.loads(log_path.read_text().splitlines()[0])["train_loss"])
+    tables = load_comment_pools(tiny_prepared_dir)
+    video_text, comment_text = load_text_tables(config, tiny_prepared_dir, tiny_minilm_vectors_dir)
+    model = build_model(config.model, tables.num_videos, video_text, comment_text)
+    model.load_state_dict(state["best_state"])  # strict: what evaluate and serving do with a saved model
+    assert torch.equal(model.video_has_id, trained)
 
 
 def test_bad_combinations_fail_with_one_clear_error(tiny_prepared_dir, tiny_video_only_prepared_dir, tmp_path):

@@ -627,3 +627,85 @@ def test_precomputed_item_tables_give_the_per_request_scores(mode, text_mlp):
             torch.testing.assert_close(model.score_comments(batch, CURRENT, COMMENT_CANDIDATES, tables=tables,
                                                             candidate_rows=pool_rows),
                                        model.score_comments(batch, CURRENT, COMMENT_CANDIDATES), atol=1e-4, rtol=1e-5)
+
+
+def test_text_only_untrained_videos_scores_them_by_their_text_and_never_trains_their_ids():
+    paper, text_only = _paper_and_extended("video_has_id", text_only_untrained_videos=True)
+    batch = _batch()
+    torch.testing.assert_close(text_only.score_videos(batch), paper.score_videos(batch))  # every video keeps its ID
+
+    untrained = [3, 17, 29]  # 3 is in row 0's history, 17 and 29 only candidates
+    trained = torch.ones(NUM_VIDEOS + 1, dtype=torch.bool)
+    trained[untrained] = False
+    text_only.keep_ids_of(trained)
+    video_text = text_only.video_text
+    for video in range(1, NUM_VIDEOS + 1):
+        candidate = text_only.video_candidate_raw(torch.tensor([video]))
+        title = text_only.adapt_text(video_text, torch.tensor([video]))
+        if video in untrained:
+            torch.testing.assert_close(candidate, title)  # A(title) alone
+        else:
+            torch.testing.assert_close(candidate, paper.video_candidate_raw(torch.tensor([video])))
+
+    # Their ID rows move no score, in a history or as a candidate, per request or through the serving tables.
+    before = text_only.score_videos(batch)
+    with torch.no_grad():
+        text_only.video_embedding.weight[untrained] = torch.randn(len(untrained), text_only.config.hidden_size)
+    torch.testing.assert_close(text_only.score_videos(batch), before)
+    hot_comment = torch.arange(NUM_VIDEOS + 1) % (NUM_COMMENTS + 1)
+    served = dataclasses.replace(batch, video_history_hot_comment=hot_comment[batch.video_history])
+    tables = text_only.item_tables(hot_comment)
+    torch.testing.assert_close(text_only.score_videos(served, states=text_only.encode_histories(served, outputs=("video",),
+                                                                                                tables=tables)),
+                               text_only.score_videos(served), atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        text_only.video_embedding.weight[5] += 1.0  # a trained video's ID does count
+    assert not torch.allclose(text_only.score_videos(batch), before)
+
+    # Training never reaches them; the mask is saved with the model and loaded back.
+    text_only.train()
+    states = text_only.encode_histories(batch, outputs=("video",))
+    text_only.video_cross_entropy(text_only.video_user_vector(states), torch.tensor([17, 6, 8])).backward()
+    gradient_norms = text_only.video_embedding.weight.grad.norm(dim=1)
+    assert (gradient_norms[untrained] == 0).all() and (gradient_norms[[1, 2, 4, 5, 6, 8]] > 0).all()
+    reloaded = LSVCRModel(text_only.config, NUM_VIDEOS, *_tables())
+    reloaded.load_state_dict(text_only.state_dict())
+    assert torch.equal(reloaded.video_has_id, trained)
+    with pytest.raises(DataError, match="expected \\(31,\\)"):
+        reloaded.keep_ids_of(torch.ones(NUM_VIDEOS, dtype=torch.bool))
+
+
+def test_id_dropout_draws_once_per_step_and_is_off_in_eval():
+    torch.manual_seed(0)
+    count = 2000
+    video_text = torch.randn(count + 1, TEXT_DIM)
+    video_text[0] = 0
+    config = ModelConfig(max_position=10, comment_like_prior=False, id_dropout=0.5)
+    model = LSVCRModel(config, count, video_text, None)
+    paper = LSVCRModel(dataclasses.replace(config, id_dropout=0.0), count, video_text, None)
+    paper.load_state_dict(model.state_dict())
+    batch = dataclasses.replace(_batch(), video_history_hot_comment=torch.zeros(3, 4, dtype=torch.long),
+                                comment_history_comments=torch.zeros(3, 3, 2, dtype=torch.long))  # video-only data
+
+    model.eval()
+    model.draw_id_dropout()  # a draw left over from training does not reach eval scores
+    torch.testing.assert_close(model.score_videos(batch), paper.eval().score_videos(batch))
+
+    model.train()
+    model.draw_id_dropout()
+    first = model.step_id_keep.clone()
+    assert first[0] and 0.45 < first[1:].float().mean() < 0.55  # p = 0.5 over 2000 videos (4.5 std either side)
+    model.draw_id_dropout()
+    assert not torch.equal(model.step_id_keep, first)  # a new draw each step
+
+    # Within a step, a dropped video has no ID anywhere: its ID row gets no gradient, as a history item or a target.
+    keep = model.step_id_keep
+    dropped = [video for video in range(1, 12) if not keep[video]]
+    kept = [video for video in range(1, 12) if keep[video]]
+    assert dropped and kept
+    torch.testing.assert_close(model.video_candidate_raw(torch.tensor(dropped)),
+                               model.adapt_text(video_text, torch.tensor(dropped)))
+    states = model.encode_histories(batch, outputs=("video",))
+    model.video_cross_entropy(model.video_user_vector(states), torch.tensor([9, 10, 11])).backward()
+    gradient_norms = model.video_embedding.weight.grad.norm(dim=1)
+    assert (gradient_norms[dropped] == 0).all() and (gradient_norms[kept] > 0).all()

@@ -73,6 +73,15 @@ class ModelConfig:
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
     comment_like_prior: bool = False
+    # Beyond the paper (0 = its training, METHOD 2.2): at each stage-2 training step every video's ID embedding is
+    # dropped (zeroed) with this probability, in its history tokens and as a candidate alike, so the model also learns
+    # to recognise a video by its text alone (DropoutNet's input dropout). id+text only; no effect at inference.
+    id_dropout: float = 0.0
+    # Beyond the paper (false = its item representation): a video that is never a target of the video task's training
+    # split has no ID embedding (text only, in training and at inference). The full softmax trains such a video's ID
+    # only as a negative, which buries what its title says (docs/results.md, cold test items). The set is taken from
+    # the training split when fine-tuning starts and saved with the model. id+text only.
+    text_only_untrained_videos: bool = False
     # Text vectors wider than this (raw LLM states, e.g. the no-alignment ablation) pass through a freshly
     # initialised llm_emb_mlp (hidden -> 1024 -> GELU -> this), trained with the model, as the authors' stage 2
     # does for its 4096-d ChatGLM3 vectors (METHOD 3, 7.3). Aligned vectors already have this width (align.text_dim).
