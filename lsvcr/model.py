@@ -700,7 +700,15 @@ class LSVCRModel(nn.Module):
         query = F.normalize(user, dim=-1) / self.config.temperature  # as in _cosine_logits
         repeats = catalog_repeats(video_history, self.repeat_logit) if self.use_repeat_logit else None
         return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb,
-                                     repeats)
+                                     repeats, self._videos_outside_training())
+
+    def _videos_outside_training(self) -> Tensor | None:
+        """model.text_only_untrained_videos: the videos that are no class of the training CE (they are never a
+        target, so the CE could only push them down, title and all); None otherwise and in eval mode."""
+        if not self.training or not hasattr(self, "video_has_id"):
+            return None
+        outside = (~self.video_has_id).nonzero().squeeze(1)
+        return outside if len(outside) else None
 
     @staticmethod
     def prefix_histories(video_history: Tensor) -> Tensor:
@@ -852,7 +860,7 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, items: Tensor, targets: Tensor, rows: int, repeat_videos: Tensor | None,
-                repeat_first: Tensor | None, repeat_logit: Tensor | None) -> Tensor:
+                repeat_first: Tensor | None, repeat_logit: Tensor | None, excluded: Tensor | None) -> Tensor:
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[6]
         grad_query = torch.empty_like(query) if wants_grad else None
         grad_items = torch.zeros_like(items) if wants_grad else None
@@ -860,7 +868,7 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
         total = query.new_zeros((), dtype=torch.float64)
         for start in range(0, len(query), rows):
             query_rows, target_rows = query[start:start + rows], targets[start:start + rows]
-            logits = _catalog_logits(query_rows, items)
+            logits = _catalog_logits(query_rows, items, excluded=excluded)
             if repeat_videos is not None:
                 chunk_videos, chunk_first = repeat_videos[start:start + rows], repeat_first[start:start + rows]
                 logits.scatter_add_(1, chunk_videos, (chunk_first * repeat_logit).to(logits.dtype))
@@ -883,14 +891,15 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
         scale = grad_loss / ctx.count
         return (None if grad_query is None else grad_query * scale,
                 None if grad_items is None else grad_items * scale, None, None, None, None,
-                None if grad_repeat is None else (grad_repeat * scale).to(grad_loss.dtype))
+                None if grad_repeat is None else (grad_repeat * scale).to(grad_loss.dtype), None)
 
 
 def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
-                          repeats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                          repeats: tuple[Tensor, Tensor, Tensor] | None = None, excluded: Tensor | None = None) -> Tensor:
     """Mean CE of the logits `query @ items.T` [N, V+1] (column 0, the pad, is never a class) against `targets`
     [N]: the loss over a whole catalog. `repeats`: (videos, first) from `distinct_history` and the repeat
-    logit added at those videos (model.repeat_logit).
+    logit added at those videos (model.repeat_logit). `excluded`: videos that are no class either (their
+    columns are -inf, so they get no gradient; model.text_only_untrained_videos); no target may be one.
 
     The logits, their log-softmax and its gradient are N × (V+1) floats each (the video task at KuaiComt size:
     512 × 82,453 × 4 B = 161 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 the rows
@@ -900,17 +909,22 @@ def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_log
     rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0])) if max_logits_mb > 0 else len(query))
     if len(query) == 0:  # as F.cross_entropy of no rows: NaN
         return F.cross_entropy(_catalog_logits(query, items), targets)
+    if excluded is not None and torch.isin(targets, excluded).any():
+        raise DataError("a training target is one of the videos excluded from the CE (model.text_only_untrained_videos "
+                        "takes them from the training split: was the model's mask set from another data set?)")
     if rows >= len(query) or not torch.is_grad_enabled():
-        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows),
+        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows, excluded),
                                    targets[start:start + rows], reduction="sum")
                    for start in range(0, len(query), rows)) / len(query)
-    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows, *(repeats or (None, None, None)))
+    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows, *(repeats or (None, None, None)), excluded)
 
 
 def _catalog_logits(query: Tensor, items: Tensor, repeats: tuple[Tensor, Tensor, Tensor] | None = None,
-                    start: int = 0, rows: int = 0) -> Tensor:
+                    start: int = 0, rows: int = 0, excluded: Tensor | None = None) -> Tensor:
     logits = query @ items.T
     logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
+    if excluded is not None:
+        logits[:, excluded] = float("-inf")
     if repeats is None:
         return logits
     videos, first, repeat_logit = repeats

@@ -662,12 +662,35 @@ def test_text_only_untrained_videos_scores_them_by_their_text_and_never_trains_t
         text_only.video_embedding.weight[5] += 1.0  # a trained video's ID does count
     assert not torch.allclose(text_only.score_videos(batch), before)
 
-    # Training never reaches them; the mask is saved with the model and loaded back.
+    # Training leaves them out: they are no class of the CE (in one pass or in chunks), so neither their ID nor
+    # their title is pushed down; the mask is saved with the model and loaded back.
     text_only.train()
+    for layer in text_only.modules():  # no dropout: the same states in every pass below
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    targets = torch.tensor([5, 6, 8])
     states = text_only.encode_histories(batch, outputs=("video",))
-    text_only.video_cross_entropy(text_only.video_user_vector(states), torch.tensor([17, 6, 8])).backward()
+    user = text_only.video_user_vector(states)
+    scores = text_only.score_videos(batch)
+    scores[:, untrained] = float("-inf")
+    torch.testing.assert_close(text_only.video_cross_entropy(user, targets), F.cross_entropy(scores, targets))
+    one_pass = text_only.video_cross_entropy(user, targets)
+    one_pass.backward()
     gradient_norms = text_only.video_embedding.weight.grad.norm(dim=1)
     assert (gradient_norms[untrained] == 0).all() and (gradient_norms[[1, 2, 4, 5, 6, 8]] > 0).all()
+    one_pass_gradient = text_only.llm_adapter.weight.grad.clone()
+    text_only.zero_grad()
+    two_rows_mb = 2 * 4 * (NUM_VIDEOS + 1) / 2**20
+    chunked = text_only.video_cross_entropy(text_only.video_user_vector(text_only.encode_histories(batch, outputs=("video",))),
+                                            targets, two_rows_mb)
+    torch.testing.assert_close(chunked, one_pass)
+    chunked.backward()
+    torch.testing.assert_close(text_only.llm_adapter.weight.grad, one_pass_gradient)
+    assert (text_only.video_embedding.weight.grad.norm(dim=1)[untrained] == 0).all()
+    with pytest.raises(DataError, match="a training target is one of the videos excluded"):
+        text_only.video_cross_entropy(user, torch.tensor([17, 6, 8]))
+    text_only.eval()  # evaluation ranks them with everything else
+    assert torch.isfinite(text_only.score_videos(batch)[:, untrained]).all()
     reloaded = LSVCRModel(text_only.config, NUM_VIDEOS, *_tables())
     reloaded.load_state_dict(text_only.state_dict())
     assert torch.equal(reloaded.video_has_id, trained)
