@@ -85,12 +85,12 @@ def prepared_data(dataset: str, work: Path, sample_users: int | None = None, ove
     return prepared
 
 
-def minilm_vectors(prepared: Path, work: Path) -> Path:
+def minilm_vectors(prepared: Path, work: Path, with_category: bool = False) -> Path:
     from lsvcr.vectors import write_minilm_vectors
 
-    vectors = work / f"vectors-minilm-{prepared.name}"
+    vectors = work / f"vectors-minilm-{'category-' if with_category else ''}{prepared.name}"
     if not is_vectors_dir(vectors):
-        write_minilm_vectors(prepared, vectors)
+        write_minilm_vectors(prepared, vectors, with_category)
     return vectors
 
 
@@ -301,6 +301,8 @@ def main() -> int:
                              "configs/movielens_lsvcr.yaml); its data section must be the protocol's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--vectors", default=None, help="VECTORS from `lsvcr encode` for text / id+text (default MiniLM)")
+    parser.add_argument("--text-with-category", action="store_true",
+                        help="MiniLM vectors of 'title. genres' instead of the title alone (default MiniLM only)")
     parser.add_argument("--aligned", default=None, metavar="ALIGNED",
                         help="stage 2 from `lsvcr align --out ALIGNED`: its checkpoint and its vectors (text / id+text)")
     parser.add_argument("--align-users", type=int, default=None, metavar="N",
@@ -333,6 +335,8 @@ def main() -> int:
         return 0
     if args.aligned and args.align_users:
         parser.error("--aligned ALIGNED and --align-users N both choose the stage-1 checkpoint: give one")
+    if args.text_with_category and (args.vectors or args.aligned or args.align_users):
+        parser.error("--text-with-category chooses the MiniLM vectors: it cannot go with --vectors, --aligned or --align-users")
     if load_config(args.config).data != load_config(PROTOCOL_CONFIG).data:
         parser.error(f"--config {args.config}: its data section is not {PROTOCOL_CONFIG.name}'s (the protocol); "
                      "start it from `base: movielens.yaml` and use --set data.KEY=VALUE for data variants")
@@ -351,7 +355,7 @@ def main() -> int:
     if aligned:
         vectors, init = Path(aligned) / "vectors", Path(aligned) / "checkpoint.pt"
     elif any(name in TEXT_MODELS for name in args.models):
-        vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work)
+        vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work, args.text_with_category)
 
     table: dict[str, dict] = {}
     runs: list[dict] = []
@@ -382,7 +386,8 @@ def main() -> int:
         "settings": {"config": args.config, "seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
                      "overrides": args.overrides, "vectors": str(vectors) if vectors else None,
                      "aligned": str(aligned) if aligned else None, "sample_users": args.sample_users,
-                     "cold_test_items": args.cold_test_items, "prepared": str(data)},
+                     "cold_test_items": args.cold_test_items, "prepared": str(data),
+                     "text_with_category": args.text_with_category},
         "table": table, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
         "load_average_end": load_average(),
     }, indent=2) + "\n")

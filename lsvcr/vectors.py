@@ -365,11 +365,20 @@ def encode_texts_minilm(texts: list[str], batch_size: int = 128, max_length: int
     return out
 
 
-def write_minilm_vectors(prepared_dir: str | Path, out_dir: str | Path) -> Path:
-    """Encode every caption and comment of PREPARED with MiniLM into a VECTORS directory."""
+def video_texts(captions: list[str], categories: list[str] | None) -> list[str]:
+    """A video's text: its caption, or `caption. category` when categories are given and the video has one."""
+    if categories is None:
+        return captions
+    return [f"{caption}. {category}" if category else caption for caption, category in zip(captions, categories)]
+
+
+def write_minilm_vectors(prepared_dir: str | Path, out_dir: str | Path, with_category: bool = False) -> Path:
+    """Encode every caption (with its category: `with_category`) and comment of PREPARED with MiniLM into a
+    VECTORS directory."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    videos = read_videos(prepared_dir, ["video_id", "caption"])
-    video_vectors = encode_texts_minilm(videos["caption"].to_pylist())
+    videos = read_videos(prepared_dir, ["video_id", "caption", *(["category"] if with_category else [])])
+    categories = videos["category"].to_pylist() if with_category else None
+    video_vectors = encode_texts_minilm(video_texts(videos["caption"].to_pylist(), categories))
     comment_ids = comment_vectors = None
     if has_comments(prepared_dir):
         comments = read_table(prepared_dir, COMMENTS_FILE, ["comment_id", "content"])
@@ -377,7 +386,8 @@ def write_minilm_vectors(prepared_dir: str | Path, out_dir: str | Path) -> Path:
         comment_vectors = encode_texts_minilm(comments["content"].to_pylist())
     write_item_vectors(
         out_dir, videos["video_id"].to_numpy(), video_vectors, comment_ids, comment_vectors,
-        {"model": "all-MiniLM-L6-v2", "pooling": "mean", "dtype": "float32", "prompt_template": None,
+        {"model": "all-MiniLM-L6-v2", "pooling": "mean", "dtype": "float32",
+         "prompt_template": "{caption}. {category}" if with_category else None,
          "language": "en", "throughput": {}},
     )
     return out_dir

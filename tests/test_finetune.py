@@ -525,3 +525,19 @@ def test_a_tiny_run_with_the_paper_preset_finishes(tiny_prepared_dir, tiny_minil
                                                    report_to="local"))
     row = state["history"][0]
     assert row["epoch"] == 1 and row["train_id_text"] > 0 and 0 <= row["valid_ndcg@5"] <= 1
+
+
+def test_minilm_vectors_with_category_encode_caption_then_category(tiny_prepared_dir, tmp_path):
+    from lsvcr.data.prepared import read_videos
+    from lsvcr.vectors import encode_texts_minilm, video_texts, write_minilm_vectors
+
+    assert video_texts(["Toy Story", "Heat"], ["Animation Comedy", ""]) == ["Toy Story. Animation Comedy", "Heat"]
+    assert video_texts(["Toy Story"], None) == ["Toy Story"]
+    out = write_minilm_vectors(tiny_prepared_dir, tmp_path / "vectors", with_category=True)
+    videos = read_videos(tiny_prepared_dir, ["video_idx", "caption", "category"]).slice(0, 3)
+    video_text, _ = load_item_vectors(out, tiny_prepared_dir)
+    expected = encode_texts_minilm([f"{caption}. {category}" for caption, category
+                                    in zip(videos["caption"].to_pylist(), videos["category"].to_pylist())])
+    assert all(videos["category"].to_pylist())
+    np.testing.assert_allclose(video_text[videos["video_idx"].to_numpy()], expected, atol=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["prompt_template"] == "{caption}. {category}"
