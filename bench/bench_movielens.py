@@ -16,6 +16,8 @@ title vectors, lsvcr.vectors.write_minilm_vectors, or --vectors from `lsvcr enco
 ALIGNED, or --align-users N to encode and align here first); popularity needs no seed. --sample-users N: a seeded
 random N users of the data set (`lsvcr data --sample-users`), for ml-1m on a small machine. --cold-test-items
 SHARE: the cold-start variant of `lsvcr data --cold-test-items` (a stated departure from RecBole's benchmark).
+--text-similarity: also the training-free text ranker (`lsvcr.baselines.TextSimilarity`) on the text vectors;
+--text-with-category: MiniLM vectors of "title. genres" instead of the title alone.
 Every trained model runs the production loop in-process (`train_loop_per_worker`); its best-validation
 weights are tested. `--set` overrides go on top of --config (configs/movielens.yaml unless given, e.g.
 configs/movielens_lsvcr.yaml) for every trained model; `--set
@@ -39,7 +41,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lsvcr.baselines import fit_popularity, training_target_counts  # noqa: E402
+from lsvcr.baselines import TextSimilarity, fit_popularity, training_target_counts  # noqa: E402
 from lsvcr.batching import make_batch  # noqa: E402
 from lsvcr.config import LSVCRConfig, load_config  # noqa: E402
 from lsvcr.data.movielens import write_movielens  # noqa: E402
@@ -50,7 +52,7 @@ from lsvcr.finetune import check_inputs  # noqa: E402
 from lsvcr.metrics import paired_seed_comparison  # noqa: E402
 from lsvcr.sample_arrays import load_comment_pools  # noqa: E402
 from lsvcr.sample_stream import open_sample_stream  # noqa: E402
-from lsvcr.vectors import is_vectors_dir  # noqa: E402
+from lsvcr.vectors import is_vectors_dir, load_item_vectors  # noqa: E402
 from synthetic_data import train_in_process  # noqa: E402  (bench/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
@@ -228,7 +230,7 @@ def merge_results(paths: list[str], out: str, comparisons: Sequence[Sequence[str
     asked for (pairs of row names)."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
     runs = [run for part in parts for run in part["runs"]]
-    table = {name: row for part in parts for name, row in part["table"].items() if name == "popularity"}
+    table = {name: row for part in parts for name, row in part["table"].items() if row["seeds"] == [None]}  # untrained
     for name in dict.fromkeys(run["model"] for run in runs):
         table[name] = summarise(sorted((run for run in runs if run["model"] == name), key=lambda run: run["seed"]))
     unknown = sorted({row for pair in comparisons for row in pair} - table.keys())
@@ -294,6 +296,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["sasrec", "id"], choices=sorted(MODELS),
                         help="trained models (none: popularity only)")
     parser.add_argument("--skip-popularity", action="store_true")
+    parser.add_argument("--text-similarity", action="store_true",
+                        help="also the training-free text-similarity ranker on the text vectors (lsvcr.baselines.TextSimilarity)")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--config", default=str(PROTOCOL_CONFIG),
@@ -354,7 +358,7 @@ def main() -> int:
     aligned = args.aligned or (aligned_checkpoint(data, work, args) if args.align_users else None)
     if aligned:
         vectors, init = Path(aligned) / "vectors", Path(aligned) / "checkpoint.pt"
-    elif any(name in TEXT_MODELS for name in args.models):
+    elif args.text_similarity or any(name in TEXT_MODELS for name in args.models):
         vectors = Path(args.vectors) if args.vectors else minilm_vectors(data, work, args.text_with_category)
 
     table: dict[str, dict] = {}
@@ -364,6 +368,13 @@ def main() -> int:
                                     exclude_seen=False, progress=False, breakdown=True)
         table["popularity"] = summarise([{"test": popularity["test"], "seed": None, "seconds": 0.0}])
         print(f"popularity         test NDCG@10 {popularity['test']['ndcg@10']:.4f}", flush=True)
+    if args.text_similarity:
+        video_text, _ = load_item_vectors(vectors, data)
+        similarity = evaluate_model(TextSimilarity(torch.from_numpy(video_text)), "video", data, LSVCRConfig(),
+                                    full_ranking=True, exclude_seen=False, progress=False, breakdown=True)
+        name = f"text similarity (training-free), {vectors.name}"
+        table[name] = summarise([{"test": similarity["test"], "seed": None, "seconds": 0.0}])
+        print(f"{name}: test NDCG@10 {similarity['test']['ndcg@10']:.4f}", flush=True)
     for name in args.models:
         model_runs = []
         for seed in args.seeds:

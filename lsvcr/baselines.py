@@ -6,6 +6,8 @@
   video history only. Trained by the same `lsvcr finetune` loop (`--set model.architecture=sasrec`).
 - `Popularity`: videos by their number of training-target interactions; comments by like count (the
   feature table's snapshot) or, leak-free like the video baseline, by training-target interactions.
+- `TextSimilarity`: videos by the cosine of their text vector with the mean of the user's history videos'
+  vectors: no training, so it measures what the texts alone say about a user's next video (cold ones too).
 
 Both expose the scoring API of `LSVCRModel` (`score_videos`, `score_comments`,
 `video_candidate_vectors`) so evaluation code does not care which model it ranks with.
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsvcr.batching import HistoryBatch
@@ -137,6 +140,28 @@ class Popularity(nn.Module):
 
     def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, **_) -> Tensor:
         return self._scores(self.comment_score, candidates, batch.batch_size)
+
+
+class TextSimilarity(nn.Module):
+    """Training-free content ranking of videos: score = cos(text vector of the video, mean of the unit text vectors
+    of the user's history videos). A user without history scores every video 0 (a tie, ranked pessimistically)."""
+
+    def __init__(self, video_text: Tensor):
+        super().__init__()
+        self.num_videos = video_text.shape[0] - 1
+        self.register_buffer("video_vectors", F.normalize(video_text.float(), dim=-1))  # the pad row stays 0
+
+    def score_videos(self, batch: HistoryBatch, candidates: Tensor | None = None, **_) -> Tensor:
+        user = F.normalize(self.video_vectors[batch.video_history].sum(dim=1), dim=-1)  # pad rows add nothing
+        if candidates is None:
+            scores = user @ self.video_vectors.T
+            scores[:, 0] = float("-inf")
+            return scores
+        scores = (self.video_vectors[candidates] @ user.unsqueeze(-1)).squeeze(-1)
+        return scores.masked_fill(candidates == 0, float("-inf"))
+
+    def score_comments(self, batch: HistoryBatch, current_video: Tensor, candidates: Tensor, **_) -> Tensor:
+        raise ConfigError("the text-similarity baseline ranks videos only")
 
 
 COMMENT_POPULARITY = ("likes", "train_interactions")

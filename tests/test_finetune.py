@@ -541,3 +541,32 @@ def test_minilm_vectors_with_category_encode_caption_then_category(tiny_prepared
     assert all(videos["category"].to_pylist())
     np.testing.assert_allclose(video_text[videos["video_idx"].to_numpy()], expected, atol=1e-5)
     assert json.loads((out / "manifest.json").read_text())["prompt_template"] == "{caption}. {category}"
+
+
+def test_text_similarity_ranks_by_the_cosine_with_the_mean_history_vector(tiny_prepared_dir, tiny_minilm_vectors_dir):
+    from lsvcr.baselines import TextSimilarity
+    from lsvcr.model import HistoryBatch
+
+    video_text = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.0]])
+    ranker = TextSimilarity(video_text)
+    history = HistoryBatch(video_history=torch.tensor([[1, 2, 0], [0, 0, 0]]),
+                           video_history_hot_comment=torch.zeros(2, 3, dtype=torch.long),
+                           comment_history_videos=torch.zeros(2, 1, dtype=torch.long),
+                           comment_history_comments=torch.zeros(2, 1, 1, dtype=torch.long))
+    # user 0: the mean of the unit vectors (1, 0) and (0, 1), i.e. (1, 1)/√2; user 1 has no history (all 0)
+    root_half = 2 ** -0.5
+    expected = torch.tensor([[float("-inf"), root_half, root_half, 1.0, -root_half],
+                             [float("-inf"), 0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(ranker.score_videos(history), expected)
+    candidates = torch.tensor([[3, 4, 0], [1, 0, 0]])
+    torch.testing.assert_close(ranker.score_videos(history, candidates),
+                               torch.tensor([[1.0, -root_half, float("-inf")], [0.0, float("-inf"), float("-inf")]]))
+    with pytest.raises(ConfigError, match="ranks videos only"):
+        ranker.score_comments(history, torch.tensor([1, 2]), candidates)
+
+    # Under the evaluation protocol on MiniLM vectors of the synthetic captions, whose users keep to topics: measured
+    # Recall@10 0.158 over 120 test users and 150 videos, where a random ranking has 10/150 = 0.067 (s.d. 0.023).
+    table, _ = load_item_vectors(tiny_minilm_vectors_dir, tiny_prepared_dir)
+    result = evaluate_model(TextSimilarity(torch.from_numpy(table)), "video", tiny_prepared_dir, LSVCRConfig(),
+                            splits=("test",), full_ranking=True, exclude_seen=False, progress=False)
+    assert result["test"]["recall@10"] > 1.5 * 10 / (len(table) - 1)
