@@ -53,11 +53,8 @@ class FinetuneObjective(nn.Module):
         self.contrast_negatives = contrast_negatives
         self.contrast_negatives_shared_by = contrast_negatives_shared_by
         self.needs_histories = model.use_repeat_logit  # model.repeat_logit: the CE needs the rows' histories
-        self.drops_ids = model.config.id_dropout > 0
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        if self.drops_ids and self.training:
-            self.model.draw_id_dropout()
         if batch.first_target_position is not None:
             return self._every_position(batch)
         states = self.model.encode_histories(batch.history, outputs=(self.task,))
@@ -200,8 +197,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             trained = torch.from_numpy(training_target_counts(data_dir) > 0)
             model.keep_ids_of(trained)
             state["text_only_videos"] = int((~trained[1:]).sum())
-            log.info("model.text_only_untrained_videos: %d of %d videos are never a training target and have no ID "
-                     "embedding", state["text_only_videos"], tables.num_videos)
+            log.info("model.text_only_untrained_videos: %d of %d videos are never a training target; they are scored by "
+                     "their text alone at inference", state["text_only_videos"], tables.num_videos)
 
     # 4. the objective (DDP-wrapped across workers) and its optimizer
     objective = build_objective(config, model)

@@ -313,7 +313,6 @@ class LSVCRModel(nn.Module):
             self.gate = nn.Parameter(torch.tensor(1.0))
         if config.text_only_untrained_videos:  # saved with the model; set from the training split (`keep_ids_of`)
             self.register_buffer("video_has_id", torch.ones(num_videos + 1, dtype=torch.bool))
-        self.step_id_keep: Tensor | None = None  # model.id_dropout: this training step's draw (`draw_id_dropout`)
 
         self.video_position = nn.Embedding(config.max_position, hidden)
         self.comment_position = nn.Embedding(config.max_position, hidden)
@@ -361,33 +360,19 @@ class LSVCRModel(nn.Module):
         )
 
     def _gated_id(self, video_idx: Tensor) -> Tensor:
-        """gate·E_id[v], zero for a video whose ID is dropped (model.text_only_untrained_videos, model.id_dropout)."""
+        """gate·E_id[v]; at inference with model.text_only_untrained_videos, zero for a video never a training target."""
         ids = self.gate * self.video_embedding(video_idx)
-        keep = self._videos_keeping_ids()
-        return ids if keep is None else ids * keep[video_idx].unsqueeze(-1).to(ids.dtype)
-
-    def _videos_keeping_ids(self) -> Tensor | None:
-        """[V+1] bool: the videos whose ID embedding counts now (None: every video)."""
-        keep = getattr(self, "video_has_id", None)
-        if self.training and self.step_id_keep is not None:
-            keep = self.step_id_keep if keep is None else keep & self.step_id_keep
-        return keep
+        if self.training or not hasattr(self, "video_has_id"):
+            return ids
+        return ids * self.video_has_id[video_idx].unsqueeze(-1).to(ids.dtype)
 
     def keep_ids_of(self, trained: Tensor) -> None:
-        """model.text_only_untrained_videos: `trained` [V+1] bool marks the videos that keep their ID embedding
-        (those that are a training target); every other video is represented by its text alone."""
+        """model.text_only_untrained_videos: `trained` [V+1] bool marks the videos that keep their ID embedding at
+        inference (those that are a training target); every other video is then represented by its text alone."""
         if trained.shape != (self.num_videos + 1,):
             raise DataError(f"the trained-video mask has shape {tuple(trained.shape)}; expected ({self.num_videos + 1},)")
         self.video_has_id.copy_(trained.to(torch.bool))
         self.video_has_id[0] = True  # the pad
-
-    def draw_id_dropout(self) -> None:
-        """model.id_dropout: draw this training step's videos that lose their ID embedding. One draw per step, so a
-        dropped video has no ID in any history token or as a candidate until the next draw; eval mode ignores it."""
-        if self.config.id_dropout > 0:
-            device = self.video_embedding.weight.device
-            self.step_id_keep = torch.rand(self.num_videos + 1, device=device) >= self.config.id_dropout
-            self.step_id_keep[0] = True
 
     @staticmethod
     def _used_rows(index: Tensor) -> tuple[Tensor, Tensor]:
@@ -700,15 +685,7 @@ class LSVCRModel(nn.Module):
         query = F.normalize(user, dim=-1) / self.config.temperature  # as in _cosine_logits
         repeats = catalog_repeats(video_history, self.repeat_logit) if self.use_repeat_logit else None
         return catalog_cross_entropy(query, self.video_candidate_vectors(None, video_text), targets, max_logits_mb,
-                                     repeats, self._videos_outside_training())
-
-    def _videos_outside_training(self) -> Tensor | None:
-        """model.text_only_untrained_videos: the videos that are no class of the training CE (they are never a
-        target, so the CE could only push them down, title and all); None otherwise and in eval mode."""
-        if not self.training or not hasattr(self, "video_has_id"):
-            return None
-        outside = (~self.video_has_id).nonzero().squeeze(1)
-        return outside if len(outside) else None
+                                     repeats)
 
     @staticmethod
     def prefix_histories(video_history: Tensor) -> Tensor:
@@ -860,7 +837,7 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, items: Tensor, targets: Tensor, rows: int, repeat_videos: Tensor | None,
-                repeat_first: Tensor | None, repeat_logit: Tensor | None, excluded: Tensor | None) -> Tensor:
+                repeat_first: Tensor | None, repeat_logit: Tensor | None) -> Tensor:
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[6]
         grad_query = torch.empty_like(query) if wants_grad else None
         grad_items = torch.zeros_like(items) if wants_grad else None
@@ -868,7 +845,7 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
         total = query.new_zeros((), dtype=torch.float64)
         for start in range(0, len(query), rows):
             query_rows, target_rows = query[start:start + rows], targets[start:start + rows]
-            logits = _catalog_logits(query_rows, items, excluded=excluded)
+            logits = _catalog_logits(query_rows, items)
             if repeat_videos is not None:
                 chunk_videos, chunk_first = repeat_videos[start:start + rows], repeat_first[start:start + rows]
                 logits.scatter_add_(1, chunk_videos, (chunk_first * repeat_logit).to(logits.dtype))
@@ -891,15 +868,14 @@ class _CatalogCrossEntropyInChunks(torch.autograd.Function):
         scale = grad_loss / ctx.count
         return (None if grad_query is None else grad_query * scale,
                 None if grad_items is None else grad_items * scale, None, None, None, None,
-                None if grad_repeat is None else (grad_repeat * scale).to(grad_loss.dtype), None)
+                None if grad_repeat is None else (grad_repeat * scale).to(grad_loss.dtype))
 
 
 def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_logits_mb: float = 0.0,
-                          repeats: tuple[Tensor, Tensor, Tensor] | None = None, excluded: Tensor | None = None) -> Tensor:
+                          repeats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Mean CE of the logits `query @ items.T` [N, V+1] (column 0, the pad, is never a class) against `targets`
     [N]: the loss over a whole catalog. `repeats`: (videos, first) from `distinct_history` and the repeat
-    logit added at those videos (model.repeat_logit). `excluded`: videos that are no class either (their
-    columns are -inf, so they get no gradient; model.text_only_untrained_videos); no target may be one.
+    logit added at those videos (model.repeat_logit).
 
     The logits, their log-softmax and its gradient are N × (V+1) floats each (the video task at KuaiComt size:
     512 × 82,453 × 4 B = 161 MB apiece, most of a training step's memory). With `max_logits_mb` > 0 the rows
@@ -909,22 +885,17 @@ def catalog_cross_entropy(query: Tensor, items: Tensor, targets: Tensor, max_log
     rows = max(1, int(max_logits_mb * 2**20 / (4 * items.shape[0])) if max_logits_mb > 0 else len(query))
     if len(query) == 0:  # as F.cross_entropy of no rows: NaN
         return F.cross_entropy(_catalog_logits(query, items), targets)
-    if excluded is not None and torch.isin(targets, excluded).any():
-        raise DataError("a training target is one of the videos excluded from the CE (model.text_only_untrained_videos "
-                        "takes them from the training split: was the model's mask set from another data set?)")
     if rows >= len(query) or not torch.is_grad_enabled():
-        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows, excluded),
+        return sum(F.cross_entropy(_catalog_logits(query[start:start + rows], items, repeats, start, rows),
                                    targets[start:start + rows], reduction="sum")
                    for start in range(0, len(query), rows)) / len(query)
-    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows, *(repeats or (None, None, None)), excluded)
+    return _CatalogCrossEntropyInChunks.apply(query, items, targets, rows, *(repeats or (None, None, None)))
 
 
 def _catalog_logits(query: Tensor, items: Tensor, repeats: tuple[Tensor, Tensor, Tensor] | None = None,
-                    start: int = 0, rows: int = 0, excluded: Tensor | None = None) -> Tensor:
+                    start: int = 0, rows: int = 0) -> Tensor:
     logits = query @ items.T
     logits[:, 0] = float("-inf")  # in place: the matmul's backward does not need its output
-    if excluded is not None:
-        logits[:, excluded] = float("-inf")
     if repeats is None:
         return logits
     videos, first, repeat_logit = repeats

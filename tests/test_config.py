@@ -19,7 +19,7 @@ def test_defaults_are_the_papers():
     assert load_config().model.comment_like_prior is False
     assert config.model.pooling_recency_bias is False  # F_v as the paper has it (METHOD 2.5)
     assert config.model.repeat_logit is False  # the paper's scores (METHOD 2.7)
-    assert config.model.id_dropout == 0.0 and config.model.text_only_untrained_videos is False  # every ID kept (2.2)
+    assert config.model.text_only_untrained_videos is False  # every video keeps its ID (METHOD 2.2)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -68,15 +68,13 @@ def test_recency_bias_needs_lsvcrs_pooling():
     assert load_config(overrides=["model.pooling_recency_bias=true"]).model.pooling_recency_bias is True
 
 
-@pytest.mark.parametrize("switch", ["model.id_dropout=0.2", "model.text_only_untrained_videos=true"])
-def test_dropping_ids_needs_lsvcr_with_id_and_text(switch):
+def test_text_only_untrained_videos_needs_lsvcr_with_id_and_text():
+    switch = "model.text_only_untrained_videos=true"
     for other in ("model.mode=id", "model.mode=text", "model.architecture=sasrec"):
-        with pytest.raises(ConfigError, match=f"{switch.split('=')[0]} drops ID embeddings .* needs model.architecture=lsvcr "
-                                              "and model.mode=id\\+text"):
+        with pytest.raises(ConfigError, match="model.text_only_untrained_videos drops ID embeddings .* needs "
+                                              "model.architecture=lsvcr and model.mode=id\\+text"):
             load_config(overrides=[switch, other])
     assert load_config(overrides=[switch]).model.mode == "id+text"
-    with pytest.raises(ConfigError, match="model.id_dropout must be a probability in \\[0, 1\\); got 1.0"):
-        load_config(overrides=["model.id_dropout=1.0"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -25,7 +25,7 @@ from lsvcr.errors import ConfigError, DataError
 from lsvcr.evaluate import evaluate_model, format_table, load_text_tables, swap_histories
 from lsvcr.finetune import make_loop_config, run_finetune
 from lsvcr.finetune_init import fit_like_prior_weight, load_stage1_checkpoint
-from lsvcr.finetune_worker import build_objective, train_loop_per_worker
+from lsvcr.finetune_worker import train_loop_per_worker
 from lsvcr.model import LSVCRModel
 from lsvcr.vectors import load_item_vectors, write_item_vectors
 
@@ -248,8 +248,8 @@ def test_local_loop_learns_and_sasrec_and_id_mode_on_video_only(tiny_prepared_di
 def test_untrained_videos_lose_their_ids_as_the_training_split_says(tiny_prepared_dir, tiny_minilm_vectors_dir,
                                                                        tmp_path):
     """model.text_only_untrained_videos takes its set from the video task's training targets when the run starts and
-    saves it with the model; model.id_dropout trains alongside it."""
-    config = _tiny_config("video", epochs=1, text_only_untrained_videos=True, id_dropout=0.3)
+    saves it with the model."""
+    config = _tiny_config("video", epochs=1, text_only_untrained_videos=True)
     log_path = tmp_path / "log.jsonl"
     state = train_loop_per_worker(make_loop_config(config, tiny_prepared_dir, tiny_minilm_vectors_dir,
                                                    log_path=log_path, report_to="local"))
@@ -265,21 +265,6 @@ def test_untrained_videos_lose_their_ids_as_the_training_split_says(tiny_prepare
     model = build_model(config.model, tables.num_videos, video_text, comment_text)
     model.load_state_dict(state["best_state"])  # strict: what evaluate and serving do with a saved model
     assert torch.equal(model.video_has_id, trained)
-
-    # The training objective draws the dropped IDs afresh at each step, and not when it is not training.
-    objective = build_objective(config, model)
-    arrays = load_sample_arrays(tiny_prepared_dir, "video", "train", history_length=50)
-    batch = make_batch(arrays, tables, np.arange(64), rng=np.random.default_rng(0))
-    objective.train()
-    objective(batch)
-    first = model.step_id_keep.clone()
-    objective(batch)
-    assert not torch.equal(model.step_id_keep, first)
-    second = model.step_id_keep.clone()
-    objective.eval()
-    with torch.no_grad():
-        objective(batch)
-    assert torch.equal(model.step_id_keep, second)
 
 
 def test_bad_combinations_fail_with_one_clear_error(tiny_prepared_dir, tiny_video_only_prepared_dir, tmp_path):

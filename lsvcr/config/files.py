@@ -178,14 +178,10 @@ def validate_config(config: LSVCRConfig) -> None:
     if config.model.pooling_recency_bias and config.model.architecture != "lsvcr":
         raise ConfigError("model.pooling_recency_bias is a term of LSVCR's F_v pooling; "
                           f"model.architecture={config.model.architecture} has no F_v")
-    for name, is_on in (("model.id_dropout", config.model.id_dropout > 0),
-                        ("model.text_only_untrained_videos", config.model.text_only_untrained_videos)):
-        if is_on and (config.model.architecture != "lsvcr" or config.model.mode != "id+text"):
-            raise ConfigError(f"{name} drops ID embeddings so that text scores a video alone: it needs "
-                              f"model.architecture=lsvcr and model.mode=id+text (got {config.model.architecture}, "
-                              f"{config.model.mode})")
-    if not 0.0 <= config.model.id_dropout < 1.0:
-        raise ConfigError(f"model.id_dropout must be a probability in [0, 1); got {config.model.id_dropout}")
+    if config.model.text_only_untrained_videos and (config.model.architecture != "lsvcr" or config.model.mode != "id+text"):
+        raise ConfigError("model.text_only_untrained_videos drops ID embeddings so that text scores a video alone: it "
+                          f"needs model.architecture=lsvcr and model.mode=id+text (got {config.model.architecture}, "
+                          f"{config.model.mode})")
     if config.finetune.train_targets == "all_positions" and config.finetune.task != "video":
         raise ConfigError("finetune.train_targets=all_positions is for the video task only")
     if config.align.history_length > config.model.max_position:

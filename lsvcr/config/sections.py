@@ -73,15 +73,11 @@ class ModelConfig:
     # Beyond the paper (off = the paper's scoring, METHOD 2.7): add w * z(log1p(comment like count)) to every
     # comment logit (w learned, starting at the popularity-only fit). The pipeline reports it as its own row.
     comment_like_prior: bool = False
-    # Beyond the paper (0 = its training, METHOD 2.2): at each stage-2 training step every video's ID embedding is
-    # dropped (zeroed) with this probability, in its history tokens and as a candidate alike, so the model also learns
-    # to recognise a video by its text alone (DropoutNet's input dropout). id+text only; no effect at inference.
-    id_dropout: float = 0.0
-    # Beyond the paper (false = its item representation and CE): a video that is never a target of the video task's
-    # training split is treated as not yet in the catalogue when training: no ID embedding (text only, in training and
-    # at inference) and no class of the stage-2 video CE. The full softmax would train it only as a negative, which
-    # buries what its title says (docs/model.md, docs/results.md "Cold test items"). The set is taken from the training
-    # split when fine-tuning starts and saved with the model. id+text only.
+    # Beyond the paper (false = its scoring): at inference (evaluation, serving), a video that is never a target of the
+    # video task's training split is scored and read by its text alone, without its ID embedding. Training is the
+    # paper's: the full softmax trains such a video only as a negative, so its ID ends up carrying that push down and
+    # buries what its title says (docs/model.md, docs/results.md "Cold test items"). The set is taken from the
+    # training split when fine-tuning starts and saved with the model. id+text only.
     text_only_untrained_videos: bool = False
     # Text vectors wider than this (raw LLM states, e.g. the no-alignment ablation) pass through a freshly
     # initialised llm_emb_mlp (hidden -> 1024 -> GELU -> this), trained with the model, as the authors' stage 2
