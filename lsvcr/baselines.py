@@ -9,7 +9,7 @@
 - `TextSimilarity`: videos by the cosine of their text vector with the mean of the user's history videos'
   vectors: no training, so it measures what the texts alone say about a user's next video (cold ones too).
 
-Both expose the scoring API of `LSVCRModel` (`score_videos`, `score_comments`,
+Each exposes the scoring API of `LSVCRModel` (`score_videos`, `score_comments`; SASRec also
 `video_candidate_vectors`) so evaluation code does not care which model it ranks with.
 """
 
@@ -144,7 +144,8 @@ class Popularity(nn.Module):
 
 class TextSimilarity(nn.Module):
     """Training-free content ranking of videos: score = cos(text vector of the video, mean of the unit text vectors
-    of the user's history videos). A user without history scores every video 0 (a tie, ranked pessimistically)."""
+    of the videos in the user's history as evaluation gives it, the last finetune.history_length). A user without
+    history scores every video 0 (a tie, ranked pessimistically)."""
 
     def __init__(self, video_text: Tensor):
         super().__init__()
