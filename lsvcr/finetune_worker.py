@@ -193,7 +193,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if loop_config.get("init"):
             state["init_report"] = load_stage1_checkpoint(model, loop_config["init"])
         state["like_prior_init"] = warm_start_like_prior(model, train, tables)
-        if config.model.text_only_untrained_videos:  # after --init: an aligned model holds its own (all-true) mask
+        # After --init (an aligned model holds its own all-true mask). A comment model keeps every ID: the rule is about
+        # ranking videos, and a video's comment history says nothing of whether it was ever a video target.
+        if config.model.text_only_untrained_videos and settings.task == "video":
             trained = torch.from_numpy(training_target_counts(data_dir) > 0)
             model.keep_ids_of(trained)
             state["text_only_videos"] = int((~trained[1:]).sum())

@@ -266,6 +266,11 @@ def test_untrained_videos_lose_their_ids_as_the_training_split_says(tiny_prepare
     model.load_state_dict(state["best_state"])  # strict: what evaluate and serving do with a saved model
     assert torch.equal(model.video_has_id, trained)
 
+    # A comment model keeps every ID (the rule ranks videos).
+    comment = train_loop_per_worker(make_loop_config(_tiny_config("comment", epochs=1, text_only_untrained_videos=True),
+                                                     tiny_prepared_dir, tiny_minilm_vectors_dir, report_to="local"))
+    assert comment["best_state"]["video_has_id"].all() and "text_only_videos" not in comment
+
 
 def test_bad_combinations_fail_with_one_clear_error(tiny_prepared_dir, tiny_video_only_prepared_dir, tmp_path):
     with pytest.raises(DataError, match="comment task"):

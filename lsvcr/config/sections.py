@@ -77,7 +77,8 @@ class ModelConfig:
     # video task's training split is scored and read by its text alone, without its ID embedding. Training is the
     # paper's: the full softmax trains such a video only as a negative, so its ID ends up carrying that push down and
     # buries what its title says (docs/model.md, docs/results.md "Cold test items"). The set is taken from the
-    # training split when fine-tuning starts and saved with the model. id+text only.
+    # training split when fine-tuning starts and saved with the model. id+text, video task only (a comment model keeps
+    # every ID).
     text_only_untrained_videos: bool = False
     # Text vectors wider than this (raw LLM states, e.g. the no-alignment ablation) pass through a freshly
     # initialised llm_emb_mlp (hidden -> 1024 -> GELU -> this), trained with the model, as the authors' stage 2
